@@ -1,0 +1,1116 @@
+"""Every SQL statement that moves money, and the transactions built from them.
+
+A reader finds here every statement that changes a balance, a ledger, a
+subscription's paid period, an API key's status, a top-up attempt or the
+entitlement projection.  Each ``apply_*`` function runs *inside* one caller's
+transaction, after the caller locked the message's idempotency key row, and:
+
+1. locks the account row (``SELECT ... FOR UPDATE``),
+2. checks the balance inside that lock,
+3. writes the ledger entry and the balance change in one statement,
+4. returns an :class:`Effect` whose outcome the caller stores with the key.
+
+Locks are always taken in the order idempotency key -> account ->
+subscription -> API keys, so two messages never wait on each other in a
+cycle (a deadlock that happens anyway is a transient error and is retried).
+
+Money is integer micros (1 USD = 1_000_000).  The ``balance_micros >= 0``
+CHECK constraint is the last line of defence, not the mechanism.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tasks.errors import (
+    CurrencyMismatch,
+    UnknownAccount,
+    UnknownApiKey,
+    UnknownPlan,
+    UnknownSubscription,
+)
+from tasks.messages import (
+    PAYMENTS_QUEUE,
+    AutoTopUpMessage,
+    BillingMessage,
+    RenewMessage,
+    RevokeKeyMessage,
+    SubscribeMessage,
+)
+
+from .periods import period_bounds, top_up_period
+
+__all__ = [
+    "BillingPolicy",
+    "OutboxMessage",
+    "IssuedKey",
+    "Effect",
+    "ClaimedKey",
+    "TopUpIntent",
+    "claim_key",
+    "lock_key",
+    "complete_key",
+    "fail_key",
+    "record_failure",
+    "apply_subscribe",
+    "apply_renew",
+    "apply_revoke_key",
+    "begin_top_up",
+    "finish_top_up",
+    "create_account",
+    "create_plan",
+    "create_user_key",
+    "insert_outbox",
+    "delete_outbox",
+    "claim_stale_outbox",
+    "hash_api_key",
+]
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class BillingPolicy:
+    """Tunable rules of the money path.
+
+    Attributes:
+      top_ups_per_period: Auto-top-ups allowed per account per top-up period
+        (a calendar month in UTC); SPEC: "at most one per account per billing
+        period unless configured otherwise".
+    """
+
+    top_ups_per_period: int = 1
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A message to send after commit (transactional outbox).
+
+    Attributes:
+      message_id: The Dramatiq message id (a UUID string); a relay that runs
+        twice sends the same id and the same idempotency key.
+    """
+
+    queue_name: str
+    actor_name: str
+    kwargs: dict[str, Any]
+    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+    @classmethod
+    def of(cls, message: BillingMessage) -> OutboxMessage:
+        """The outbox form of a validated message."""
+        return cls(message.queue_name, message.actor_name, message.kwargs())
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """The plaintext of a newly issued API key; it leaves the worker once and is never stored."""
+
+    key_id: str
+    account_id: str
+    subscription_id: str
+    prefix: str
+    plaintext: str = field(repr=False)
+
+
+@dataclass
+class Effect:
+    """The result of one message's transaction.
+
+    Attributes:
+      outcome: A business outcome (``subscribed``, ``insufficient_funds``...).
+      result: JSON-ready details stored with the idempotency key.
+      key_status: ``completed`` or ``waiting_for_funds`` (re-run when resumed).
+      outbox: Messages written in the same transaction, relayed after commit.
+      issued_key: A new API key to deliver after commit, if any.
+    """
+
+    outcome: str
+    result: dict[str, Any] = field(default_factory=dict)
+    key_status: str = "completed"
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    issued_key: IssuedKey | None = None
+
+    def stored_result(self) -> dict[str, Any]:
+        """The JSON stored in ``idempotency_keys.result``."""
+        return {"outcome": self.outcome, **self.result}
+
+
+@dataclass(frozen=True)
+class ClaimedKey:
+    """State of an idempotency key after a delivery claimed it."""
+
+    status: str
+    fingerprint: str
+    result: dict[str, Any] | None
+    attempts: int
+    conflict: bool
+
+
+@dataclass(frozen=True)
+class TopUpIntent:
+    """A recorded top-up attempt, ready for (or resuming at) the provider call."""
+
+    attempt_id: str
+    account_id: str
+    provider_idempotency_key: str
+    amount_micros: int
+    currency: str
+    payment_method_ref: str
+    status: str
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _sql(statement: str, *, json_params: tuple[str, ...] = (), json_columns: tuple[str, ...] = ()) -> Any:
+    clause = text(statement)
+    if json_params:
+        clause = clause.bindparams(*(bindparam(name, type_=JSONB) for name in json_params))
+    if json_columns:
+        clause = clause.columns(**{name: JSONB for name in json_columns})
+    return clause
+
+
+def hash_api_key(plaintext: str) -> str:
+    """SHA-256 hex digest of an API key (keys are 256-bit random, so a fast hash is enough)."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def _new_api_key() -> tuple[str, str]:
+    prefix = "bq_" + secrets.token_hex(6)
+    plaintext = f"{prefix}.{secrets.token_urlsafe(32)}"
+    return prefix, plaintext
+
+
+async def _one(conn: AsyncConnection, clause: Any, **params: Any) -> RowMapping | None:
+    return (await conn.execute(clause, params)).mappings().one_or_none()
+
+
+# --------------------------------------------------------------------------- idempotency keys
+
+_CLAIM_KEY = _sql(
+    """
+    INSERT INTO idempotency_keys AS k (key, kind, fingerprint, status, attempts, account_id, message_id)
+    VALUES (:key, :kind, :fingerprint, 'processing', 1, :account_id, :message_id)
+    ON CONFLICT (key) DO UPDATE SET
+        attempts = k.attempts + CASE
+            WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status NOT IN ('completed') THEN 1 ELSE 0 END,
+        message_id = CASE WHEN k.fingerprint = EXCLUDED.fingerprint THEN EXCLUDED.message_id ELSE k.message_id END,
+        updated_at = now()
+    RETURNING k.status, k.fingerprint, k.result, k.attempts
+    """,
+    json_columns=("result",),
+)
+
+
+async def claim_key(
+    conn: AsyncConnection, *, key: str, kind: str, fingerprint: str, account_id: str | None, message_id: str
+) -> ClaimedKey:
+    """Record one delivery of a message under its idempotency key (autocommit, before the effect).
+
+    Counting deliveries in a statement committed *before* the effect is what
+    bounds a poison message: a worker killed mid-transaction loses its
+    effect, not the count.  A repeated key returns the stored outcome.
+
+    Returns:
+      ClaimedKey: ``conflict`` is true when the key was used with other arguments.
+    """
+    row = await _one(
+        conn, _CLAIM_KEY, key=key, kind=kind, fingerprint=fingerprint, account_id=account_id, message_id=message_id
+    )
+    assert row is not None
+    return ClaimedKey(
+        status=row["status"],
+        fingerprint=row["fingerprint"],
+        result=row["result"],
+        attempts=row["attempts"],
+        conflict=row["fingerprint"] != fingerprint,
+    )
+
+
+_LOCK_KEY = _sql(
+    "SELECT status, result FROM idempotency_keys WHERE key = :key FOR UPDATE", json_columns=("result",)
+)
+
+
+async def lock_key(conn: AsyncConnection, key: str) -> RowMapping | None:
+    """Lock the key row for this transaction; serializes concurrent deliveries of one key."""
+    return await _one(conn, _LOCK_KEY, key=key)
+
+
+_COMPLETE_KEY = _sql(
+    """
+    UPDATE idempotency_keys SET status = :status, result = :result, last_error = NULL, updated_at = :now,
+        completed_at = CASE WHEN :status = 'completed' THEN CAST(:now AS timestamptz) ELSE NULL END
+    WHERE key = :key
+    """,
+    json_params=("result",),
+)
+
+
+async def complete_key(conn: AsyncConnection, key: str, effect: Effect, now: datetime) -> None:
+    """Store the effect's outcome with its key, in the effect's transaction."""
+    await conn.execute(_COMPLETE_KEY, {"key": key, "status": effect.key_status, "result": effect.stored_result(), "now": now})
+
+
+_FAIL_KEY = text(
+    """
+    UPDATE idempotency_keys SET status = CASE WHEN status = 'completed' THEN status ELSE :status END,
+        last_error = :error, updated_at = now()
+    WHERE key = :key AND fingerprint = :fingerprint
+    """
+)
+
+
+async def fail_key(conn: AsyncConnection, key: str, fingerprint: str, status: str, error: str) -> None:
+    """Mark a key ``failed`` (permanent error; a new delivery re-runs it) or ``dead`` (poison)."""
+    await conn.execute(_FAIL_KEY, {"key": key, "fingerprint": fingerprint, "status": status, "error": error[:2000]})
+
+
+_RECORD_FAILURE = _sql(
+    """
+    INSERT INTO failed_messages AS f (message_id, actor_name, queue_name, kwargs, idempotency_key, account_id,
+        error_type, error_message, traceback, attempts, status)
+    VALUES (:message_id, :actor_name, :queue_name, :kwargs, :idempotency_key, :account_id,
+        :error_type, :error_message, :traceback, :attempts, 'dead')
+    ON CONFLICT (message_id) DO UPDATE SET
+        error_type = EXCLUDED.error_type, error_message = EXCLUDED.error_message, traceback = EXCLUDED.traceback,
+        attempts = GREATEST(f.attempts + 1, EXCLUDED.attempts), status = 'dead', last_seen_at = now()
+    """,
+    json_params=("kwargs",),
+)
+
+
+async def record_failure(
+    conn: AsyncConnection,
+    *,
+    message_id: str,
+    actor_name: str,
+    queue_name: str,
+    kwargs: Any,
+    idempotency_key: str | None,
+    account_id: str | None,
+    error_type: str,
+    error_message: str,
+    traceback: str | None,
+    attempts: int,
+) -> None:
+    """Record a message that failed for good, for operators (``failed_messages``)."""
+    await conn.execute(
+        _RECORD_FAILURE,
+        {
+            "message_id": message_id,
+            "actor_name": actor_name[:255],
+            "queue_name": queue_name[:255],
+            "kwargs": kwargs,
+            "idempotency_key": idempotency_key,
+            "account_id": account_id,
+            "error_type": error_type,
+            "error_message": error_message[:4000],
+            "traceback": traceback[-8000:] if traceback else None,
+            "attempts": attempts,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- accounts and the ledger
+
+_LOCK_ACCOUNT = text(
+    """
+    SELECT id, currency, balance_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
+           auto_top_up_amount_micros, payment_method_ref
+    FROM accounts WHERE id = :account_id FOR UPDATE
+    """
+)
+
+
+async def _lock_account(conn: AsyncConnection, account_id: str) -> RowMapping:
+    account = await _one(conn, _LOCK_ACCOUNT, account_id=account_id)
+    if account is None:
+        raise UnknownAccount(f"unknown account {account_id!r}", account_id=account_id)
+    return account
+
+
+# One statement: the ledger row and the balance change are applied together
+# or not at all; the balance is changed by SQL arithmetic, never written back
+# from a value read into Python.
+_POST_LEDGER_ENTRY = text(
+    """
+    WITH entry AS (
+        INSERT INTO ledger_entries (account_id, amount_micros, kind, subscription_id, period_start,
+                                    top_up_attempt_id, idempotency_key, created_at)
+        VALUES (:account_id, :amount_micros, :kind, :subscription_id, :period_start,
+                :top_up_attempt_id, :idempotency_key, :now)
+        RETURNING account_id, amount_micros
+    )
+    UPDATE accounts a SET balance_micros = a.balance_micros + entry.amount_micros, updated_at = :now
+    FROM entry WHERE a.id = entry.account_id
+    RETURNING a.balance_micros
+    """
+)
+
+
+async def _post_ledger_entry(
+    conn: AsyncConnection,
+    *,
+    account_id: str,
+    amount_micros: int,
+    kind: str,
+    idempotency_key: str,
+    now: datetime,
+    subscription_id: str | None = None,
+    period_start: datetime | None = None,
+    top_up_attempt_id: str | None = None,
+) -> int:
+    row = await _one(
+        conn,
+        _POST_LEDGER_ENTRY,
+        account_id=account_id,
+        amount_micros=amount_micros,
+        kind=kind,
+        subscription_id=subscription_id,
+        period_start=period_start,
+        top_up_attempt_id=top_up_attempt_id,
+        idempotency_key=idempotency_key,
+        now=now,
+    )
+    assert row is not None
+    return int(row["balance_micros"])
+
+
+_UPSERT_ENTITLEMENT = text(
+    """
+    INSERT INTO entitlements (account_id, plan_id, subscription_id, status, entitled, current_period_end, updated_at)
+    VALUES (:account_id, :plan_id, :subscription_id, :status, :entitled, :current_period_end, :now)
+    ON CONFLICT (account_id, plan_id) DO UPDATE SET
+        subscription_id = EXCLUDED.subscription_id, status = EXCLUDED.status, entitled = EXCLUDED.entitled,
+        current_period_end = EXCLUDED.current_period_end, updated_at = EXCLUDED.updated_at
+    """
+)
+
+
+async def _project_entitlement(
+    conn: AsyncConnection,
+    *,
+    account_id: str,
+    plan_id: str,
+    subscription_id: str,
+    status: str,
+    current_period_end: datetime | None,
+    now: datetime,
+) -> None:
+    await conn.execute(
+        _UPSERT_ENTITLEMENT,
+        {
+            "account_id": account_id,
+            "plan_id": plan_id,
+            "subscription_id": subscription_id,
+            "status": status,
+            "entitled": status in ("active", "past_due"),
+            "current_period_end": current_period_end,
+            "now": now,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- auto-top-up triggers
+
+_PERIOD_TOP_UPS = text(
+    """
+    SELECT count(*) AS attempts, count(*) FILTER (WHERE status = 'pending') AS pending
+    FROM top_up_attempts WHERE account_id = :account_id AND billing_period = :period
+    """
+)
+_KEY_STATUS = text("SELECT status FROM idempotency_keys WHERE key = :key")
+_REGISTER_WAIT = _sql(
+    """
+    INSERT INTO funds_waits (idempotency_key, account_id, actor_name, queue_name, kwargs)
+    VALUES (:key, :account_id, :actor_name, :queue_name, :kwargs)
+    ON CONFLICT (idempotency_key) DO NOTHING
+    """,
+    json_params=("kwargs",),
+)
+
+
+async def _trigger_top_up(
+    conn: AsyncConnection,
+    account: RowMapping,
+    now: datetime,
+    policy: BillingPolicy,
+    *,
+    reason: str,
+    waiting: BillingMessage | None,
+) -> tuple[bool, list[OutboxMessage]]:
+    """Ask for an auto-top-up of a locked account, and register ``waiting`` to be resumed after it.
+
+    Returns (waiting registered, outbox messages).  At most
+    ``policy.top_ups_per_period`` per top-up period: the message key
+    ``auto_top_up:{account}:{period}:{n}`` makes every trigger of one slot the
+    same message, and a pending attempt counts.
+    """
+    if not account["auto_top_up_enabled"]:
+        return False, []
+    period = top_up_period(now)
+    counts = await _one(conn, _PERIOD_TOP_UPS, account_id=account["id"], period=period)
+    assert counts is not None
+    outbox: list[OutboxMessage] = []
+    if counts["pending"] == 0:
+        if counts["attempts"] >= policy.top_ups_per_period:
+            return False, []
+        key = f"auto_top_up:{account['id']}:{period}:{counts['attempts'] + 1}"
+        key_row = await _one(conn, _KEY_STATUS, key=key)
+        if key_row is not None and key_row["status"] in ("completed", "failed", "dead"):
+            # this slot's message already finished without an attempt (limit,
+            # not configured) or failed for good: nothing to wait for
+            return False, []
+        if key_row is None:
+            outbox.append(OutboxMessage.of(AutoTopUpMessage(account_id=account["id"], idempotency_key=key, reason=reason)))
+    if waiting is not None:
+        await conn.execute(
+            _REGISTER_WAIT,
+            {
+                "key": waiting.idempotency_key,
+                "account_id": account["id"],
+                "actor_name": waiting.actor_name,
+                "queue_name": waiting.queue_name,
+                "kwargs": waiting.kwargs(),
+            },
+        )
+    return waiting is not None, outbox
+
+
+async def _after_charge(
+    conn: AsyncConnection, account: RowMapping, balance_micros: int, now: datetime, policy: BillingPolicy
+) -> list[OutboxMessage]:
+    threshold = account["auto_top_up_threshold_micros"]
+    if account["auto_top_up_enabled"] and threshold is not None and balance_micros < threshold:
+        _, outbox = await _trigger_top_up(conn, account, now, policy, reason="below_threshold", waiting=None)
+        return outbox
+    return []
+
+
+# --------------------------------------------------------------------------- subscribe
+
+_PLAN = text("SELECT id, price_micros, currency, interval, interval_count FROM plans WHERE id = :plan_id")
+_LIVE_SUBSCRIPTION = text(
+    "SELECT id, status FROM subscriptions WHERE account_id = :account_id AND plan_id = :plan_id AND status <> 'canceled'"
+)
+_INSERT_SUBSCRIPTION = text(
+    """
+    INSERT INTO subscriptions (id, account_id, plan_id, status, billing_anchor, period_index,
+        current_period_start, current_period_end, created_by_key, created_at, updated_at)
+    VALUES (:id, :account_id, :plan_id, 'active', :anchor, 0, :start, :end, :key, :now, :now)
+    """
+)
+_INSERT_API_KEY = text(
+    """
+    INSERT INTO api_keys (id, account_id, subscription_id, source, prefix, key_hash, status, created_at)
+    VALUES (:id, :account_id, :subscription_id, :source, :prefix, :key_hash, 'active', :now)
+    """
+)
+
+
+async def apply_subscribe(
+    conn: AsyncConnection, message: SubscribeMessage, now: datetime, policy: BillingPolicy
+) -> Effect:
+    """Charge the first period, create the subscription and issue a managed API key.
+
+    Outcomes: ``subscribed``; ``already_active`` (a non-canceled subscription
+    to the plan exists: no charge); ``awaiting_top_up`` (short balance, an
+    auto-top-up was requested and this message resumes after it);
+    ``insufficient_funds`` (no charge, no retry).
+
+    Raises:
+      UnknownAccount, UnknownPlan, CurrencyMismatch: Permanent errors.
+    """
+    account = await _lock_account(conn, message.account_id)
+    plan = await _one(conn, _PLAN, plan_id=message.plan_id)
+    if plan is None:
+        raise UnknownPlan(f"unknown plan {message.plan_id!r}", plan_id=message.plan_id)
+    if plan["currency"] != account["currency"]:
+        raise CurrencyMismatch(
+            f"plan {plan['id']!r} is priced in {plan['currency']} but account {account['id']!r} is in {account['currency']}"
+        )
+    live = await _one(conn, _LIVE_SUBSCRIPTION, account_id=account["id"], plan_id=plan["id"])
+    if live is not None:
+        return Effect("already_active", {"subscription_id": live["id"], "status": live["status"]})
+
+    price = int(plan["price_micros"])
+    if account["balance_micros"] < price:
+        waiting, outbox = await _trigger_top_up(
+            conn, account, now, policy, reason=f"subscribe:{plan['id']}", waiting=message
+        )
+        if waiting:
+            return Effect("awaiting_top_up", {"price_micros": price}, key_status="waiting_for_funds", outbox=outbox)
+        return Effect(
+            "insufficient_funds", {"price_micros": price, "balance_micros": int(account["balance_micros"])}, outbox=outbox
+        )
+
+    anchor = now.replace(microsecond=0)
+    start, end = period_bounds(anchor, plan["interval"], plan["interval_count"], 0)
+    subscription_id = "sub_" + uuid.uuid4().hex
+    await conn.execute(
+        _INSERT_SUBSCRIPTION,
+        {
+            "id": subscription_id,
+            "account_id": account["id"],
+            "plan_id": plan["id"],
+            "anchor": anchor,
+            "start": start,
+            "end": end,
+            "key": message.idempotency_key,
+            "now": now,
+        },
+    )
+    # first activation and reactivation are charged under the subscribe
+    # message's own key, so they can never share a key with a renewal
+    balance = await _post_ledger_entry(
+        conn,
+        account_id=account["id"],
+        amount_micros=-price,
+        kind="subscription_charge",
+        subscription_id=subscription_id,
+        period_start=start,
+        idempotency_key=f"subscribe:{message.idempotency_key}",
+        now=now,
+    )
+    key_id = "key_" + uuid.uuid4().hex
+    prefix, plaintext = _new_api_key()
+    await conn.execute(
+        _INSERT_API_KEY,
+        {
+            "id": key_id,
+            "account_id": account["id"],
+            "subscription_id": subscription_id,
+            "source": "managed",
+            "prefix": prefix,
+            "key_hash": hash_api_key(plaintext),
+            "now": now,
+        },
+    )
+    await _project_entitlement(
+        conn,
+        account_id=account["id"],
+        plan_id=plan["id"],
+        subscription_id=subscription_id,
+        status="active",
+        current_period_end=end,
+        now=now,
+    )
+    outbox = await _after_charge(conn, account, balance, now, policy)
+    return Effect(
+        "subscribed",
+        {
+            "subscription_id": subscription_id,
+            "key_id": key_id,
+            "key_prefix": prefix,
+            "charged_micros": price,
+            "balance_micros": balance,
+            "current_period_end": end.isoformat(),
+        },
+        outbox=outbox,
+        issued_key=IssuedKey(key_id, account["id"], subscription_id, prefix, plaintext),
+    )
+
+
+# --------------------------------------------------------------------------- renew
+
+_SUBSCRIPTION_ACCOUNT = text("SELECT account_id FROM subscriptions WHERE id = :subscription_id")
+_LOCK_SUBSCRIPTION = text(
+    """
+    SELECT s.id, s.account_id, s.plan_id, s.status, s.billing_anchor, s.period_index, s.current_period_start,
+           s.current_period_end, s.cancel_at_period_end, p.price_micros, p.currency, p.interval, p.interval_count
+    FROM subscriptions s JOIN plans p ON p.id = s.plan_id
+    WHERE s.id = :subscription_id FOR UPDATE OF s
+    """
+)
+_ADVANCE_PERIOD = text(
+    """
+    UPDATE subscriptions SET status = 'active', period_index = :index, current_period_start = :start,
+        current_period_end = :end, updated_at = :now
+    WHERE id = :id
+    """
+)
+_CANCEL_SUBSCRIPTION = text(
+    """
+    UPDATE subscriptions SET status = 'canceled', canceled_at = :now, cancel_reason = :reason, updated_at = :now
+    WHERE id = :id AND status <> 'canceled'
+    """
+)
+
+
+async def _cancel(
+    conn: AsyncConnection, subscription: RowMapping, now: datetime, reason: str
+) -> list[OutboxMessage]:
+    await conn.execute(_CANCEL_SUBSCRIPTION, {"id": subscription["id"], "reason": reason, "now": now})
+    await _project_entitlement(
+        conn,
+        account_id=subscription["account_id"],
+        plan_id=subscription["plan_id"],
+        subscription_id=subscription["id"],
+        status="canceled",
+        current_period_end=subscription["current_period_end"],
+        now=now,
+    )
+    revoke = RevokeKeyMessage(
+        subscription_id=subscription["id"], reason=reason, idempotency_key=f"revoke:{subscription['id']}:canceled"
+    )
+    return [OutboxMessage.of(revoke)]
+
+
+async def apply_renew(conn: AsyncConnection, message: RenewMessage, now: datetime, policy: BillingPolicy) -> Effect:
+    """Charge the period that starts at ``message.period_start`` and advance the subscription.
+
+    A period is charged at most once whatever the key: the subscription row
+    is locked, the period must be the one right after the paid one, and the
+    ledger has a unique index on (subscription, period start).
+
+    Outcomes: ``renewed``; ``already_paid`` (that period is paid);
+    ``not_due`` (the period does not follow the paid one); ``already_canceled``;
+    ``canceled`` (cancel at period end: keys revoked through ``revoke_key``);
+    ``awaiting_top_up``; ``canceled_insufficient_funds`` (short balance and no
+    top-up possible: canceled, managed keys revoked).
+
+    Raises:
+      UnknownSubscription: Permanent error.
+    """
+    owner = await _one(conn, _SUBSCRIPTION_ACCOUNT, subscription_id=message.subscription_id)
+    if owner is None:
+        raise UnknownSubscription(f"unknown subscription {message.subscription_id!r}")
+    account = await _lock_account(conn, owner["account_id"])
+    sub = await _one(conn, _LOCK_SUBSCRIPTION, subscription_id=message.subscription_id)
+    assert sub is not None
+    period_start = message.period_start
+    base = {"subscription_id": sub["id"], "period_start": period_start.isoformat()}
+    if sub["status"] == "canceled":
+        return Effect("already_canceled", base)
+    if period_start < sub["current_period_end"]:
+        return Effect("already_paid", {**base, "current_period_end": sub["current_period_end"].isoformat()})
+    if period_start > sub["current_period_end"]:
+        return Effect("not_due", {**base, "current_period_end": sub["current_period_end"].isoformat()})
+    if sub["cancel_at_period_end"]:
+        return Effect("canceled", base, outbox=await _cancel(conn, sub, now, "canceled_at_period_end"))
+
+    price = int(sub["price_micros"])
+    if account["balance_micros"] < price:
+        waiting, outbox = await _trigger_top_up(
+            conn, account, now, policy, reason=f"renew:{sub['id']}", waiting=message
+        )
+        if waiting:
+            return Effect("awaiting_top_up", {**base, "price_micros": price}, key_status="waiting_for_funds", outbox=outbox)
+        outbox += await _cancel(conn, sub, now, "insufficient_funds")
+        return Effect(
+            "canceled_insufficient_funds",
+            {**base, "price_micros": price, "balance_micros": int(account["balance_micros"])},
+            outbox=outbox,
+        )
+
+    index = sub["period_index"] + 1
+    start, end = period_bounds(sub["billing_anchor"], sub["interval"], sub["interval_count"], index)
+    balance = await _post_ledger_entry(
+        conn,
+        account_id=account["id"],
+        amount_micros=-price,
+        kind="renewal_charge",
+        subscription_id=sub["id"],
+        period_start=start,
+        idempotency_key=f"renewal:{sub['id']}:{start.isoformat()}",
+        now=now,
+    )
+    await conn.execute(_ADVANCE_PERIOD, {"id": sub["id"], "index": index, "start": start, "end": end, "now": now})
+    await _project_entitlement(
+        conn,
+        account_id=account["id"],
+        plan_id=sub["plan_id"],
+        subscription_id=sub["id"],
+        status="active",
+        current_period_end=end,
+        now=now,
+    )
+    outbox = await _after_charge(conn, account, balance, now, policy)
+    return Effect(
+        "renewed",
+        {**base, "charged_micros": price, "balance_micros": balance, "current_period_end": end.isoformat()},
+        outbox=outbox,
+    )
+
+
+# --------------------------------------------------------------------------- revoke_key
+
+_KEY_OWNER = text("SELECT account_id FROM api_keys WHERE id = :key_id")
+_REVOKE_ONE = text(
+    """
+    UPDATE api_keys SET status = 'revoked', revoked_at = :now, revoke_reason = :reason
+    WHERE id = :key_id AND status = 'active' RETURNING id
+    """
+)
+# source = 'user' keys are never touched by a billing flow (seed 004: a
+# re-subscribe overwrote a user's own key)
+_REVOKE_MANAGED = text(
+    """
+    UPDATE api_keys SET status = 'revoked', revoked_at = :now, revoke_reason = :reason
+    WHERE subscription_id = :subscription_id AND source = 'managed' AND status = 'active' RETURNING id
+    """
+)
+
+
+async def apply_revoke_key(conn: AsyncConnection, message: RevokeKeyMessage, now: datetime) -> Effect:
+    """Revoke one key by ``key_id`` (any source) or the managed keys of a subscription.
+
+    Outcomes: ``revoked`` (with ``key_ids``) or ``already_revoked`` (no-op).
+
+    Raises:
+      UnknownApiKey, UnknownSubscription: Permanent errors.
+    """
+    if message.key_id is not None:
+        owner = await _one(conn, _KEY_OWNER, key_id=message.key_id)
+        if owner is None:
+            raise UnknownApiKey(f"unknown API key {message.key_id!r}")
+        await _lock_account(conn, owner["account_id"])
+        rows = (await conn.execute(_REVOKE_ONE, {"key_id": message.key_id, "now": now, "reason": message.reason})).all()
+    else:
+        owner = await _one(conn, _SUBSCRIPTION_ACCOUNT, subscription_id=message.subscription_id)
+        if owner is None:
+            raise UnknownSubscription(f"unknown subscription {message.subscription_id!r}")
+        await _lock_account(conn, owner["account_id"])
+        rows = (
+            await conn.execute(
+                _REVOKE_MANAGED, {"subscription_id": message.subscription_id, "now": now, "reason": message.reason}
+            )
+        ).all()
+    key_ids = sorted(r[0] for r in rows)
+    return Effect("revoked" if key_ids else "already_revoked", {"key_ids": key_ids})
+
+
+# --------------------------------------------------------------------------- auto_top_up (recovery points)
+
+_ATTEMPT_OF_MESSAGE = text(
+    """
+    SELECT id, account_id, provider_idempotency_key, amount_micros, currency, payment_method_ref, status
+    FROM top_up_attempts WHERE message_idempotency_key = :key
+    """
+)
+_INSERT_ATTEMPT = text(
+    """
+    INSERT INTO top_up_attempts (id, account_id, message_idempotency_key, provider_idempotency_key, amount_micros,
+        currency, payment_method_ref, billing_period, status, recovery_point, reason, created_at, updated_at)
+    VALUES (:id, :account_id, :key, :provider_key, :amount_micros, :currency, :payment_method_ref, :period,
+        'pending', 'started', :reason, :now, :now)
+    """
+)
+_WAITS = _sql(
+    "DELETE FROM funds_waits WHERE account_id = :account_id RETURNING idempotency_key, actor_name, queue_name, kwargs",
+    json_columns=("kwargs",),
+)
+
+
+async def _resume_waiting(conn: AsyncConnection, account_id: str) -> list[OutboxMessage]:
+    """Re-send, with their own keys, the messages that waited for this account's top-up."""
+    rows = (await conn.execute(_WAITS, {"account_id": account_id})).mappings().all()
+    return [OutboxMessage(r["queue_name"], r["actor_name"], r["kwargs"]) for r in rows]
+
+
+def _intent(row: RowMapping) -> TopUpIntent:
+    return TopUpIntent(
+        attempt_id=row["id"],
+        account_id=row["account_id"],
+        provider_idempotency_key=row["provider_idempotency_key"],
+        amount_micros=int(row["amount_micros"]),
+        currency=row["currency"].strip(),
+        payment_method_ref=row["payment_method_ref"],
+        status=row["status"],
+    )
+
+
+async def begin_top_up(
+    conn: AsyncConnection, message: AutoTopUpMessage, now: datetime, policy: BillingPolicy
+) -> TopUpIntent | Effect:
+    """Phase 1 of an auto-top-up: record the attempt and the provider's idempotency key.
+
+    Returns the recorded :class:`TopUpIntent` (also when a previous delivery
+    recorded it: the caller continues from the provider call), or a final
+    :class:`Effect` when no attempt is allowed (``not_configured``,
+    ``limit_reached``); waiting messages are then resumed so they finish.
+
+    Raises:
+      UnknownAccount: Permanent error.
+    """
+    existing = await _one(conn, _ATTEMPT_OF_MESSAGE, key=message.idempotency_key)
+    if existing is not None:
+        return _intent(existing)
+    account = await _lock_account(conn, message.account_id)
+    if not account["auto_top_up_enabled"] or not account["payment_method_ref"]:
+        return Effect("not_configured", {"account_id": account["id"]}, outbox=await _resume_waiting(conn, account["id"]))
+    period = top_up_period(now)
+    counts = await _one(conn, _PERIOD_TOP_UPS, account_id=account["id"], period=period)
+    assert counts is not None
+    if counts["attempts"] >= policy.top_ups_per_period:
+        return Effect(
+            "limit_reached",
+            {"account_id": account["id"], "period": period, "attempts": int(counts["attempts"])},
+            outbox=await _resume_waiting(conn, account["id"]),
+        )
+    attempt_id = "tua_" + uuid.uuid4().hex
+    row = {
+        "id": attempt_id,
+        "account_id": account["id"],
+        "key": message.idempotency_key,
+        # derived from our row id (rocket-rides): a retry of this attempt
+        # always sends the provider the same key
+        "provider_key": f"billing-queue:top-up:{attempt_id}",
+        "amount_micros": message.amount_micros or int(account["auto_top_up_amount_micros"]),
+        "currency": account["currency"],
+        "payment_method_ref": account["payment_method_ref"],
+        "period": period,
+        "reason": message.reason,
+        "now": now,
+    }
+    await conn.execute(_INSERT_ATTEMPT, row)
+    return TopUpIntent(
+        attempt_id=attempt_id,
+        account_id=account["id"],
+        provider_idempotency_key=row["provider_key"],
+        amount_micros=row["amount_micros"],
+        currency=account["currency"].strip(),
+        payment_method_ref=account["payment_method_ref"],
+        status="pending",
+    )
+
+
+_LOCK_ATTEMPT = text(
+    "SELECT id, status, provider_charge_id, amount_micros FROM top_up_attempts WHERE id = :id FOR UPDATE"
+)
+_ATTEMPT_SUCCEEDED = text(
+    """
+    UPDATE top_up_attempts SET status = 'succeeded', recovery_point = 'finished', provider_charge_id = :charge_id,
+        updated_at = :now WHERE id = :id
+    """
+)
+_ATTEMPT_DECLINED = text(
+    """
+    UPDATE top_up_attempts SET status = 'declined', recovery_point = 'finished', decline_reason = :reason,
+        updated_at = :now WHERE id = :id
+    """
+)
+_DECLINES_RESET = text("UPDATE accounts SET auto_top_up_consecutive_declines = 0 WHERE id = :id")
+_DECLINES_ADD = text(
+    "UPDATE accounts SET auto_top_up_consecutive_declines = auto_top_up_consecutive_declines + 1 WHERE id = :id"
+)
+
+
+async def finish_top_up(
+    conn: AsyncConnection,
+    intent: TopUpIntent,
+    *,
+    succeeded: bool,
+    charge_id: str | None,
+    decline_reason: str | None,
+    now: datetime,
+) -> Effect:
+    """Phase 3 of an auto-top-up: record the provider's answer and credit the ledger once.
+
+    The ledger entry's key is derived from the attempt id, and the attempt
+    row is locked, so a repeated phase 3 is a no-op that returns the stored
+    state.  Waiting messages are resumed in the same transaction.
+
+    Outcomes: ``topped_up``, ``declined``, or those again for a repeat.
+    """
+    await _lock_account(conn, intent.account_id)
+    attempt = await _one(conn, _LOCK_ATTEMPT, id=intent.attempt_id)
+    assert attempt is not None
+    base = {"attempt_id": intent.attempt_id, "amount_micros": intent.amount_micros}
+    if attempt["status"] == "succeeded":
+        return Effect("topped_up", {**base, "charge_id": attempt["provider_charge_id"]})
+    if attempt["status"] in ("declined", "failed"):
+        return Effect("declined", base)
+    if succeeded:
+        balance = await _post_ledger_entry(
+            conn,
+            account_id=intent.account_id,
+            amount_micros=intent.amount_micros,
+            kind="top_up",
+            top_up_attempt_id=intent.attempt_id,
+            idempotency_key=f"top_up:{intent.attempt_id}",
+            now=now,
+        )
+        await conn.execute(_ATTEMPT_SUCCEEDED, {"id": intent.attempt_id, "charge_id": charge_id, "now": now})
+        await conn.execute(_DECLINES_RESET, {"id": intent.account_id})
+        outbox = await _resume_waiting(conn, intent.account_id)
+        return Effect("topped_up", {**base, "charge_id": charge_id, "balance_micros": balance}, outbox=outbox)
+    await conn.execute(_ATTEMPT_DECLINED, {"id": intent.attempt_id, "reason": decline_reason, "now": now})
+    await conn.execute(_DECLINES_ADD, {"id": intent.account_id})
+    outbox = await _resume_waiting(conn, intent.account_id)
+    return Effect("declined", {**base, "decline_reason": decline_reason}, outbox=outbox)
+
+
+# --------------------------------------------------------------------------- operator set-up
+
+_INSERT_ACCOUNT = text(
+    """
+    INSERT INTO accounts (id, currency, balance_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
+        auto_top_up_amount_micros, payment_method_ref)
+    VALUES (:id, :currency, 0, :enabled, :threshold, :amount, :payment_method_ref)
+    ON CONFLICT (id) DO NOTHING RETURNING id
+    """
+)
+
+
+async def create_account(
+    conn: AsyncConnection,
+    *,
+    account_id: str,
+    currency: str,
+    balance_micros: int = 0,
+    auto_top_up_threshold_micros: int | None = None,
+    auto_top_up_amount_micros: int | None = None,
+    payment_method_ref: str | None = None,
+    now: datetime,
+) -> bool:
+    """Open an account; an opening balance is an ``adjustment`` ledger entry (balance == ledger sum).
+
+    Auto-top-up is enabled when amount, threshold and payment method are all given.
+
+    Returns:
+      bool: False when the account already existed (nothing changed).
+    """
+    enabled = None not in (auto_top_up_threshold_micros, auto_top_up_amount_micros, payment_method_ref)
+    row = await _one(
+        conn,
+        _INSERT_ACCOUNT,
+        id=account_id,
+        currency=currency,
+        enabled=enabled,
+        threshold=auto_top_up_threshold_micros,
+        amount=auto_top_up_amount_micros,
+        payment_method_ref=payment_method_ref,
+    )
+    if row is None:
+        return False
+    if balance_micros:
+        await _post_ledger_entry(
+            conn,
+            account_id=account_id,
+            amount_micros=balance_micros,
+            kind="adjustment",
+            idempotency_key=f"account-opening:{account_id}",
+            now=now,
+        )
+    return True
+
+
+_INSERT_PLAN = text(
+    """
+    INSERT INTO plans (id, name, price_micros, currency, interval, interval_count)
+    VALUES (:id, :name, :price_micros, :currency, :interval, :interval_count)
+    ON CONFLICT (id) DO NOTHING RETURNING id
+    """
+)
+
+
+async def create_plan(
+    conn: AsyncConnection,
+    *,
+    plan_id: str,
+    name: str,
+    price_micros: int,
+    currency: str,
+    interval: str,
+    interval_count: int = 1,
+) -> bool:
+    """Create a plan. Returns False when the plan already existed (nothing changed)."""
+    row = await _one(
+        conn,
+        _INSERT_PLAN,
+        id=plan_id,
+        name=name,
+        price_micros=price_micros,
+        currency=currency,
+        interval=interval,
+        interval_count=interval_count,
+    )
+    return row is not None
+
+
+async def create_user_key(conn: AsyncConnection, *, account_id: str, now: datetime) -> IssuedKey:
+    """Issue a user-owned key (``source = user``): billing flows never revoke it."""
+    await _lock_account(conn, account_id)
+    key_id = "key_" + uuid.uuid4().hex
+    prefix, plaintext = _new_api_key()
+    await conn.execute(
+        _INSERT_API_KEY,
+        {
+            "id": key_id,
+            "account_id": account_id,
+            "subscription_id": None,
+            "source": "user",
+            "prefix": prefix,
+            "key_hash": hash_api_key(plaintext),
+            "now": now,
+        },
+    )
+    return IssuedKey(key_id, account_id, "", prefix, plaintext)
+
+
+# --------------------------------------------------------------------------- outbox
+
+_INSERT_OUTBOX = _sql(
+    """
+    INSERT INTO outbox (message_id, queue_name, actor_name, kwargs)
+    SELECT m->>'message_id', m->>'queue_name', m->>'actor_name', m->'kwargs'
+    FROM jsonb_array_elements(:messages) AS m
+    """,
+    json_params=("messages",),
+)
+
+
+async def insert_outbox(conn: AsyncConnection, messages: list[OutboxMessage]) -> None:
+    """Write messages to the outbox in the effect's transaction (one statement for all)."""
+    if not messages:
+        return
+    payload = [
+        {"message_id": m.message_id, "queue_name": m.queue_name, "actor_name": m.actor_name, "kwargs": m.kwargs}
+        for m in messages
+    ]
+    await conn.execute(_INSERT_OUTBOX, {"messages": payload})
+
+
+_DELETE_OUTBOX = text("DELETE FROM outbox WHERE message_id = ANY(:ids)")
+
+
+async def delete_outbox(conn: AsyncConnection, message_ids: list[str]) -> None:
+    """Forget relayed outbox messages."""
+    if message_ids:
+        await conn.execute(_DELETE_OUTBOX, {"ids": message_ids})
+
+
+_STALE_OUTBOX = _sql(
+    """
+    SELECT message_id, queue_name, actor_name, kwargs FROM outbox
+    WHERE created_at < now() - make_interval(secs => :older_than_s)
+    ORDER BY id LIMIT :limit FOR UPDATE SKIP LOCKED
+    """,
+    json_columns=("kwargs",),
+)
+
+
+async def claim_stale_outbox(conn: AsyncConnection, *, older_than_s: float, limit: int = 500) -> list[OutboxMessage]:
+    """Lock outbox messages left behind by a worker that died between commit and relay."""
+    rows = (await conn.execute(_STALE_OUTBOX, {"older_than_s": older_than_s, "limit": limit})).mappings().all()
+    return [OutboxMessage(r["queue_name"], r["actor_name"], r["kwargs"], r["message_id"]) for r in rows]
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON (used for logs and results)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)

@@ -1,0 +1,226 @@
+"""The message contract: one pydantic v2 model per Dramatiq actor.
+
+Queue and actor names are part of the contract (SPEC "Messages"):
+
+========== ==================== =========================================
+actor      queue                arguments (keyword only)
+========== ==================== =========================================
+subscribe  ``billing``          account_id, plan_id, idempotency_key
+renew      ``billing``          subscription_id, period_start, idempotency_key
+auto_top_up ``billing.payments`` account_id, idempotency_key, amount_micros?, reason?
+revoke_key ``billing``          key_id | subscription_id, reason, idempotency_key
+========== ==================== =========================================
+
+Money is an integer count of micro-units (1 USD = 1_000_000 micros).  Floats,
+booleans, negative amounts and amounts over 10**15 are rejected here, at the
+boundary, before anything is enqueued or applied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
+
+from .errors import MessageValidationError
+
+__all__ = [
+    "MAX_AMOUNT_MICROS",
+    "BILLING_QUEUE",
+    "PAYMENTS_QUEUE",
+    "BillingMessage",
+    "SubscribeMessage",
+    "RenewMessage",
+    "AutoTopUpMessage",
+    "RevokeKeyMessage",
+    "MESSAGE_MODELS",
+    "QUEUE_OF_ACTOR",
+    "validate_message",
+    "fingerprint",
+]
+
+#: Largest amount accepted anywhere, in micros (SPEC "Money": 10^15 micros is
+#: one billion units of a currency, far above any prepaid balance).
+MAX_AMOUNT_MICROS = 10**15
+
+#: Queue of subscribe, renew and revoke_key (SPEC "Messages").
+BILLING_QUEUE = "billing"
+#: Queue of auto_top_up: it waits on an outside provider, so operators can
+#: give it its own workers (SPEC "Messages").
+PAYMENTS_QUEUE = "billing.payments"
+
+
+def _printable(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must contain printable characters only")
+    return value
+
+
+def _identifier(value: str) -> str:
+    _printable(value)
+    if value != value.strip() or any(c.isspace() for c in value):
+        raise ValueError("must not contain whitespace")
+    return value
+
+
+def _utc_datetime(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() != UTC.utcoffset(None):
+            raise ValueError("must be a UTC timestamp (offset +00:00 or Z)")
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be an ISO 8601 UTC timestamp string")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError("must be an ISO 8601 UTC timestamp string") from exc
+    if parsed.tzinfo is None or parsed.utcoffset() != UTC.utcoffset(None):
+        raise ValueError("must be a UTC timestamp (offset +00:00 or Z)")
+    return parsed.astimezone(UTC)
+
+
+#: 1 to 255 printable characters (SPEC "Messages").
+IdempotencyKey = Annotated[StrictStr, Field(min_length=1, max_length=255), AfterValidator(_printable)]
+#: A caller-chosen id: 1 to 255 printable characters without whitespace.
+Identifier = Annotated[StrictStr, Field(min_length=1, max_length=255), AfterValidator(_identifier)]
+#: A positive amount in micros, at most 10**15; floats and booleans are rejected.
+AmountMicros = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT_MICROS)]
+#: An ISO 8601 timestamp in UTC.
+UtcTimestamp = Annotated[datetime, BeforeValidator(_utc_datetime)]
+#: A short free-text reason for operators (printable, at most 500 characters).
+Reason = Annotated[StrictStr, Field(min_length=1, max_length=500), AfterValidator(_printable)]
+
+
+class BillingMessage(BaseModel):
+    """Base of the four messages: keyword arguments only, no extra fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Dramatiq actor name (part of the contract).
+    actor_name: ClassVar[str]
+    #: Dramatiq queue name (part of the contract).
+    queue_name: ClassVar[str]
+
+    idempotency_key: IdempotencyKey
+
+    def kwargs(self) -> dict[str, Any]:
+        """The message as the JSON-ready keyword arguments a producer sends."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of the canonical request (actor name and sorted arguments)."""
+        return fingerprint(self.actor_name, self.kwargs())
+
+
+class SubscribeMessage(BillingMessage):
+    """Subscribe ``account_id`` to ``plan_id``, paying the first period from the balance."""
+
+    actor_name: ClassVar[str] = "subscribe"
+    queue_name: ClassVar[str] = BILLING_QUEUE
+
+    account_id: Identifier
+    plan_id: Identifier
+
+
+class RenewMessage(BillingMessage):
+    """Charge the period of ``subscription_id`` that starts at ``period_start`` (UTC)."""
+
+    actor_name: ClassVar[str] = "renew"
+    queue_name: ClassVar[str] = BILLING_QUEUE
+
+    subscription_id: Identifier
+    period_start: UtcTimestamp
+
+
+class AutoTopUpMessage(BillingMessage):
+    """Charge the account's payment method and credit the balance.
+
+    ``amount_micros`` defaults to the account's configured top-up amount.
+    """
+
+    actor_name: ClassVar[str] = "auto_top_up"
+    queue_name: ClassVar[str] = PAYMENTS_QUEUE
+
+    account_id: Identifier
+    amount_micros: AmountMicros | None = None
+    reason: Reason | None = None
+
+
+class RevokeKeyMessage(BillingMessage):
+    """Revoke one key (``key_id``) or the managed keys of ``subscription_id``."""
+
+    actor_name: ClassVar[str] = "revoke_key"
+    queue_name: ClassVar[str] = BILLING_QUEUE
+
+    key_id: Identifier | None = None
+    subscription_id: Identifier | None = None
+    reason: Reason
+
+    @model_validator(mode="after")
+    def _exactly_one_target(self) -> RevokeKeyMessage:
+        if (self.key_id is None) == (self.subscription_id is None):
+            raise ValueError("exactly one of key_id or subscription_id is required")
+        return self
+
+
+#: Actor name -> message model.
+MESSAGE_MODELS: dict[str, type[BillingMessage]] = {
+    m.actor_name: m for m in (SubscribeMessage, RenewMessage, AutoTopUpMessage, RevokeKeyMessage)
+}
+#: Actor name -> queue name.
+QUEUE_OF_ACTOR: dict[str, str] = {name: m.queue_name for name, m in MESSAGE_MODELS.items()}
+
+
+def fingerprint(actor_name: str, kwargs: dict[str, Any]) -> str:
+    """SHA-256 hex digest of ``actor_name`` and the canonical JSON of ``kwargs``."""
+    canonical = json.dumps([actor_name, kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"]) or "message"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unexpected field"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def validate_message(actor_name: str, kwargs: Any) -> BillingMessage:
+    """Validate keyword arguments against the contract of ``actor_name``.
+
+    Parameters:
+      actor_name: One of ``subscribe``, ``renew``, ``auto_top_up``, ``revoke_key``.
+      kwargs: The message's keyword arguments (a dict decoded from JSON).
+
+    Returns:
+      BillingMessage: The validated, immutable message.
+
+    Raises:
+      MessageValidationError: Unknown actor, not a dict, or a field breaks the
+        contract; the message names every offending field.
+    """
+    model = MESSAGE_MODELS.get(actor_name)
+    if model is None:
+        raise MessageValidationError(f"unknown actor {actor_name!r}")
+    if not isinstance(kwargs, dict):
+        raise MessageValidationError("message arguments must be keyword arguments (a JSON object)")
+    try:
+        return model.model_validate(kwargs)
+    except ValidationError as exc:
+        raise MessageValidationError(f"invalid {actor_name} message: {_describe(exc)}") from exc
