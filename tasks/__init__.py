@@ -1,0 +1,37 @@
+"""The message contract and the producer API of billing-queue."""
+
+from .errors import BillingError, MessageValidationError, PermanentError, TransientError
+from .messages import (
+    BILLING_QUEUE,
+    MAX_AMOUNT_MICROS,
+    PAYMENTS_QUEUE,
+    AutoTopUpMessage,
+    BillingMessage,
+    RenewMessage,
+    RevokeKeyMessage,
+    SubscribeMessage,
+    validate_message,
+)
+from .producer import Producer
+from .schema import contract_schema
+
+__all__ = [
+    # messages
+    "BillingMessage",
+    "SubscribeMessage",
+    "RenewMessage",
+    "AutoTopUpMessage",
+    "RevokeKeyMessage",
+    "validate_message",
+    "BILLING_QUEUE",
+    "PAYMENTS_QUEUE",
+    "MAX_AMOUNT_MICROS",
+    # producer
+    "Producer",
+    "contract_schema",
+    # errors
+    "BillingError",
+    "PermanentError",
+    "TransientError",
+    "MessageValidationError",
+]

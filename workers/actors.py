@@ -1,0 +1,121 @@
+"""The four Dramatiq actors (names, queues and arguments are the SPEC's contract).
+
+Importing this module binds the actors to a broker made from
+``BILLING_REDIS_URL`` (and sets it as Dramatiq's global broker), so that
+``dramatiq workers.actors`` and ``billing worker`` run them.
+
+Retry policy by type: :class:`~tasks.errors.PermanentError` is in every
+actor's ``throws`` (recorded, not retried, dead-lettered); anything else is
+retried with exponential backoff up to ``BILLING_MAX_RETRIES``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from db.engine import make_engine
+from db.money import BillingPolicy
+from tasks.errors import ConfigurationError, MessageValidationError, PermanentError
+from tasks.messages import BILLING_QUEUE, PAYMENTS_QUEUE
+
+from .billing import BillingService, Delivery
+from .broker import make_broker
+from .crash import parse_crashpoints
+from .logging import configure_logging
+from .middleware import OutboxSweeper
+from .providers import make_provider
+from .settings import get_settings
+
+__all__ = ["broker", "subscribe", "renew", "auto_top_up", "revoke_key", "get_service", "ACTORS"]
+
+settings = get_settings()
+configure_logging(settings.log_format, settings.log_level)
+broker = make_broker(settings)
+dramatiq.set_broker(broker)
+
+_service: BillingService | None = None
+
+
+def get_service() -> BillingService:
+    """The process's BillingService, created on first use (on the AsyncIO event loop)."""
+    global _service
+    if _service is None:
+        if not settings.database_url:
+            raise ConfigurationError("BILLING_DATABASE_URL is not set")
+        engine = make_engine(settings.database_url)
+        _service = BillingService(
+            engine=engine,
+            provider=make_provider(settings, engine),
+            broker=broker,
+            policy=BillingPolicy(top_ups_per_period=settings.top_ups_per_period),
+            max_deliveries=settings.max_deliveries,
+            crashpoints=parse_crashpoints(settings.crashpoints),
+            exit_on_crash=True,
+        )
+    return _service
+
+
+async def _sweep(older_than_s: float) -> int:
+    return await get_service().sweep_outbox(older_than_s=older_than_s)
+
+
+broker.add_middleware(
+    OutboxSweeper(
+        _sweep, interval_ms=settings.outbox_sweep_interval_ms, older_than_ms=settings.outbox_sweep_after_ms
+    )
+)
+
+_OPTIONS: dict[str, Any] = {
+    "max_retries": settings.max_retries,
+    "min_backoff": settings.min_backoff_ms,
+    "max_backoff": settings.max_backoff_ms,
+    "throws": (PermanentError,),
+}
+
+
+async def _run(actor_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    message = CurrentMessage.get_current_message()
+    assert message is not None
+    delivery = Delivery(
+        message_id=message.message_id,
+        retries=int(message.options.get("retries", 0)),
+        max_retries=int(message.options.get("max_retries", settings.max_retries)),
+        queue_name=message.queue_name,
+    )
+    service = get_service()
+    if args:
+        payload: Any = {"args": list(args), "kwargs": kwargs}
+        error = MessageValidationError("positional arguments are not accepted: send keyword arguments only")
+        await service._record_failure(actor_name, payload, None, delivery, error, attempts=delivery.retries + 1)
+        raise error
+    return await service.handle(actor_name, kwargs, delivery)
+
+
+@dramatiq.actor(actor_name="subscribe", queue_name=BILLING_QUEUE, **_OPTIONS)
+async def subscribe(*args: Any, **kwargs: Any) -> None:
+    """Charge the first period, create the subscription, issue a managed key."""
+    await _run("subscribe", args, kwargs)
+
+
+@dramatiq.actor(actor_name="renew", queue_name=BILLING_QUEUE, **_OPTIONS)
+async def renew(*args: Any, **kwargs: Any) -> None:
+    """Charge the next period and advance it (at most once per period)."""
+    await _run("renew", args, kwargs)
+
+
+@dramatiq.actor(actor_name="auto_top_up", queue_name=PAYMENTS_QUEUE, **_OPTIONS)
+async def auto_top_up(*args: Any, **kwargs: Any) -> None:
+    """Charge the payment method through the provider and credit the ledger."""
+    await _run("auto_top_up", args, kwargs)
+
+
+@dramatiq.actor(actor_name="revoke_key", queue_name=BILLING_QUEUE, **_OPTIONS)
+async def revoke_key(*args: Any, **kwargs: Any) -> None:
+    """Revoke one key, or the managed keys of a subscription."""
+    await _run("revoke_key", args, kwargs)
+
+
+ACTORS = {a.actor_name: a for a in (subscribe, renew, auto_top_up, revoke_key)}

@@ -1,0 +1,376 @@
+"""BillingService: runs one message through the idempotent money path.
+
+For every delivery (SPEC "Processing rules"):
+
+1. validate the keyword arguments against the contract (a malformed message
+   is recorded for operators and never retried);
+2. claim the idempotency key in one autocommit statement, which also counts
+   the delivery (bounding poison messages) and returns a stored outcome for
+   a repeated key without touching money; the same key with other
+   arguments is an idempotency conflict: recorded, never applied;
+3. run the effect in one transaction: lock the key row, lock the account,
+   check the balance, write the ledger and the balance together, write
+   follow-up messages to the outbox, store the outcome, commit;
+4. after commit, relay the outbox to Redis and deliver a new API key's
+   plaintext on the pub/sub channel; a crash before this loses nothing, the
+   outbox sweeper relays what was left.
+
+``auto_top_up`` splits step 3 into recoverable phases around the provider
+call (record intent / call with the provider's idempotency key / record the
+result and credit the ledger), so a crash between any two of them neither
+loses the credit nor charges twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import traceback as tb
+from dataclasses import dataclass, field
+from typing import Any
+
+import dramatiq
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from db import money
+from db.engine import transaction, translate_errors
+from db.money import BillingPolicy, Effect, IssuedKey, OutboxMessage
+from tasks.errors import (
+    BillingError,
+    IdempotencyConflict,
+    MessageValidationError,
+    PermanentError,
+    TooManyDeliveries,
+)
+from tasks.messages import (
+    QUEUE_OF_ACTOR,
+    AutoTopUpMessage,
+    BillingMessage,
+    RenewMessage,
+    RevokeKeyMessage,
+    SubscribeMessage,
+    validate_message,
+)
+
+from .clock import Clock, SystemClock
+from .crash import crashpoint
+from .providers.base import PaymentProvider
+
+__all__ = ["BillingService", "Delivery", "API_KEY_CHANNEL"]
+
+log = structlog.get_logger("billing")
+
+#: Redis pub/sub channel on which a newly issued API key's plaintext is
+#: published once, after commit.  Pub/sub keeps nothing: the plaintext is
+#: never stored, in PostgreSQL or in Redis, and never logged.
+API_KEY_CHANNEL = "billing:api-keys:issued"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One delivery of a message, as Dramatiq handed it to the actor.
+
+    Attributes:
+      message_id: Dramatiq's message id (stable across redeliveries and retries).
+      retries: Retries already made of this message (Dramatiq's ``retries`` option).
+      max_retries: Retries allowed for transient errors.
+      queue_name: The queue it came from.
+    """
+
+    message_id: str
+    retries: int = 0
+    max_retries: int = 8
+    queue_name: str = ""
+
+
+@dataclass
+class BillingService:
+    """The money path of the four actors.
+
+    Parameters:
+      engine: Async engine on PostgreSQL.
+      provider: Payment provider for ``auto_top_up``.
+      broker: Dramatiq broker the outbox is relayed to (None: leave it to the sweeper).
+      clock: Source of "now" (UTC).
+      policy: Tunable rules (top-ups per period...).
+      max_deliveries: Deliveries of one key after which it is dead-lettered.
+      crashpoints: Steps at which to simulate a crash (tests only).
+      exit_on_crash: Crash points exit the process (True) or raise SimulatedCrash.
+    """
+
+    engine: AsyncEngine
+    provider: PaymentProvider
+    broker: dramatiq.Broker | None = None
+    clock: Clock = field(default_factory=SystemClock)
+    policy: BillingPolicy = field(default_factory=BillingPolicy)
+    max_deliveries: int = 10
+    crashpoints: dict[str, str] = field(default_factory=dict)
+    exit_on_crash: bool = False
+
+    def __post_init__(self) -> None:
+        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+
+    # ------------------------------------------------------------------ entry point
+
+    async def handle(self, actor_name: str, kwargs: Any, delivery: Delivery) -> dict[str, Any]:
+        """Process one delivery of ``actor_name`` with ``kwargs``.
+
+        Returns:
+          dict: The stored outcome (``{"outcome": ..., ...}``); a repeated key
+          returns the first delivery's outcome with ``"duplicate": True``.
+
+        Raises:
+          PermanentError: Recorded in ``failed_messages``; not to be retried.
+          TransientError: To be retried with backoff (recorded once retries are exhausted).
+        """
+        structlog.contextvars.bind_contextvars(message_id=delivery.message_id, actor=actor_name)
+        try:
+            message = validate_message(actor_name, kwargs)
+        except MessageValidationError as exc:
+            await self._record_failure(actor_name, kwargs, None, delivery, exc, attempts=delivery.retries + 1)
+            raise
+        account_id = getattr(message, "account_id", None)
+        structlog.contextvars.bind_contextvars(idempotency_key=message.idempotency_key, account_id=account_id)
+        fingerprint = message.fingerprint()
+        try:
+            async with translate_errors(), self.autocommit.connect() as conn:
+                claim = await money.claim_key(
+                    conn,
+                    key=message.idempotency_key,
+                    kind=actor_name,
+                    fingerprint=fingerprint,
+                    account_id=account_id,
+                    message_id=delivery.message_id,
+                )
+            if claim.conflict:
+                raise IdempotencyConflict(
+                    f"idempotency key {message.idempotency_key!r} was used before with different arguments"
+                )
+            if claim.status == "completed":
+                log.info("duplicate_suppressed", outcome=(claim.result or {}).get("outcome"))
+                return {**(claim.result or {}), "duplicate": True}
+            if claim.attempts > self.max_deliveries:
+                raise TooManyDeliveries(
+                    f"delivered {claim.attempts} times without finishing (limit {self.max_deliveries})"
+                )
+            if isinstance(message, AutoTopUpMessage):
+                result = await self._auto_top_up(message)
+            else:
+                result = await self._apply(message)
+        except PermanentError as exc:
+            if not isinstance(exc, IdempotencyConflict):
+                status = "dead" if isinstance(exc, TooManyDeliveries) else "failed"
+                await self._mark_key(message, fingerprint, status, exc)
+            await self._record_failure(actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1)
+            log.warning("message_failed", error=exc.code, reason=exc.message)
+            raise
+        except Exception as exc:
+            if delivery.retries >= delivery.max_retries:
+                await self._mark_key(message, fingerprint, "failed", exc)
+                await self._record_failure(actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1)
+                log.error("retries_exhausted", error=type(exc).__name__, reason=str(exc))
+            else:
+                log.warning("transient_error", error=type(exc).__name__, reason=str(exc), retries=delivery.retries)
+            raise
+        log.info("message_processed", outcome=result.get("outcome"))
+        return result
+
+    # ------------------------------------------------------------------ effects
+
+    async def _apply(self, message: BillingMessage) -> dict[str, Any]:
+        key = message.idempotency_key
+        async with transaction(self.engine) as conn:
+            row = await money.lock_key(conn, key)
+            if row is not None and row["status"] == "completed":
+                return {**(row["result"] or {}), "duplicate": True}
+            now = self.clock.now()
+            effect: Effect
+            if isinstance(message, SubscribeMessage):
+                effect = await money.apply_subscribe(conn, message, now, self.policy)
+            elif isinstance(message, RenewMessage):
+                effect = await money.apply_renew(conn, message, now, self.policy)
+            elif isinstance(message, RevokeKeyMessage):
+                effect = await money.apply_revoke_key(conn, message, now)
+            else:  # pragma: no cover - validate_message knows only four models
+                raise MessageValidationError(f"no effect for {message.actor_name}")
+            await money.insert_outbox(conn, effect.outbox)
+            await money.complete_key(conn, key, effect, now)
+            self._crash("before_commit", key)
+        self._crash("after_commit", key)
+        await self._after_commit(effect)
+        return effect.stored_result()
+
+    async def _auto_top_up(self, message: AutoTopUpMessage) -> dict[str, Any]:
+        key = message.idempotency_key
+        # phase 1: record the attempt and the provider's idempotency key
+        async with transaction(self.engine) as conn:
+            row = await money.lock_key(conn, key)
+            if row is not None and row["status"] == "completed":
+                return {**(row["result"] or {}), "duplicate": True}
+            now = self.clock.now()
+            begun = await money.begin_top_up(conn, message, now, self.policy)
+            if isinstance(begun, Effect):
+                await money.insert_outbox(conn, begun.outbox)
+                await money.complete_key(conn, key, begun, now)
+        if isinstance(begun, Effect):
+            await self._after_commit(begun)
+            return begun.stored_result()
+        intent = begun
+        self._crash("after_top_up_intent", key)
+        # phase 2: the provider call, alone, with a key derived from our row id
+        succeeded, charge_id, decline = False, None, None
+        if intent.status == "pending":
+            charge = await self.provider.charge(
+                amount_micros=intent.amount_micros,
+                currency=intent.currency,
+                payment_method_ref=intent.payment_method_ref,
+                idempotency_key=intent.provider_idempotency_key,
+            )
+            succeeded, charge_id, decline = charge.succeeded, charge.charge_id, charge.decline_code
+        self._crash("after_provider_charge", key)
+        # phase 3: record the result, credit the ledger, resume waiting work
+        async with transaction(self.engine) as conn:
+            row = await money.lock_key(conn, key)
+            if row is not None and row["status"] == "completed":
+                return {**(row["result"] or {}), "duplicate": True}
+            now = self.clock.now()
+            effect = await money.finish_top_up(
+                conn, intent, succeeded=succeeded, charge_id=charge_id, decline_reason=decline, now=now
+            )
+            await money.insert_outbox(conn, effect.outbox)
+            await money.complete_key(conn, key, effect, now)
+            self._crash("before_commit", key)
+        self._crash("after_commit", key)
+        await self._after_commit(effect)
+        return effect.stored_result()
+
+    # ------------------------------------------------------------------ after commit
+
+    async def _after_commit(self, effect: Effect) -> None:
+        if effect.issued_key is not None:
+            await self._deliver_key(effect.issued_key)
+        if effect.outbox and self.broker is not None:
+            await self.relay(effect.outbox)
+
+    async def relay(self, messages: list[OutboxMessage]) -> None:
+        """Enqueue committed outbox messages on Redis, then delete them from the outbox.
+
+        A crash between the two sends them again later (the sweeper), with the
+        same message id and idempotency key: harmless.
+        """
+        assert self.broker is not None
+        broker = self.broker
+
+        def _enqueue() -> None:
+            for m in messages:
+                broker.enqueue(
+                    dramatiq.Message(
+                        queue_name=m.queue_name,
+                        actor_name=m.actor_name,
+                        args=(),
+                        kwargs=m.kwargs,
+                        options={},
+                        message_id=m.message_id,
+                    )
+                )
+
+        await asyncio.to_thread(_enqueue)
+        async with translate_errors(), self.autocommit.connect() as conn:
+            await money.delete_outbox(conn, [m.message_id for m in messages])
+
+    async def sweep_outbox(self, *, older_than_s: float, limit: int = 500) -> int:
+        """Relay outbox messages a dead worker left behind. Returns how many were relayed."""
+        assert self.broker is not None
+        broker = self.broker
+        async with transaction(self.engine) as conn:
+            stale = await money.claim_stale_outbox(conn, older_than_s=older_than_s, limit=limit)
+            if stale:
+                await asyncio.to_thread(
+                    lambda: [
+                        broker.enqueue(
+                            dramatiq.Message(
+                                queue_name=m.queue_name,
+                                actor_name=m.actor_name,
+                                args=(),
+                                kwargs=m.kwargs,
+                                options={},
+                                message_id=m.message_id,
+                            )
+                        )
+                        for m in stale
+                    ]
+                )
+                await money.delete_outbox(conn, [m.message_id for m in stale])
+        return len(stale)
+
+    async def _deliver_key(self, issued: IssuedKey) -> None:
+        if self.broker is None or not hasattr(self.broker, "client"):
+            return
+        payload = json.dumps(
+            {
+                "account_id": issued.account_id,
+                "subscription_id": issued.subscription_id,
+                "key_id": issued.key_id,
+                "prefix": issued.prefix,
+                "api_key": issued.plaintext,
+            }
+        )
+        client = self.broker.client
+        try:
+            await asyncio.to_thread(client.publish, API_KEY_CHANNEL, payload)
+        except Exception as exc:  # the effect is committed; delivery is best effort
+            log.warning("api_key_delivery_failed", key_id=issued.key_id, error=type(exc).__name__)
+
+    # ------------------------------------------------------------------ failures
+
+    def _crash(self, name: str, key: str) -> None:
+        if self.crashpoints:
+            crashpoint(self.crashpoints, name, key, exit_process=self.exit_on_crash)
+
+    async def _mark_key(self, message: BillingMessage, fingerprint: str, status: str, exc: BaseException) -> None:
+        try:
+            async with translate_errors(), self.autocommit.connect() as conn:
+                await money.fail_key(conn, message.idempotency_key, fingerprint, status, _describe(exc))
+        except BillingError:
+            log.error("could_not_mark_key", status=status)
+
+    async def _record_failure(
+        self,
+        actor_name: str,
+        kwargs: Any,
+        message: BillingMessage | None,
+        delivery: Delivery,
+        exc: BaseException,
+        *,
+        attempts: int,
+    ) -> None:
+        try:
+            stored_kwargs = json.loads(json.dumps(kwargs, default=repr))
+        except (TypeError, ValueError):
+            stored_kwargs = {"unserializable": repr(kwargs)[:2000]}
+        if len(json.dumps(stored_kwargs)) > 64_000:
+            stored_kwargs = {"truncated": json.dumps(stored_kwargs)[:2000]}
+        try:
+            async with translate_errors(), self.autocommit.connect() as conn:
+                await money.record_failure(
+                    conn,
+                    message_id=delivery.message_id,
+                    actor_name=actor_name if isinstance(actor_name, str) else repr(actor_name),
+                    queue_name=delivery.queue_name or QUEUE_OF_ACTOR.get(actor_name, "unknown"),
+                    kwargs=stored_kwargs,
+                    idempotency_key=message.idempotency_key if message else None,
+                    account_id=getattr(message, "account_id", None) if message else None,
+                    error_type=exc.code if isinstance(exc, BillingError) else type(exc).__name__,
+                    error_message=_describe(exc),
+                    traceback="".join(tb.format_exception(exc)),
+                    attempts=attempts,
+                )
+        except BillingError:
+            log.error("could_not_record_failure", error=type(exc).__name__)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BillingError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}"

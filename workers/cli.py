@@ -1,0 +1,533 @@
+"""The ``billing`` console script (Click).
+
+Bad input on any command prints one line on stderr (``billing: error: ...``)
+and exits with status 2, having written nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tasks.errors import BillingError, ConfigurationError, MessageValidationError
+from tasks.messages import MAX_AMOUNT_MICROS, validate_message
+
+__all__ = ["app", "main"]
+
+
+@click.group(name="billing", context_settings={"help_option_names": ["-h", "--help"]})
+def app() -> None:
+    """Idempotent prepaid-credit billing on Dramatiq (Redis) and PostgreSQL."""
+
+
+@app.group("db")
+def db_app() -> None:
+    """Database schema."""
+
+
+@app.group("account")
+def account_app() -> None:
+    """Accounts."""
+
+
+@app.group("plan")
+def plan_app() -> None:
+    """Plans."""
+
+
+@app.group("publish")
+def publish_app() -> None:
+    """Publish a billing message (the producer API from a shell)."""
+
+
+#: Where ``billing`` keeps its embedded PostgreSQL when BILLING_DATABASE_URL is unset.
+LOCAL_DATA_DIR = Path(os.environ.get("BILLING_LOCAL_DIR", ".billing"))
+
+_ID = re.compile(r"^[^\s]{1,255}$")
+_CURRENCY = re.compile(r"^[A-Z]{3}$")
+
+
+class UsageProblem(click.UsageError):
+    """Bad input on the command line."""
+
+
+def _check_id(what: str, value: str) -> str:
+    if not _ID.match(value) or not value.isprintable():
+        raise UsageProblem(f"{what} must be 1 to 255 printable characters without whitespace")
+    return value
+
+
+def _check_currency(value: str) -> str:
+    if not _CURRENCY.match(value):
+        raise UsageProblem(f"currency must be a 3-letter ISO 4217 code in capitals (got {value!r})")
+    return value
+
+
+def _check_amount(what: str, value: int | None, *, minimum: int) -> int | None:
+    if value is not None and not (minimum <= value <= MAX_AMOUNT_MICROS):
+        raise UsageProblem(f"{what} must be an integer between {minimum} and {MAX_AMOUNT_MICROS} micros")
+    return value
+
+
+@contextmanager
+def _database() -> Iterator[str]:
+    from db.config import database_url
+
+    url = database_url()
+    if url:
+        yield url
+        return
+    from .local import embedded_postgres
+
+    with embedded_postgres(LOCAL_DATA_DIR / "pgdata") as embedded:
+        yield embedded
+
+
+def _run_db(fn: Any) -> Any:
+    """Run ``await fn(engine)`` on the configured (or local embedded) database."""
+    from db.engine import make_engine
+
+    with _database() as url:
+
+        async def go() -> Any:
+            engine = make_engine(url, pool_size=2)
+            try:
+                return await fn(engine)
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(go())
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --------------------------------------------------------------------------- db
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database to the newest schema (Alembic to head)."""
+    from db.migrate import upgrade
+
+    with _database() as url:
+        upgrade(url)
+    click.echo("database at head")
+
+
+# --------------------------------------------------------------------------- accounts
+
+
+@account_app.command("create")
+@click.argument("account_id", metavar="ID")
+@click.option("--currency", "currency", type=str, required=True, help="ISO 4217 code, e.g. USD.")
+@click.option(
+    "--balance-micros",
+    "balance_micros",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Opening balance in micros (>= 0).",
+)
+@click.option(
+    "--auto-top-up-threshold-micros", "threshold", type=int, default=None, help="Top up below this balance."
+)
+@click.option("--auto-top-up-amount-micros", "amount", type=int, default=None, help="Amount of each top-up.")
+@click.option("--payment-method", "payment_method", type=str, default=None, help="Payment method reference.")
+def account_create(
+    account_id: str,
+    currency: str,
+    balance_micros: int,
+    threshold: int | None,
+    amount: int | None,
+    payment_method: str | None,
+) -> None:
+    """Open an account (auto-top-up is on when threshold, amount and payment method are all given)."""
+    _check_id("account id", account_id)
+    _check_currency(currency)
+    _check_amount("--balance-micros", balance_micros, minimum=0)
+    _check_amount("--auto-top-up-threshold-micros", threshold, minimum=0)
+    _check_amount("--auto-top-up-amount-micros", amount, minimum=1)
+    given = [v is not None for v in (threshold, amount, payment_method)]
+    if any(given) and not all(given):
+        raise UsageProblem(
+            "auto-top-up needs all of --auto-top-up-threshold-micros, --auto-top-up-amount-micros and --payment-method"
+        )
+    if payment_method is not None:
+        _check_id("--payment-method", payment_method)
+
+    from db import money
+    from db.engine import transaction
+
+    async def go(engine: Any) -> bool:
+        async with transaction(engine) as conn:
+            return await money.create_account(
+                conn,
+                account_id=account_id,
+                currency=currency,
+                balance_micros=balance_micros,
+                auto_top_up_threshold_micros=threshold,
+                auto_top_up_amount_micros=amount,
+                payment_method_ref=payment_method,
+                now=_now(),
+            )
+
+    if not _run_db(go):
+        raise UsageProblem(f"account {account_id!r} already exists")
+    click.echo(f"account {account_id} created")
+
+
+@account_app.command("show")
+@click.argument("account_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def account_show(account_id: str, as_json: bool) -> None:
+    """Show balance, subscriptions, keys (never secrets) and ledger of an account."""
+    _check_id("account id", account_id)
+    from db.queries import account_snapshot
+
+    snapshot = _run_db(lambda engine: account_snapshot(engine, account_id))
+    if snapshot is None:
+        raise UsageProblem(f"unknown account {account_id!r}")
+    if as_json:
+        click.echo(json.dumps(snapshot, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    a = snapshot["account"]
+    console.print(f"[bold]{a['id']}[/bold]  {a['currency']}  balance {a['balance_micros']:,} micros")
+    for title, rows in (("subscriptions", snapshot["subscriptions"]), ("api keys", snapshot["api_keys"])):
+        table = Table(title=title)
+        if rows:
+            for col in rows[0]:
+                table.add_column(col)
+            for r in rows:
+                table.add_row(*(str(v) for v in r.values()))
+        console.print(table)
+    ledger = Table(title="ledger")
+    for col in ("id", "amount_micros", "kind", "subscription_id", "idempotency_key", "created_at"):
+        ledger.add_column(col)
+    for e in snapshot["ledger"]:
+        ledger.add_row(
+            *(
+                str(e[c])
+                for c in ("id", "amount_micros", "kind", "subscription_id", "idempotency_key", "created_at")
+            )
+        )
+    console.print(ledger)
+
+
+@account_app.command("add-user-key")
+@click.argument("account_id", metavar="ID")
+def account_add_user_key(account_id: str) -> None:
+    """Issue a user-owned API key (source=user; billing flows never revoke it).
+
+    The plaintext is printed once, here, and never stored.
+    """
+    _check_id("account id", account_id)
+    from db import money
+    from db.engine import transaction
+
+    async def go(engine: Any) -> Any:
+        async with transaction(engine) as conn:
+            return await money.create_user_key(conn, account_id=account_id, now=_now())
+
+    issued = _run_db(go)
+    click.echo(json.dumps({"key_id": issued.key_id, "prefix": issued.prefix, "api_key": issued.plaintext}))
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@plan_app.command("create")
+@click.argument("plan_id", metavar="ID")
+@click.option(
+    "--price-micros", "price_micros", type=int, required=True, help="Price of one period, in micros (> 0)."
+)
+@click.option("--currency", "currency", type=str, required=True)
+@click.option("--interval", "interval", type=str, required=True, help="month or day.")
+@click.option(
+    "--interval-count",
+    "interval_count",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Intervals per period (1..366).",
+)
+@click.option("--name", "name", type=str, default=None, help="Display name (default: the id).")
+def plan_create(
+    plan_id: str, price_micros: int, currency: str, interval: str, interval_count: int, name: str | None
+) -> None:
+    """Create a plan."""
+    _check_id("plan id", plan_id)
+    _check_currency(currency)
+    _check_amount("--price-micros", price_micros, minimum=1)
+    if interval not in ("month", "day"):
+        raise UsageProblem(f"--interval must be month or day (got {interval!r})")
+    if not 1 <= interval_count <= 366:
+        raise UsageProblem("--interval-count must be between 1 and 366")
+    from db import money
+    from db.engine import transaction
+
+    async def go(engine: Any) -> bool:
+        async with transaction(engine) as conn:
+            return await money.create_plan(
+                conn,
+                plan_id=plan_id,
+                name=name or plan_id,
+                price_micros=price_micros,
+                currency=currency,
+                interval=interval,
+                interval_count=interval_count,
+            )
+
+    if not _run_db(go):
+        raise UsageProblem(f"plan {plan_id!r} already exists")
+    click.echo(f"plan {plan_id} created")
+
+
+# --------------------------------------------------------------------------- publish
+
+
+def _publish(actor_name: str, kwargs: dict[str, Any]) -> None:
+    message = validate_message(actor_name, {k: v for k, v in kwargs.items() if v is not None})
+    from tasks.producer import Producer
+
+    message_id = Producer().publish(message)
+    click.echo(
+        json.dumps(
+            {"message_id": message_id, "actor": actor_name, "idempotency_key": message.idempotency_key}
+        )
+    )
+
+
+@publish_app.command("subscribe")
+@click.option("--account-id", "account_id", type=str, required=True)
+@click.option("--plan-id", "plan_id", type=str, required=True)
+@click.option("--idempotency-key", "idempotency_key", type=str, required=True)
+def publish_subscribe(account_id: str, plan_id: str, idempotency_key: str) -> None:
+    """Publish ``subscribe``."""
+    _publish("subscribe", {"account_id": account_id, "plan_id": plan_id, "idempotency_key": idempotency_key})
+
+
+@publish_app.command("renew")
+@click.option("--subscription-id", "subscription_id", type=str, required=True)
+@click.option(
+    "--period-start", "period_start", type=str, required=True, help="ISO 8601 UTC, e.g. 2026-12-01T00:00:00Z."
+)
+@click.option(
+    "--idempotency-key",
+    "idempotency_key",
+    type=str,
+    default=None,
+    help="Default: renew:{subscription_id}:{period_start}, the scheduler's key.",
+)
+def publish_renew(subscription_id: str, period_start: str, idempotency_key: str | None) -> None:
+    """Publish ``renew`` for the period starting at ``--period-start``."""
+    key = idempotency_key
+    if key is None:
+        parsed = validate_message(
+            "renew",
+            {"subscription_id": subscription_id, "period_start": period_start, "idempotency_key": "x"},
+        )
+        key = f"renew:{subscription_id}:{parsed.period_start.isoformat()}"  # type: ignore[attr-defined]
+    _publish(
+        "renew", {"subscription_id": subscription_id, "period_start": period_start, "idempotency_key": key}
+    )
+
+
+@publish_app.command("auto-top-up")
+@click.option("--account-id", "account_id", type=str, required=True)
+@click.option("--idempotency-key", "idempotency_key", type=str, required=True)
+@click.option("--amount-micros", "amount_micros", type=int, default=None)
+@click.option("--reason", "reason", type=str, default=None)
+def publish_auto_top_up(
+    account_id: str, idempotency_key: str, amount_micros: int | None, reason: str | None
+) -> None:
+    """Publish ``auto_top_up``."""
+    _publish(
+        "auto_top_up",
+        {
+            "account_id": account_id,
+            "idempotency_key": idempotency_key,
+            "amount_micros": amount_micros,
+            "reason": reason,
+        },
+    )
+
+
+@publish_app.command("revoke-key")
+@click.option("--reason", "reason", type=str, required=True)
+@click.option("--idempotency-key", "idempotency_key", type=str, required=True)
+@click.option("--key-id", "key_id", type=str, default=None)
+@click.option("--subscription-id", "subscription_id", type=str, default=None)
+def publish_revoke_key(
+    reason: str, idempotency_key: str, key_id: str | None, subscription_id: str | None
+) -> None:
+    """Publish ``revoke_key`` for one key or a subscription's managed keys."""
+    _publish(
+        "revoke_key",
+        {
+            "key_id": key_id,
+            "subscription_id": subscription_id,
+            "reason": reason,
+            "idempotency_key": idempotency_key,
+        },
+    )
+
+
+# --------------------------------------------------------------------------- worker, demo, contract
+
+
+@app.command("worker")
+@click.option(
+    "--processes",
+    "-p",
+    "processes",
+    type=click.IntRange(1, 64),
+    default=2,
+    show_default=True,
+    help="Worker processes.",
+)
+@click.option(
+    "--threads",
+    "-t",
+    "threads",
+    type=click.IntRange(1, 256),
+    default=8,
+    show_default=True,
+    help="Threads per process.",
+)
+def worker(processes: int, threads: int) -> None:
+    """Run a Dramatiq worker over the billing actors (queues billing and billing.payments)."""
+    from .settings import get_settings
+
+    settings = get_settings()
+    if not settings.redis_url:
+        raise ConfigurationError("BILLING_REDIS_URL is not set; `billing demo` starts its own Redis")
+    if not settings.database_url:
+        raise ConfigurationError("BILLING_DATABASE_URL is not set; `billing demo` starts its own PostgreSQL")
+    argv = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        "workers.actors",
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+    ]
+    os.execv(sys.executable, argv)
+
+
+@app.command("demo")
+@click.option(
+    "--accounts",
+    "accounts",
+    type=click.IntRange(10, None),
+    default=1000,
+    show_default=True,
+    help="Accounts to create.",
+)
+@click.option(
+    "--messages",
+    "messages",
+    type=click.IntRange(100, None),
+    default=5000,
+    show_default=True,
+    help="Messages to publish, at least.",
+)
+@click.option("--processes", "-p", "processes", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option("--threads", "-t", "threads", type=click.IntRange(1, 64), default=8, show_default=True)
+@click.option(
+    "--seed", "seed", type=int, default=7, show_default=True, help="Seed of the generated workload."
+)
+@click.option(
+    "--timeout-s",
+    "timeout_s",
+    type=int,
+    default=600,
+    show_default=True,
+    help="Give up draining after this many seconds.",
+)
+def demo(accounts: int, messages: int, processes: int, threads: int, seed: int, timeout_s: int) -> None:
+    """Run the whole system on a generated workload, then audit it (exit 1 if the audit fails)."""
+    from .demo import run_demo
+
+    ok = run_demo(
+        accounts=accounts,
+        messages=messages,
+        processes=processes,
+        threads=threads,
+        seed=seed,
+        timeout_s=timeout_s,
+    )
+    sys.exit(0 if ok else 1)
+
+
+@app.command("audit")
+@click.option("--json", "as_json", is_flag=True)
+def audit(as_json: bool) -> None:
+    """Check SPEC's invariants (read-only); exit 1 with the violations."""
+    from db.audit import run_audit
+
+    report = _run_db(lambda engine: run_audit(engine))
+    if as_json:
+        click.echo(json.dumps({"ok": report.ok, "violations": report.violations}, indent=2, default=str))
+    else:
+        for name, rows in report.violations.items():
+            click.echo(
+                f"{'FAIL' if rows else 'ok  '} {name}: {report.descriptions[name]}"
+                + (f" ({len(rows)})" if rows else "")
+            )
+    sys.exit(0 if report.ok else 1)
+
+
+@app.command("contract")
+def contract() -> None:
+    """Print the message contract as JSON Schema (for producers in other languages)."""
+    from tasks.schema import contract_schema
+
+    click.echo(json.dumps(contract_schema(), indent=2, sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``billing`` console script."""
+    command = app
+    try:
+        result = command.main(args=argv, prog_name="billing", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        print("billing: aborted", file=sys.stderr)
+        sys.exit(1)
+    except click.UsageError as exc:
+        print(f"billing: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except click.ClickException as exc:
+        print(f"billing: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except (MessageValidationError, ConfigurationError) as exc:
+        print(f"billing: error: {exc.message}", file=sys.stderr)
+        sys.exit(2)
+    except BillingError as exc:
+        print(f"billing: error: {exc.message}", file=sys.stderr)
+        sys.exit(1)
+    if isinstance(result, int):
+        sys.exit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Worker settings, read from ``BILLING_*`` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker, with the unit in its name.
+
+    Redelivery (SPEC "Processing rules"): Dramatiq's Redis broker gives a
+    dead worker's messages back only when its heartbeat is older than
+    ``heartbeat_timeout_ms`` *and* a maintenance pass runs.  Stock Dramatiq
+    runs maintenance on 0.1% of commands at random, which on a quiet queue
+    can take hours; we also run it at least every ``maintenance_interval_ms``
+    per process, so with the defaults a dead worker's messages are delivered
+    again within about 35 seconds.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="BILLING_", extra="ignore")
+
+    database_url: str | None = None
+    redis_url: str | None = None
+
+    #: A worker whose heartbeat is older than this is dead and its unacked
+    #: messages are requeued (Dramatiq's default is 60 s; 30 s keeps
+    #: redelivery within SPEC's minute with margin).
+    heartbeat_timeout_ms: int = Field(30_000, ge=1_000)
+    #: Run broker maintenance (requeue dead workers' messages) at least this
+    #: often per process.
+    maintenance_interval_ms: int = Field(5_000, ge=100)
+    #: Dramatiq's random maintenance chance, per million commands (stock: 1000).
+    maintenance_chance: int = Field(1_000, ge=0, le=1_000_000)
+    #: Dead-lettered messages are kept in Redis this long (Dramatiq default: 7 days).
+    dead_message_ttl_ms: int = Field(7 * 86_400_000, ge=60_000)
+
+    #: Deliveries of one idempotency key, counted in PostgreSQL, after which
+    #: it is dead-lettered as a poison message.  Dramatiq does not count a
+    #: redelivery after a worker crash as a retry, so this is what bounds a
+    #: message that kills its worker every time.
+    max_deliveries: int = Field(10, ge=1)
+    #: Retries of transient errors (Dramatiq Retries middleware).
+    max_retries: int = Field(8, ge=0)
+    #: Backoff of those retries: exponential from min to max, with jitter.
+    min_backoff_ms: int = Field(250, ge=1)
+    max_backoff_ms: int = Field(60_000, ge=1)
+
+    #: Auto-top-ups per account per top-up period (a calendar month in UTC).
+    top_ups_per_period: int = Field(1, ge=1)
+
+    #: Outbox rows older than this were left by a worker that died between
+    #: commit and relay; the sweeper of every worker relays them.
+    outbox_sweep_after_ms: int = Field(10_000, ge=100)
+    outbox_sweep_interval_ms: int = Field(5_000, ge=100)
+
+    #: ``fake`` (default, ships with the code) or ``stripe`` (a later issue).
+    payment_provider: str = "fake"
+    fake_decline_rate: float = Field(0.0, ge=0, le=1)
+    fake_error_rate: float = Field(0.0, ge=0, le=1)
+    fake_timeout_rate: float = Field(0.0, ge=0, le=1)
+    fake_latency_ms: int = Field(0, ge=0)
+    fake_seed: int | None = None
+
+    #: ``json`` (production) or ``console``.
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+    #: Crash points (``name`` or ``name:key-substring``, comma separated) at
+    #: which the worker process exits at once; for crash tests only.
+    crashpoints: str = ""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings (read once)."""
+    return Settings()
