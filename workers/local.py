@@ -16,6 +16,7 @@ and the tests run on:
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -61,6 +62,10 @@ def embedded_postgres(data_dir: Path | None = None) -> Iterator[str]:
             shutil.rmtree(path, ignore_errors=True)
 
 
+#: Lua stack size Dramatiq may assume on the in-process Redis (Redis's LUAI_MAXCSTACK).
+_LUA_MAX_STACK = 8000
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,7 +76,14 @@ def _free_port() -> int:
 def inprocess_redis() -> Iterator[str]:
     """Serve a fakeredis (with Lua) over TCP on a free loopback port; yield its URL."""
     import fakeredis
+    from dramatiq.brokers.redis import RedisBroker
 
+    # Dramatiq probes Redis's Lua stack size with a script that overflows it
+    # on purpose; under fakeredis that probe can drop the connection.  Real
+    # Redis's limit is 8000 (LUAI_MAXCSTACK): tell Dramatiq, in this process
+    # (the class cache) and in the worker processes it starts (the variable).
+    os.environ["dramatiq_lua_max_stack"] = str(_LUA_MAX_STACK)
+    RedisBroker._max_unpack_size_val = _LUA_MAX_STACK // 2
     port = _free_port()
     server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
     thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
