@@ -44,9 +44,10 @@ class Services:
     redis_url: str
 
     def redis_db(self, n: int) -> str:
-        """The same Redis server, database number ``n`` (isolates subprocess workers)."""
+        """The same Redis server, ``n`` databases after the configured one (isolates subprocess workers)."""
         parts = urlsplit(self.redis_url)
-        return urlunsplit(parts._replace(path=f"/{n}"))
+        base = int(parts.path.strip("/") or 0)
+        return urlunsplit(parts._replace(path=f"/{(base + n) % 16}"))
 
 
 def _with_database(url: str, name: str) -> str:

@@ -1,0 +1,217 @@
+"""Races on separate connections and crashes at exact steps of the money path.
+
+These tests drive :class:`workers.billing.BillingService` directly: every
+call below uses its own pooled PostgreSQL connection, and concurrent calls
+are started together with ``asyncio.gather`` so that their transactions
+really overlap.  Crashes are simulated in-process at the named step
+(``SimulatedCrash`` unwinds the call like a dying process: nothing after the
+step runs); the next delivery must continue from where the crash left off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from workers.billing import BillingService, Delivery
+from workers.crash import SimulatedCrash
+
+USD = 1_000_000
+
+
+def _service(services: Any, broker: Any = None, **kw: Any) -> BillingService:
+    from db.engine import make_engine
+    from workers.providers import FakePaymentProvider
+
+    engine = make_engine(services.database_url, pool_size=20)
+    return BillingService(engine=engine, provider=FakePaymentProvider(engine), broker=broker, **kw)
+
+
+async def _q(service: BillingService, sql: str) -> list[dict[str, Any]]:
+    from sqlalchemy import text
+
+    async with service.engine.connect() as conn:
+        return [dict(r) for r in (await conn.execute(text(sql))).mappings().all()]
+
+
+def _sub(account: str, plan: str, key: str) -> dict[str, str]:
+    return {"account_id": account, "plan_id": plan, "idempotency_key": key}
+
+
+def test_racing_subscribes_on_an_account_that_can_pay_for_one(setup, services, db):
+    accounts = [f"race-{i}" for i in range(20)]
+    setup(
+        accounts=[{"account_id": a, "balance_micros": 25 * USD} for a in accounts],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}, {"plan_id": "team", "price_micros": 20 * USD}],
+    )
+
+    async def run() -> list[Any]:
+        service = _service(services)
+        try:
+            calls = []
+            for a in accounts:
+                for plan in ("pro", "team"):
+                    calls.append(service.handle("subscribe", _sub(a, plan, f"{a}:{plan}"), Delivery(f"m-{a}-{plan}")))
+            return await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await service.engine.dispose()
+
+    results = asyncio.run(run())
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors == []
+    outcomes = sorted(r["outcome"] for r in results)
+    assert outcomes == ["insufficient_funds"] * 20 + ["subscribed"] * 20
+    per_account = db(
+        "SELECT account_id, count(*) AS n FROM ledger_entries WHERE kind = 'subscription_charge' GROUP BY 1 ORDER BY 1"
+    )
+    assert per_account == [{"account_id": a, "n": 1} for a in sorted(accounts)]
+    assert db("SELECT DISTINCT balance_micros FROM accounts") == [{"balance_micros": 5 * USD}]
+
+
+def test_the_same_message_in_two_workers_at_once_has_one_effect(setup, services, db):
+    """Dramatiq's Redis broker can hand one message to two workers (its issue #692)."""
+    setup(
+        accounts=[{"account_id": f"a{i}", "balance_micros": 100 * USD} for i in range(10)],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
+
+    async def run() -> list[Any]:
+        service = _service(services)
+        try:
+            calls = []
+            for i in range(10):
+                kwargs = _sub(f"a{i}", "pro", f"k{i}")
+                calls += [service.handle("subscribe", kwargs, Delivery(f"msg-{i}")) for _ in range(3)]
+            return await asyncio.gather(*calls)
+        finally:
+            await service.engine.dispose()
+
+    results = asyncio.run(run())
+    assert sum(1 for r in results if not r.get("duplicate")) == 10
+    assert {r["outcome"] for r in results} == {"subscribed"}
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'subscription_charge'") == [{"n": 10}]
+    assert db("SELECT count(*) AS n FROM api_keys") == [{"n": 10}]
+
+
+def test_two_plans_renewing_together_each_see_the_real_balance(setup, services, db):
+    """Seed 004's stale-snapshot bug: an account that can pay for two of three renewals renews exactly two."""
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 50 * USD}],
+        plans=[{"plan_id": p, "price_micros": 10 * USD} for p in ("p1", "p2", "p3")],
+    )
+
+    async def run() -> list[Any]:
+        service = _service(services)
+        try:
+            for p in ("p1", "p2", "p3"):
+                await service.handle("subscribe", _sub("a1", p, f"s-{p}"), Delivery(f"m-{p}"))
+            subs = await _q(service, "SELECT id, current_period_end FROM subscriptions")
+            return await asyncio.gather(
+                *(
+                    service.handle(
+                        "renew",
+                        {"subscription_id": s["id"], "period_start": s["current_period_end"].isoformat(), "idempotency_key": f"r-{s['id']}"},
+                        Delivery(f"r-{s['id']}"),
+                    )
+                    for s in subs
+                )
+            )
+        finally:
+            await service.engine.dispose()
+
+    # 50 - 3 x 10 = 20 left: two of three renewals fit
+    results = asyncio.run(run())
+    assert sorted(r["outcome"] for r in results) == ["canceled_insufficient_funds", "renewed", "renewed"]
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 0}]
+
+
+TOP_UP_ACCOUNT = {
+    "account_id": "a1",
+    "balance_micros": 0,
+    "auto_top_up_threshold_micros": 1 * USD,
+    "auto_top_up_amount_micros": 10 * USD,
+    "payment_method_ref": "pm_card_visa",
+}
+
+
+@pytest.mark.parametrize("step", ["after_top_up_intent", "after_provider_charge", "before_commit", "after_commit"])
+def test_top_up_continues_from_each_phase_after_a_crash(setup, services, db, step):
+    setup(accounts=[TOP_UP_ACCOUNT])
+    kwargs = {"account_id": "a1", "idempotency_key": "t1", "reason": "test"}
+
+    async def run() -> dict[str, Any]:
+        crashing = _service(services, crashpoints={step: ""})
+        try:
+            with pytest.raises(SimulatedCrash):
+                await crashing.handle("auto_top_up", kwargs, Delivery("m1"))
+        finally:
+            await crashing.engine.dispose()
+        service = _service(services)
+        try:
+            return await service.handle("auto_top_up", kwargs, Delivery("m1", retries=0))
+        finally:
+            await service.engine.dispose()
+
+    result = asyncio.run(run())
+    assert result["outcome"] == "topped_up"
+    charges = db("SELECT status, amount_micros FROM fake_provider_charges")
+    assert charges == [{"status": "succeeded", "amount_micros": 10 * USD}]  # the card charged once
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'top_up'") == [{"n": 1}]  # credited once
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10 * USD}]
+    assert db("SELECT status, recovery_point FROM top_up_attempts") == [{"status": "succeeded", "recovery_point": "finished"}]
+
+
+def test_crash_before_commit_applies_nothing_and_the_redelivery_applies_once(setup, services, db):
+    setup(accounts=[{"account_id": "a1", "balance_micros": 30 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+
+    async def run() -> dict[str, Any]:
+        crashing = _service(services, crashpoints={"before_commit": ""})
+        try:
+            with pytest.raises(SimulatedCrash):
+                await crashing.handle("subscribe", _sub("a1", "pro", "k1"), Delivery("m1"))
+        finally:
+            await crashing.engine.dispose()
+        service = _service(services)
+        assert await _q(service, "SELECT count(*) AS n FROM subscriptions") == [{"n": 0}]
+        try:
+            return await service.handle("subscribe", _sub("a1", "pro", "k1"), Delivery("m1"))
+        finally:
+            await service.engine.dispose()
+
+    assert asyncio.run(run())["outcome"] == "subscribed"
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10 * USD}]
+    assert db("SELECT attempts FROM idempotency_keys") == [{"attempts": 2}]
+
+
+def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, services, db, broker):
+    """A renew that cancels writes its revoke_key to the outbox; the worker dies before relaying it."""
+    setup(accounts=[{"account_id": "a1", "balance_micros": 20 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+
+    async def run() -> int:
+        service = _service(services)
+        try:
+            await service.handle("subscribe", _sub("a1", "pro", "k1"), Delivery("m1"))
+            sub = (await _q(service, "SELECT id, current_period_end FROM subscriptions"))[0]
+        finally:
+            await service.engine.dispose()
+        crashing = _service(services, broker=broker, crashpoints={"after_commit": ""})
+        renew = {"subscription_id": sub["id"], "period_start": sub["current_period_end"].isoformat(), "idempotency_key": "r1"}
+        try:
+            with pytest.raises(SimulatedCrash):
+                await crashing.handle("renew", renew, Delivery("m2"))
+        finally:
+            await crashing.engine.dispose()
+        sweeper = _service(services, broker=broker)
+        try:
+            assert [r["actor_name"] for r in await _q(sweeper, "SELECT actor_name FROM outbox")] == ["revoke_key"]
+            return await sweeper.sweep_outbox(older_than_s=0)
+        finally:
+            await sweeper.engine.dispose()
+
+    assert asyncio.run(run()) == 1
+    assert db("SELECT * FROM outbox") == []
+    queued = broker.client.hvals("dramatiq:billing.msgs")
+    assert [json.loads(m)["actor_name"] for m in queued] == ["revoke_key"]
