@@ -1,0 +1,72 @@
+"""The ``billing`` console script, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+
+def billing(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_account_and_plan_creation_then_show_json(services, db):
+    assert billing("plan", "create", "pro", "--price-micros", "20000000", "--currency", "USD", "--interval", "month").returncode == 0
+    created = billing(
+        "account", "create", "acct-1", "--currency", "USD", "--balance-micros", "30000000",
+        "--auto-top-up-threshold-micros", "5000000", "--auto-top-up-amount-micros", "20000000", "--payment-method", "pm_card_visa",
+    )
+    assert created.returncode == 0, created.stderr
+    shown = billing("account", "show", "acct-1", "--json")
+    snapshot = json.loads(shown.stdout)
+    assert snapshot["account"]["balance_micros"] == 30_000_000
+    assert snapshot["account"]["auto_top_up_enabled"] is True
+    assert snapshot["ledger"][0]["kind"] == "adjustment"
+    assert "payment_method_ref" not in snapshot["account"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("account", "create", "a", "--currency", "usd"),
+        ("account", "create", "a", "--currency", "USD", "--balance-micros", "-1"),
+        ("account", "create", "a", "--currency", "USD", "--balance-micros", "1.5"),
+        ("account", "create", "a", "--currency", "USD", "--auto-top-up-amount-micros", "5"),
+        ("account", "create", "a b", "--currency", "USD"),
+        ("plan", "create", "p", "--price-micros", "0", "--currency", "USD", "--interval", "month"),
+        ("plan", "create", "p", "--price-micros", "10", "--currency", "USD", "--interval", "week"),
+        ("publish", "auto-top-up", "--account-id", "a", "--idempotency-key", "k", "--amount-micros", "-3"),
+        ("publish", "renew", "--subscription-id", "s", "--period-start", "tomorrow"),
+        ("publish", "revoke-key", "--reason", "r", "--idempotency-key", "k"),
+        ("no-such-command",),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr_exit_2_and_writes_nothing(services, db, args):
+    result = billing(*args)
+    assert result.returncode == 2, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("billing: error: "), result.stderr
+    assert db("SELECT count(*) AS n FROM accounts") == [{"n": 0}]
+    assert db("SELECT count(*) AS n FROM plans") == [{"n": 0}]
+
+
+def test_publish_from_the_shell_reaches_a_worker(services, db, setup, drain, broker):
+    setup(accounts=[{"account_id": "a1", "balance_micros": 30_000_000}], plans=[{"plan_id": "pro", "price_micros": 20_000_000}])
+    out = billing("publish", "subscribe", "--account-id", "a1", "--plan-id", "pro", "--idempotency-key", "cli-1")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["idempotency_key"] == "cli-1"
+    drain()
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10_000_000}]
