@@ -29,6 +29,12 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import redis
+from hypothesis import HealthCheck, settings
+
+# deterministic property tests (fixed seed), no wall-clock deadline: the
+# suite shares two cores with PostgreSQL, Redis and worker processes
+settings.register_profile("billing", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("billing")
 
 ROOT = Path(__file__).resolve().parent.parent
 

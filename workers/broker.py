@@ -38,13 +38,14 @@ class BillingRedisBroker(RedisBroker):
         super().__init__(**kwargs)
         self.maintenance_interval_ms = maintenance_interval_ms
         self._last_maintenance = 0.0
+        self._random = random.Random()
 
     def _should_do_maintenance(self, command: str) -> int:
         if command in ("ack", "nack"):
             return 0
         now = time.monotonic()
         due = (now - self._last_maintenance) * 1000 >= self.maintenance_interval_ms
-        if due or random.randint(1, MAINTENANCE_SCALE) <= self.maintenance_chance:
+        if due or self._random.randint(1, MAINTENANCE_SCALE) <= self.maintenance_chance:
             self._last_maintenance = now
             return 1
         return 0
