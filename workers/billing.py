@@ -259,10 +259,16 @@ class BillingService:
         A crash between the two sends them again later (the sweeper), with the
         same message id and idempotency key: harmless.
         """
+        await self._enqueue(messages)
+        async with translate_errors(), self.autocommit.connect() as conn:
+            await money.delete_outbox(conn, [m.message_id for m in messages])
+
+    async def _enqueue(self, messages: list[OutboxMessage]) -> None:
+        """Enqueue outbox messages on the broker (off the event loop), keeping their message ids."""
         assert self.broker is not None
         broker = self.broker
 
-        def _enqueue() -> None:
+        def enqueue_all() -> None:
             for m in messages:
                 broker.enqueue(
                     dramatiq.Message(
@@ -275,32 +281,14 @@ class BillingService:
                     )
                 )
 
-        await asyncio.to_thread(_enqueue)
-        async with translate_errors(), self.autocommit.connect() as conn:
-            await money.delete_outbox(conn, [m.message_id for m in messages])
+        await asyncio.to_thread(enqueue_all)
 
     async def sweep_outbox(self, *, older_than_s: float, limit: int = 500) -> int:
         """Relay outbox messages a dead worker left behind. Returns how many were relayed."""
-        assert self.broker is not None
-        broker = self.broker
         async with transaction(self.engine) as conn:
             stale = await money.claim_stale_outbox(conn, older_than_s=older_than_s, limit=limit)
             if stale:
-                await asyncio.to_thread(
-                    lambda: [
-                        broker.enqueue(
-                            dramatiq.Message(
-                                queue_name=m.queue_name,
-                                actor_name=m.actor_name,
-                                args=(),
-                                kwargs=m.kwargs,
-                                options={},
-                                message_id=m.message_id,
-                            )
-                        )
-                        for m in stale
-                    ]
-                )
+                await self._enqueue(stale)
                 await money.delete_outbox(conn, [m.message_id for m in stale])
         return len(stale)
 
