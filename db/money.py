@@ -476,7 +476,11 @@ async def _trigger_top_up(
             # not configured) or failed for good: nothing to wait for
             return False, []
         if key_row is None:
-            outbox.append(OutboxMessage.of(AutoTopUpMessage(account_id=account["id"], idempotency_key=key, reason=reason)))
+            # one fixed reason per slot: every trigger of the slot must be the
+            # same request, or the second would be an idempotency conflict
+            outbox.append(
+                OutboxMessage.of(AutoTopUpMessage(account_id=account["id"], idempotency_key=key, reason="low_balance"))
+            )
     if waiting is not None:
         await conn.execute(
             _REGISTER_WAIT,
