@@ -39,7 +39,9 @@ def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5, echo: b
         asyncpg_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
+        # no pool_pre_ping: it costs a round trip per checkout, i.e. per
+        # message; a dead connection fails the statement instead, which is a
+        # transient error (retried) and SQLAlchemy invalidates the connection
         pool_recycle=1800,
         echo=echo,
     )

@@ -248,10 +248,18 @@ class BillingService:
     # ------------------------------------------------------------------ after commit
 
     async def _after_commit(self, effect: Effect) -> None:
+        """Deliver a new key and relay the outbox; the effect is committed, so nothing here fails the message.
+
+        A relay that fails leaves its rows in the outbox, where the sweeper of
+        any worker picks them up (``outbox_sweep_after_ms``).
+        """
         if effect.issued_key is not None:
             await self._deliver_key(effect.issued_key)
         if effect.outbox and self.broker is not None:
-            await self.relay(effect.outbox)
+            try:
+                await self.relay(effect.outbox)
+            except Exception as exc:  # noqa: BLE001 - committed; the sweeper relays it
+                log.warning("outbox_relay_deferred", error=type(exc).__name__, messages=len(effect.outbox))
 
     async def relay(self, messages: list[OutboxMessage]) -> None:
         """Enqueue committed outbox messages on Redis, then delete them from the outbox.
