@@ -6,8 +6,8 @@ import random
 import time
 from typing import Any
 
-import dramatiq
-from dramatiq.brokers.redis import MAINTENANCE_SCALE, RedisBroker
+from dramatiq.brokers.redis import MAINTENANCE_COMMAND_BLACKLIST, MAINTENANCE_SCALE, RedisBroker
+from dramatiq.common import current_millis
 from dramatiq.middleware import AsyncIO, CurrentMessage
 
 from tasks.errors import ConfigurationError
@@ -20,35 +20,63 @@ REDIS_URL_ENV = "BILLING_REDIS_URL"
 
 
 class BillingRedisBroker(RedisBroker):
-    """Dramatiq's RedisBroker whose maintenance also runs on a timer.
+    """Dramatiq's RedisBroker whose maintenance also runs on a timer, per queue.
 
     Stock Dramatiq requeues a dead worker's messages only on a maintenance
-    pass drawn at random on 0.1% of commands; on a quiet queue that can take
-    hours.  This broker also runs maintenance when ``maintenance_interval_ms``
-    has passed since this process last did, so a message held by a dead
-    worker comes back within ``heartbeat_timeout + maintenance_interval``.
+    pass drawn at random on 0.1% of commands, and a pass only requeues the
+    messages of the queue whose command carried it; on a quiet queue that
+    can take hours.  This broker also runs maintenance on a queue's command
+    when ``maintenance_interval_ms`` has passed since this process last did
+    for that queue.  Every worker polls each of its queues (and their delay
+    queues) at least once a second when idle, so a message held by a dead
+    worker comes back within ``heartbeat_timeout + maintenance_interval``
+    (plus one poll).
 
     Parameters:
       maintenance_interval_ms: Longest gap between two maintenance passes of
-        one process, in milliseconds.
+        one process on one queue, in milliseconds.
       **kwargs: Passed to :class:`dramatiq.brokers.redis.RedisBroker`.
     """
 
     def __init__(self, *, maintenance_interval_ms: int = 5_000, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.maintenance_interval_ms = maintenance_interval_ms
-        self._last_maintenance = 0.0
+        self._last_maintenance: dict[str, float] = {}
         self._random = random.Random()
 
-    def _should_do_maintenance(self, command: str) -> int:
-        if command in ("ack", "nack"):
+    def _maintenance_due(self, command: str, queue_name: str) -> int:
+        if command in MAINTENANCE_COMMAND_BLACKLIST:
             return 0
         now = time.monotonic()
-        due = (now - self._last_maintenance) * 1000 >= self.maintenance_interval_ms
+        due = (now - self._last_maintenance.get(queue_name, 0.0)) * 1000 >= self.maintenance_interval_ms
         if due or self._random.randint(1, MAINTENANCE_SCALE) <= self.maintenance_chance:
-            self._last_maintenance = now
+            self._last_maintenance[queue_name] = now
             return 1
         return 0
+
+    def _dispatch(self, command: str) -> Any:
+        # RedisBroker._dispatch with the maintenance flag decided per queue
+        # (its own _should_do_maintenance does not see the queue name).
+        dispatch = self.scripts["dispatch"]
+        keys = [self.namespace]
+
+        def do_dispatch(queue_name: str, *args: Any) -> Any:
+            return dispatch(
+                args=[
+                    command,
+                    current_millis(),
+                    queue_name,
+                    self.broker_id,
+                    self.heartbeat_timeout,
+                    self.dead_message_ttl,
+                    self._maintenance_due(command, queue_name),
+                    self._max_unpack_size(),
+                    *args,
+                ],
+                keys=keys,
+            )
+
+        return do_dispatch
 
 
 def make_broker(settings: Settings, *, url: str | None = None, client: Any = None) -> BillingRedisBroker:
@@ -78,7 +106,3 @@ def make_broker(settings: Settings, *, url: str | None = None, client: Any = Non
     broker.add_middleware(CurrentMessage())
     return broker
 
-
-def set_default_broker(broker: dramatiq.Broker) -> None:
-    """Make ``broker`` the global Dramatiq broker (actors declared later bind to it)."""
-    dramatiq.set_broker(broker)

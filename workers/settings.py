@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     dead worker's messages back only when its heartbeat is older than
     ``heartbeat_timeout_ms`` *and* a maintenance pass runs.  Stock Dramatiq
     runs maintenance on 0.1% of commands at random, which on a quiet queue
-    can take hours; we also run it at least every ``maintenance_interval_ms``
+    can take hours; we also run it on each queue at least every ``maintenance_interval_ms``
     per process, so with the defaults a dead worker's messages are delivered
     again within about 35 seconds.
     """
@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     #: messages are requeued (Dramatiq's default is 60 s; 30 s keeps
     #: redelivery within SPEC's minute with margin).
     heartbeat_timeout_ms: int = Field(30_000, ge=1_000)
-    #: Run broker maintenance (requeue dead workers' messages) at least this
+    #: Run broker maintenance (requeue dead workers' messages) on each queue at least this
     #: often per process.
     maintenance_interval_ms: int = Field(5_000, ge=100)
     #: Dramatiq's random maintenance chance, per million commands (stock: 1000).
