@@ -253,6 +253,7 @@ async def lock_key(conn: AsyncConnection, key: str) -> RowMapping | None:
 _COMPLETE_KEY = _sql(
     """
     UPDATE idempotency_keys SET status = :status, result = :result, last_error = NULL, updated_at = :now,
+        account_id = COALESCE(account_id, :account_id),
         completed_at = CASE WHEN :status = 'completed' THEN CAST(:now AS timestamptz) ELSE NULL END
     WHERE key = :key
     """,
@@ -261,8 +262,21 @@ _COMPLETE_KEY = _sql(
 
 
 async def complete_key(conn: AsyncConnection, key: str, effect: Effect, now: datetime) -> None:
-    """Store the effect's outcome with its key, in the effect's transaction."""
-    await conn.execute(_COMPLETE_KEY, {"key": key, "status": effect.key_status, "result": effect.stored_result(), "now": now})
+    """Store the effect's outcome with its key, in the effect's transaction.
+
+    The key row learns its account from the effect when the message did not
+    name it (``renew``, ``revoke_key``), so operators can find it by account.
+    """
+    await conn.execute(
+        _COMPLETE_KEY,
+        {
+            "key": key,
+            "status": effect.key_status,
+            "result": effect.stored_result(),
+            "account_id": effect.result.get("account_id"),
+            "now": now,
+        },
+    )
 
 
 _FAIL_KEY = text(
@@ -697,7 +711,7 @@ async def apply_renew(conn: AsyncConnection, message: RenewMessage, now: datetim
     sub = await _one(conn, _LOCK_SUBSCRIPTION, subscription_id=message.subscription_id)
     assert sub is not None
     period_start = message.period_start
-    base = {"subscription_id": sub["id"], "period_start": period_start.isoformat()}
+    base = {"subscription_id": sub["id"], "account_id": account["id"], "period_start": period_start.isoformat()}
     if sub["status"] == "canceled":
         return Effect("already_canceled", base)
     if period_start < sub["current_period_end"]:
@@ -795,7 +809,7 @@ async def apply_revoke_key(conn: AsyncConnection, message: RevokeKeyMessage, now
             )
         ).all()
     key_ids = sorted(r[0] for r in rows)
-    return Effect("revoked" if key_ids else "already_revoked", {"key_ids": key_ids})
+    return Effect("revoked" if key_ids else "already_revoked", {"account_id": owner["account_id"], "key_ids": key_ids})
 
 
 # --------------------------------------------------------------------------- auto_top_up (recovery points)

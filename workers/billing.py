@@ -198,6 +198,8 @@ class BillingService:
             await money.complete_key(conn, key, effect, now)
             self._crash("before_commit", key)
         self._crash("after_commit", key)
+        if "account_id" in effect.result:  # renew and revoke_key learn it from the database
+            structlog.contextvars.bind_contextvars(account_id=effect.result["account_id"])
         await self._after_commit(effect)
         return effect.stored_result()
 

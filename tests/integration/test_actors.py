@@ -168,6 +168,8 @@ def test_renew_charges_each_period_once_whatever_the_key(setup, producer, drain,
         json.loads(r["result"])["outcome"] for r in db("SELECT result FROM idempotency_keys WHERE kind = 'renew'")
     )
     assert outcomes == ["already_paid", "already_paid", "renewed"]
+    # the key rows learn the account the message did not name
+    assert db("SELECT DISTINCT account_id FROM idempotency_keys WHERE kind = 'renew'") == [{"account_id": "a1"}]
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 1}]
     assert _balance(db, "a1") == 60 * USD
     after = db("SELECT current_period_start, current_period_end FROM subscriptions")[0]
