@@ -479,11 +479,16 @@ def demo(accounts: int, messages: int, processes: int, threads: int, seed: int, 
 
 @app.command("audit")
 @click.option("--json", "as_json", is_flag=True)
-def audit(as_json: bool) -> None:
-    """Check SPEC's invariants (read-only); exit 1 with the violations."""
+@click.option(
+    "--drained",
+    is_flag=True,
+    help="Also run the checks that hold only with no work in flight (queues and outbox empty).",
+)
+def audit(as_json: bool, drained: bool) -> None:
+    """Check SPEC's invariants (read-only, safe on a live system); exit 1 with the violations."""
     from db.audit import run_audit
 
-    report = _run_db(lambda engine: run_audit(engine))
+    report = _run_db(lambda engine: run_audit(engine, quiescent=drained))
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "violations": report.violations}, indent=2, default=str))
     else:

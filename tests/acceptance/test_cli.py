@@ -70,3 +70,31 @@ def test_publish_from_the_shell_reaches_a_worker(services, db, setup, drain, bro
     assert json.loads(out.stdout)["idempotency_key"] == "cli-1"
     drain()
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10_000_000}]
+
+
+def test_audit_passes_on_a_consistent_database_and_names_each_violation(services, db, setup):
+    setup(accounts=[{"account_id": "a1", "balance_micros": 30_000_000}], plans=[{"plan_id": "pro", "price_micros": 20_000_000}])
+    clean = billing("audit", "--json", "--drained")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert json.loads(clean.stdout)["ok"] is True
+    # a balance written behind the ledger's back
+    db("ALTER TABLE accounts DROP CONSTRAINT accounts_balance_non_negative")
+    try:
+        db("UPDATE accounts SET balance_micros = -1 WHERE id = 'a1'")
+        broken = billing("audit", "--json")
+        assert broken.returncode == 1
+        violations = json.loads(broken.stdout)["violations"]
+        assert violations["ledger_equals_balance"] == [{"account_id": "a1", "balance_micros": -1, "ledger_sum": 30_000_000}]
+        assert violations["no_negative_balance"] == [{"account_id": "a1", "balance_micros": -1}]
+    finally:
+        db("UPDATE accounts SET balance_micros = 30000000 WHERE id = 'a1'")
+        db("ALTER TABLE accounts ADD CONSTRAINT accounts_balance_non_negative CHECK (balance_micros >= 0)")
+
+
+def test_audit_drained_flags_work_still_in_flight(services, db, setup):
+    setup(accounts=[{"account_id": "a1", "balance_micros": 0}])
+    db("INSERT INTO outbox (message_id, queue_name, actor_name, kwargs) VALUES ('m1', 'billing', 'revoke_key', '{}')")
+    assert billing("audit").returncode == 0  # live: a queued follow-up is normal
+    drained = billing("audit", "--json", "--drained")
+    assert drained.returncode == 1
+    assert json.loads(drained.stdout)["violations"]["outbox_relayed"] == [{"message_id": "m1", "actor_name": "revoke_key"}]
