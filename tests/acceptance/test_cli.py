@@ -93,8 +93,10 @@ def test_audit_passes_on_a_consistent_database_and_names_each_violation(services
 
 def test_audit_drained_flags_work_still_in_flight(services, db, setup):
     setup(accounts=[{"account_id": "a1", "balance_micros": 0}])
-    db("INSERT INTO outbox (message_id, queue_name, actor_name, kwargs) VALUES ('m1', 'billing', 'revoke_key', '{}')")
-    assert billing("audit").returncode == 0  # live: a queued follow-up is normal
+    # a message being processed right now (its key claimed, its effect not committed)
+    db("INSERT INTO idempotency_keys (key, kind, fingerprint, status) VALUES ('k1', 'subscribe', 'f', 'processing')")
+    assert billing("audit").returncode == 0  # live: work in flight is normal
     drained = billing("audit", "--json", "--drained")
     assert drained.returncode == 1
-    assert json.loads(drained.stdout)["violations"]["outbox_relayed"] == [{"message_id": "m1", "actor_name": "revoke_key"}]
+    violations = json.loads(drained.stdout)["violations"]
+    assert violations["no_unfinished_keys"] == [{"key": "k1", "kind": "subscribe", "status": "processing"}]
