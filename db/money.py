@@ -21,7 +21,6 @@ CHECK constraint is the last line of defence, not the mechanism.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -41,7 +40,6 @@ from tasks.errors import (
     UnknownSubscription,
 )
 from tasks.messages import (
-    PAYMENTS_QUEUE,
     AutoTopUpMessage,
     BillingMessage,
     RenewMessage,
@@ -60,7 +58,7 @@ __all__ = [
     "TopUpIntent",
     "claim_key",
     "lock_key",
-    "complete_key",
+    "record_effect",
     "fail_key",
     "record_failure",
     "apply_subscribe",
@@ -152,7 +150,6 @@ class ClaimedKey:
     """State of an idempotency key after a delivery claimed it."""
 
     status: str
-    fingerprint: str
     result: dict[str, Any] | None
     attempts: int
     conflict: bool
@@ -233,7 +230,6 @@ async def claim_key(
     assert row is not None
     return ClaimedKey(
         status=row["status"],
-        fingerprint=row["fingerprint"],
         result=row["result"],
         attempts=row["attempts"],
         conflict=row["fingerprint"] != fingerprint,
@@ -245,9 +241,17 @@ _LOCK_KEY = _sql(
 )
 
 
-async def lock_key(conn: AsyncConnection, key: str) -> RowMapping | None:
-    """Lock the key row for this transaction; serializes concurrent deliveries of one key."""
-    return await _one(conn, _LOCK_KEY, key=key)
+async def lock_key(conn: AsyncConnection, key: str) -> dict[str, Any] | None:
+    """Lock the key row for this transaction (serializes concurrent deliveries of one key).
+
+    Returns:
+      The stored outcome, marked ``duplicate``, when another delivery completed
+      the key meanwhile; None when this transaction is to apply the effect.
+    """
+    row = await _one(conn, _LOCK_KEY, key=key)
+    if row is not None and row["status"] == "completed":
+        return {**(row["result"] or {}), "duplicate": True}
+    return None
 
 
 _COMPLETE_KEY = _sql(
@@ -261,12 +265,16 @@ _COMPLETE_KEY = _sql(
 )
 
 
-async def complete_key(conn: AsyncConnection, key: str, effect: Effect, now: datetime) -> None:
-    """Store the effect's outcome with its key, in the effect's transaction.
+async def record_effect(conn: AsyncConnection, key: str, effect: Effect, now: datetime) -> None:
+    """Write the effect's follow-up messages to the outbox and store its outcome with its key.
+
+    Both in the effect's transaction: a follow-up is never sent for an
+    effect that did not commit, nor lost for one that did.
 
     The key row learns its account from the effect when the message did not
     name it (``renew``, ``revoke_key``), so operators can find it by account.
     """
+    await insert_outbox(conn, effect.outbox)
     await conn.execute(
         _COMPLETE_KEY,
         {
@@ -353,7 +361,7 @@ _LOCK_ACCOUNT = text(
 async def _lock_account(conn: AsyncConnection, account_id: str) -> RowMapping:
     account = await _one(conn, _LOCK_ACCOUNT, account_id=account_id)
     if account is None:
-        raise UnknownAccount(f"unknown account {account_id!r}", account_id=account_id)
+        raise UnknownAccount(f"unknown account {account_id!r}")
     return account
 
 
@@ -556,7 +564,7 @@ async def apply_subscribe(
     account = await _lock_account(conn, message.account_id)
     plan = await _one(conn, _PLAN, plan_id=message.plan_id)
     if plan is None:
-        raise UnknownPlan(f"unknown plan {message.plan_id!r}", plan_id=message.plan_id)
+        raise UnknownPlan(f"unknown plan {message.plan_id!r}")
     if plan["currency"] != account["currency"]:
         raise CurrencyMismatch(
             f"plan {plan['id']!r} is priced in {plan['currency']} but account {account['id']!r} is in {account['currency']}"
@@ -1128,7 +1136,3 @@ async def claim_stale_outbox(conn: AsyncConnection, *, older_than_s: float, limi
     rows = (await conn.execute(_STALE_OUTBOX, {"older_than_s": older_than_s, "limit": limit})).mappings().all()
     return [OutboxMessage(r["queue_name"], r["actor_name"], r["kwargs"], r["message_id"]) for r in rows]
 
-
-def dumps(value: Any) -> str:
-    """Compact JSON (used for logs and results)."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=True, default=str)

@@ -36,9 +36,8 @@ __all__ = [
 class BillingError(Exception):
     """A billing operation failed."""
 
-    def __init__(self, message: str | None = None, **context: object) -> None:
+    def __init__(self, message: str | None = None) -> None:
         self.message = message or (self.__doc__ or type(self).__name__).strip().splitlines()[0]
-        self.context = context
         super().__init__(self.message)
 
     @property

@@ -181,9 +181,8 @@ class BillingService:
     async def _apply(self, message: BillingMessage) -> dict[str, Any]:
         key = message.idempotency_key
         async with transaction(self.engine) as conn:
-            row = await money.lock_key(conn, key)
-            if row is not None and row["status"] == "completed":
-                return {**(row["result"] or {}), "duplicate": True}
+            if (stored := await money.lock_key(conn, key)) is not None:
+                return stored
             now = self.clock.now()
             effect: Effect
             if isinstance(message, SubscribeMessage):
@@ -194,8 +193,7 @@ class BillingService:
                 effect = await money.apply_revoke_key(conn, message, now)
             else:  # pragma: no cover - validate_message knows only four models
                 raise MessageValidationError(f"no effect for {message.actor_name}")
-            await money.insert_outbox(conn, effect.outbox)
-            await money.complete_key(conn, key, effect, now)
+            await money.record_effect(conn, key, effect, now)
             self._crash("before_commit", key)
         self._crash("after_commit", key)
         if "account_id" in effect.result:  # renew and revoke_key learn it from the database
@@ -207,14 +205,12 @@ class BillingService:
         key = message.idempotency_key
         # phase 1: record the attempt and the provider's idempotency key
         async with transaction(self.engine) as conn:
-            row = await money.lock_key(conn, key)
-            if row is not None and row["status"] == "completed":
-                return {**(row["result"] or {}), "duplicate": True}
+            if (stored := await money.lock_key(conn, key)) is not None:
+                return stored
             now = self.clock.now()
             begun = await money.begin_top_up(conn, message, now, self.policy)
             if isinstance(begun, Effect):
-                await money.insert_outbox(conn, begun.outbox)
-                await money.complete_key(conn, key, begun, now)
+                await money.record_effect(conn, key, begun, now)
         if isinstance(begun, Effect):
             await self._after_commit(begun)
             return begun.stored_result()
@@ -233,15 +229,13 @@ class BillingService:
         self._crash("after_provider_charge", key)
         # phase 3: record the result, credit the ledger, resume waiting work
         async with transaction(self.engine) as conn:
-            row = await money.lock_key(conn, key)
-            if row is not None and row["status"] == "completed":
-                return {**(row["result"] or {}), "duplicate": True}
+            if (stored := await money.lock_key(conn, key)) is not None:
+                return stored
             now = self.clock.now()
             effect = await money.finish_top_up(
                 conn, intent, succeeded=succeeded, charge_id=charge_id, decline_reason=decline, now=now
             )
-            await money.insert_outbox(conn, effect.outbox)
-            await money.complete_key(conn, key, effect, now)
+            await money.record_effect(conn, key, effect, now)
             self._crash("before_commit", key)
         self._crash("after_commit", key)
         await self._after_commit(effect)

@@ -8,7 +8,6 @@ the worker process exit (status 86) at the exact step, as a SIGKILL would.
 
 from __future__ import annotations
 
-import json
 import time
 
 import dramatiq
