@@ -115,7 +115,9 @@ async def run_audit(engine: AsyncEngine, *, quiescent: bool = False, limit: int 
         async with conn.begin():
             await conn.execute(text("SET TRANSACTION READ ONLY"))
             for name, (description, sql) in checks.items():
-                rows = (await conn.execute(text(f"SELECT * FROM ({sql}) v LIMIT {int(limit)}"))).mappings().all()
+                rows = (
+                    (await conn.execute(text(f"SELECT * FROM ({sql}) v LIMIT {int(limit)}"))).mappings().all()
+                )
                 report.violations[name] = [{k: _plain(v) for k, v in r.items()} for r in rows]
                 report.descriptions[name] = description
     return report

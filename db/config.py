@@ -21,9 +21,7 @@ _ACCEPTED_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg"}
 def _check(url: str) -> str:
     scheme = urlsplit(url).scheme
     if scheme not in _ACCEPTED_SCHEMES:
-        raise ConfigurationError(
-            f"{DATABASE_URL_ENV} must be a postgresql:// URL (got scheme {scheme!r})"
-        )
+        raise ConfigurationError(f"{DATABASE_URL_ENV} must be a postgresql:// URL (got scheme {scheme!r})")
     return url
 
 

@@ -225,7 +225,13 @@ async def claim_key(
       ClaimedKey: ``conflict`` is true when the key was used with other arguments.
     """
     row = await _one(
-        conn, _CLAIM_KEY, key=key, kind=kind, fingerprint=fingerprint, account_id=account_id, message_id=message_id
+        conn,
+        _CLAIM_KEY,
+        key=key,
+        kind=kind,
+        fingerprint=fingerprint,
+        account_id=account_id,
+        message_id=message_id,
     )
     assert row is not None
     return ClaimedKey(
@@ -298,7 +304,9 @@ _FAIL_KEY = text(
 
 async def fail_key(conn: AsyncConnection, key: str, fingerprint: str, status: str, error: str) -> None:
     """Mark a key ``failed`` (permanent error; a new delivery re-runs it) or ``dead`` (poison)."""
-    await conn.execute(_FAIL_KEY, {"key": key, "fingerprint": fingerprint, "status": status, "error": error[:2000]})
+    await conn.execute(
+        _FAIL_KEY, {"key": key, "fingerprint": fingerprint, "status": status, "error": error[:2000]}
+    )
 
 
 _RECORD_FAILURE = _sql(
@@ -501,7 +509,9 @@ async def _trigger_top_up(
             # one fixed reason per slot: every trigger of the slot must be the
             # same request, or the second would be an idempotency conflict
             outbox.append(
-                OutboxMessage.of(AutoTopUpMessage(account_id=account["id"], idempotency_key=key, reason="low_balance"))
+                OutboxMessage.of(
+                    AutoTopUpMessage(account_id=account["id"], idempotency_key=key, reason="low_balance")
+                )
             )
     if waiting is not None:
         await conn.execute(
@@ -579,9 +589,13 @@ async def apply_subscribe(
             conn, account, now, policy, reason=f"subscribe:{plan['id']}", waiting=message
         )
         if waiting:
-            return Effect("awaiting_top_up", {"price_micros": price}, key_status="waiting_for_funds", outbox=outbox)
+            return Effect(
+                "awaiting_top_up", {"price_micros": price}, key_status="waiting_for_funds", outbox=outbox
+            )
         return Effect(
-            "insufficient_funds", {"price_micros": price, "balance_micros": int(account["balance_micros"])}, outbox=outbox
+            "insufficient_funds",
+            {"price_micros": price, "balance_micros": int(account["balance_micros"])},
+            outbox=outbox,
         )
 
     anchor = now.replace(microsecond=0)
@@ -691,12 +705,16 @@ async def _cancel(
         now=now,
     )
     revoke = RevokeKeyMessage(
-        subscription_id=subscription["id"], reason=reason, idempotency_key=f"revoke:{subscription['id']}:canceled"
+        subscription_id=subscription["id"],
+        reason=reason,
+        idempotency_key=f"revoke:{subscription['id']}:canceled",
     )
     return [OutboxMessage.of(revoke)]
 
 
-async def apply_renew(conn: AsyncConnection, message: RenewMessage, now: datetime, policy: BillingPolicy) -> Effect:
+async def apply_renew(
+    conn: AsyncConnection, message: RenewMessage, now: datetime, policy: BillingPolicy
+) -> Effect:
     """Charge the period that starts at ``message.period_start`` and advance the subscription.
 
     A period is charged at most once whatever the key: the subscription row
@@ -719,7 +737,11 @@ async def apply_renew(conn: AsyncConnection, message: RenewMessage, now: datetim
     sub = await _one(conn, _LOCK_SUBSCRIPTION, subscription_id=message.subscription_id)
     assert sub is not None
     period_start = message.period_start
-    base = {"subscription_id": sub["id"], "account_id": account["id"], "period_start": period_start.isoformat()}
+    base = {
+        "subscription_id": sub["id"],
+        "account_id": account["id"],
+        "period_start": period_start.isoformat(),
+    }
     if sub["status"] == "canceled":
         return Effect("already_canceled", base)
     if period_start < sub["current_period_end"]:
@@ -735,7 +757,12 @@ async def apply_renew(conn: AsyncConnection, message: RenewMessage, now: datetim
             conn, account, now, policy, reason=f"renew:{sub['id']}", waiting=message
         )
         if waiting:
-            return Effect("awaiting_top_up", {**base, "price_micros": price}, key_status="waiting_for_funds", outbox=outbox)
+            return Effect(
+                "awaiting_top_up",
+                {**base, "price_micros": price},
+                key_status="waiting_for_funds",
+                outbox=outbox,
+            )
         outbox += await _cancel(conn, sub, now, "insufficient_funds")
         return Effect(
             "canceled_insufficient_funds",
@@ -755,7 +782,9 @@ async def apply_renew(conn: AsyncConnection, message: RenewMessage, now: datetim
         idempotency_key=f"renewal:{sub['id']}:{start.isoformat()}",
         now=now,
     )
-    await conn.execute(_ADVANCE_PERIOD, {"id": sub["id"], "index": index, "start": start, "end": end, "now": now})
+    await conn.execute(
+        _ADVANCE_PERIOD, {"id": sub["id"], "index": index, "start": start, "end": end, "now": now}
+    )
     await _project_entitlement(
         conn,
         account_id=account["id"],
@@ -805,7 +834,9 @@ async def apply_revoke_key(conn: AsyncConnection, message: RevokeKeyMessage, now
         if owner is None:
             raise UnknownApiKey(f"unknown API key {message.key_id!r}")
         await _lock_account(conn, owner["account_id"])
-        rows = (await conn.execute(_REVOKE_ONE, {"key_id": message.key_id, "now": now, "reason": message.reason})).all()
+        rows = (
+            await conn.execute(_REVOKE_ONE, {"key_id": message.key_id, "now": now, "reason": message.reason})
+        ).all()
     else:
         owner = await _one(conn, _SUBSCRIPTION_ACCOUNT, subscription_id=message.subscription_id)
         if owner is None:
@@ -813,11 +844,14 @@ async def apply_revoke_key(conn: AsyncConnection, message: RevokeKeyMessage, now
         await _lock_account(conn, owner["account_id"])
         rows = (
             await conn.execute(
-                _REVOKE_MANAGED, {"subscription_id": message.subscription_id, "now": now, "reason": message.reason}
+                _REVOKE_MANAGED,
+                {"subscription_id": message.subscription_id, "now": now, "reason": message.reason},
             )
         ).all()
     key_ids = sorted(r[0] for r in rows)
-    return Effect("revoked" if key_ids else "already_revoked", {"account_id": owner["account_id"], "key_ids": key_ids})
+    return Effect(
+        "revoked" if key_ids else "already_revoked", {"account_id": owner["account_id"], "key_ids": key_ids}
+    )
 
 
 # --------------------------------------------------------------------------- auto_top_up (recovery points)
@@ -878,7 +912,9 @@ async def begin_top_up(
         return _intent(existing)
     account = await _lock_account(conn, message.account_id)
     if not account["auto_top_up_enabled"] or not account["payment_method_ref"]:
-        return Effect("not_configured", {"account_id": account["id"]}, outbox=await _resume_waiting(conn, account["id"]))
+        return Effect(
+            "not_configured", {"account_id": account["id"]}, outbox=await _resume_waiting(conn, account["id"])
+        )
     period = top_up_period(now)
     counts = await _one(conn, _PERIOD_TOP_UPS, account_id=account["id"], period=period)
     assert counts is not None
@@ -1106,7 +1142,12 @@ async def insert_outbox(conn: AsyncConnection, messages: list[OutboxMessage]) ->
     if not messages:
         return
     payload = [
-        {"message_id": m.message_id, "queue_name": m.queue_name, "actor_name": m.actor_name, "kwargs": m.kwargs}
+        {
+            "message_id": m.message_id,
+            "queue_name": m.queue_name,
+            "actor_name": m.actor_name,
+            "kwargs": m.kwargs,
+        }
         for m in messages
     ]
     await conn.execute(_INSERT_OUTBOX, {"messages": payload})
@@ -1131,8 +1172,11 @@ _STALE_OUTBOX = _sql(
 )
 
 
-async def claim_stale_outbox(conn: AsyncConnection, *, older_than_s: float, limit: int = 500) -> list[OutboxMessage]:
+async def claim_stale_outbox(
+    conn: AsyncConnection, *, older_than_s: float, limit: int = 500
+) -> list[OutboxMessage]:
     """Lock outbox messages left behind by a worker that died between commit and relay."""
-    rows = (await conn.execute(_STALE_OUTBOX, {"older_than_s": older_than_s, "limit": limit})).mappings().all()
+    rows = (
+        (await conn.execute(_STALE_OUTBOX, {"older_than_s": older_than_s, "limit": limit})).mappings().all()
+    )
     return [OutboxMessage(r["queue_name"], r["actor_name"], r["kwargs"], r["message_id"]) for r in rows]
-

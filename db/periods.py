@@ -23,7 +23,9 @@ def _offset(interval: str, count: int) -> relativedelta:
     raise ValueError(f"unknown interval {interval!r}")
 
 
-def period_bounds(anchor: datetime, interval: str, interval_count: int, index: int) -> tuple[datetime, datetime]:
+def period_bounds(
+    anchor: datetime, interval: str, interval_count: int, index: int
+) -> tuple[datetime, datetime]:
     """Start and end (UTC) of period ``index`` (0-based) of a subscription anchored at ``anchor``.
 
     Parameters:

@@ -47,18 +47,22 @@ async def account_snapshot(engine: AsyncEngine, account_id: str) -> dict[str, An
     """
     async with engine.connect() as conn:
         account = (
-            await conn.execute(
-                text(
-                    """
+            (
+                await conn.execute(
+                    text(
+                        """
                     SELECT id, currency, balance_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
                            auto_top_up_amount_micros, payment_method_ref IS NOT NULL AS has_payment_method,
                            auto_top_up_consecutive_declines, auto_top_up_disabled_reason, created_at, updated_at
                     FROM accounts WHERE id = :id
                     """
-                ),
-                {"id": account_id},
+                    ),
+                    {"id": account_id},
+                )
             )
-        ).mappings().one_or_none()
+            .mappings()
+            .one_or_none()
+        )
         if account is None:
             return None
         parts = {}

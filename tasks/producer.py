@@ -92,30 +92,51 @@ class Producer:
 
     def subscribe(self, *, account_id: str, plan_id: str, idempotency_key: str) -> str:
         """Publish ``subscribe``."""
-        return self.publish(SubscribeMessage(account_id=account_id, plan_id=plan_id, idempotency_key=idempotency_key))
+        return self.publish(
+            SubscribeMessage(account_id=account_id, plan_id=plan_id, idempotency_key=idempotency_key)
+        )
 
     def renew(self, *, subscription_id: str, period_start: datetime | str, idempotency_key: str) -> str:
         """Publish ``renew`` for the period starting at ``period_start`` (UTC)."""
         return self.publish(
             RenewMessage.model_validate(
-                {"subscription_id": subscription_id, "period_start": period_start, "idempotency_key": idempotency_key}
+                {
+                    "subscription_id": subscription_id,
+                    "period_start": period_start,
+                    "idempotency_key": idempotency_key,
+                }
             )
         )
 
     def auto_top_up(
-        self, *, account_id: str, idempotency_key: str, amount_micros: int | None = None, reason: str | None = None
+        self,
+        *,
+        account_id: str,
+        idempotency_key: str,
+        amount_micros: int | None = None,
+        reason: str | None = None,
     ) -> str:
         """Publish ``auto_top_up`` (``amount_micros`` defaults to the account's setting)."""
         return self.publish(
             AutoTopUpMessage(
-                account_id=account_id, idempotency_key=idempotency_key, amount_micros=amount_micros, reason=reason
+                account_id=account_id,
+                idempotency_key=idempotency_key,
+                amount_micros=amount_micros,
+                reason=reason,
             )
         )
 
     def revoke_key(
-        self, *, reason: str, idempotency_key: str, key_id: str | None = None, subscription_id: str | None = None
+        self,
+        *,
+        reason: str,
+        idempotency_key: str,
+        key_id: str | None = None,
+        subscription_id: str | None = None,
     ) -> str:
         """Publish ``revoke_key`` for one key or a subscription's managed keys."""
         return self.publish(
-            RevokeKeyMessage(key_id=key_id, subscription_id=subscription_id, reason=reason, idempotency_key=idempotency_key)
+            RevokeKeyMessage(
+                key_id=key_id, subscription_id=subscription_id, reason=reason, idempotency_key=idempotency_key
+            )
         )

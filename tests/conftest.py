@@ -33,7 +33,9 @@ from hypothesis import HealthCheck, settings
 
 # deterministic property tests (fixed seed), no wall-clock deadline: the
 # suite shares two cores with PostgreSQL, Redis and worker processes
-settings.register_profile("billing", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "billing", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile("billing")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,7 +85,9 @@ def services() -> Iterator[Services]:
             name = f"billing_test_{uuid.uuid4().hex[:10]}"
             asyncio.run(_admin(configured_db, f'CREATE DATABASE "{name}"'))
             db_url = _with_database(configured_db, name)
-            stack.callback(lambda: asyncio.run(_admin(configured_db, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
+            stack.callback(
+                lambda: asyncio.run(_admin(configured_db, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            )
         else:
             db_url = stack.enter_context(embedded_postgres())
         redis_url = configured_redis or stack.enter_context(inprocess_redis())
@@ -186,9 +190,13 @@ def setup(services: Services) -> Callable[..., Any]:
             try:
                 async with transaction(engine) as conn:
                     for p in plans:
-                        await money.create_plan(conn, **{"name": p["plan_id"], "interval": "month", "currency": "USD", **p})
+                        await money.create_plan(
+                            conn, **{"name": p["plan_id"], "interval": "month", "currency": "USD", **p}
+                        )
                     for a in accounts:
-                        await money.create_account(conn, **{"currency": "USD", "now": SystemClock().now(), **a})
+                        await money.create_account(
+                            conn, **{"currency": "USD", "now": SystemClock().now(), **a}
+                        )
             finally:
                 await engine.dispose()
 
@@ -209,7 +217,16 @@ class WorkerProcess:
 
     def __init__(self, env: dict[str, str], *, threads: int = 1) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", "1", "--threads", str(threads)],
+            [
+                sys.executable,
+                "-m",
+                "dramatiq",
+                "workers.actors",
+                "--processes",
+                "1",
+                "--threads",
+                str(threads),
+            ],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,

@@ -89,7 +89,9 @@ async def _run(actor_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     if args:
         payload: Any = {"args": list(args), "kwargs": kwargs}
         error = MessageValidationError("positional arguments are not accepted: send keyword arguments only")
-        await service._record_failure(actor_name, payload, None, delivery, error, attempts=delivery.retries + 1)
+        await service._record_failure(
+            actor_name, payload, None, delivery, error, attempts=delivery.retries + 1
+        )
         raise error
     return await service.handle(actor_name, kwargs, delivery)
 

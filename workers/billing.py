@@ -162,16 +162,22 @@ class BillingService:
             if not isinstance(exc, IdempotencyConflict):
                 status = "dead" if isinstance(exc, TooManyDeliveries) else "failed"
                 await self._mark_key(message, fingerprint, status, exc)
-            await self._record_failure(actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1)
+            await self._record_failure(
+                actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1
+            )
             log.warning("message_failed", error=exc.code, reason=exc.message)
             raise
         except Exception as exc:
             if delivery.retries >= delivery.max_retries:
                 await self._mark_key(message, fingerprint, "failed", exc)
-                await self._record_failure(actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1)
+                await self._record_failure(
+                    actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1
+                )
                 log.error("retries_exhausted", error=type(exc).__name__, reason=str(exc))
             else:
-                log.warning("transient_error", error=type(exc).__name__, reason=str(exc), retries=delivery.retries)
+                log.warning(
+                    "transient_error", error=type(exc).__name__, reason=str(exc), retries=delivery.retries
+                )
             raise
         log.info("message_processed", outcome=result.get("outcome"))
         return result
@@ -320,7 +326,9 @@ class BillingService:
         if self.crashpoints:
             crashpoint(self.crashpoints, name, key, exit_process=self.exit_on_crash)
 
-    async def _mark_key(self, message: BillingMessage, fingerprint: str, status: str, exc: BaseException) -> None:
+    async def _mark_key(
+        self, message: BillingMessage, fingerprint: str, status: str, exc: BaseException
+    ) -> None:
         try:
             async with translate_errors(), self.autocommit.connect() as conn:
                 await money.fail_key(conn, message.idempotency_key, fingerprint, status, _describe(exc))

@@ -105,4 +105,3 @@ def make_broker(settings: Settings, *, url: str | None = None, client: Any = Non
     broker.add_middleware(AsyncIO())
     broker.add_middleware(CurrentMessage())
     return broker
-

@@ -93,7 +93,9 @@ def _accounts(run: str, n: int, rng: random.Random) -> list[dict[str, Any]]:
     return out
 
 
-def _with_duplicates(messages: list[BillingMessage], rng: random.Random, share: float) -> list[BillingMessage]:
+def _with_duplicates(
+    messages: list[BillingMessage], rng: random.Random, share: float
+) -> list[BillingMessage]:
     out: list[BillingMessage] = []
     for m in messages:
         out.append(m)
@@ -143,7 +145,9 @@ def _publish(producer: Producer, messages: list[BillingMessage], progress: Progr
         progress.advance(task)
 
 
-def _drain(producer: Producer, env: _Env, progress: Progress, label: str, timeout_s: float, workers: list[Any]) -> None:
+def _drain(
+    producer: Producer, env: _Env, progress: Progress, label: str, timeout_s: float, workers: list[Any]
+) -> None:
     task = progress.add_task(label, total=None)
     deadline = time.monotonic() + timeout_s
     quiet = 0
@@ -175,7 +179,13 @@ def _log_counts(path: Path) -> Counter[str]:
 
 
 def run_demo(
-    *, accounts: int = 1000, messages: int = 5000, processes: int = 2, threads: int = 8, seed: int = 7, timeout_s: int = 600
+    *,
+    accounts: int = 1000,
+    messages: int = 5000,
+    processes: int = 2,
+    threads: int = 8,
+    seed: int = 7,
+    timeout_s: int = 600,
 ) -> bool:
     """Run the demo; print progress, a summary table and the audit.
 
@@ -218,7 +228,16 @@ def run_demo(
         log_file = log_path.open("w")
         workers = [
             subprocess.Popen(
-                [sys.executable, "-m", "dramatiq", "workers.actors", "-p", str(processes), "-t", str(threads)],
+                [
+                    sys.executable,
+                    "-m",
+                    "dramatiq",
+                    "workers.actors",
+                    "-p",
+                    str(processes),
+                    "-t",
+                    str(threads),
+                ],
                 env=worker_env,
                 stdout=log_file,
                 stderr=log_file,
@@ -234,17 +253,37 @@ def run_demo(
                 acct = a["account_id"]
                 if a.get("racer"):
                     for p in ("pro", "team"):
-                        first.append(SubscribeMessage(account_id=acct, plan_id=p, idempotency_key=f"{acct}:sub:{p}"))
+                        first.append(
+                            SubscribeMessage(account_id=acct, plan_id=p, idempotency_key=f"{acct}:sub:{p}")
+                        )
                 else:
                     for p in rng.sample([p["plan_id"] for p in PLANS], rng.choice([1, 2])):
-                        first.append(SubscribeMessage(account_id=acct, plan_id=p, idempotency_key=f"{acct}:sub:{p}"))
+                        first.append(
+                            SubscribeMessage(account_id=acct, plan_id=p, idempotency_key=f"{acct}:sub:{p}")
+                        )
             for i in range(10):
-                first.append(SubscribeMessage(account_id=f"{run}-nobody-{i}", plan_id="pro", idempotency_key=f"{run}:bad-account:{i}"))
-                first.append(SubscribeMessage(account_id=plan[i]["account_id"], plan_id="no-such-plan", idempotency_key=f"{run}:bad-plan:{i}"))
+                first.append(
+                    SubscribeMessage(
+                        account_id=f"{run}-nobody-{i}",
+                        plan_id="pro",
+                        idempotency_key=f"{run}:bad-account:{i}",
+                    )
+                )
+                first.append(
+                    SubscribeMessage(
+                        account_id=plan[i]["account_id"],
+                        plan_id="no-such-plan",
+                        idempotency_key=f"{run}:bad-plan:{i}",
+                    )
+                )
                 invalid += 2
             first = _with_duplicates(first, rng, 0.3)
             with Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
             ) as progress:
                 _publish(producer, first, progress, "phase 1: publishing subscribes")
                 published += len(first)
@@ -263,19 +302,35 @@ def run_demo(
                 for s in subs:
                     start = s["current_period_end"]
                     second.append(
-                        RenewMessage(subscription_id=s["id"], period_start=start, idempotency_key=f"renew:{s['id']}:{start.isoformat()}")
+                        RenewMessage(
+                            subscription_id=s["id"],
+                            period_start=start,
+                            idempotency_key=f"renew:{s['id']}:{start.isoformat()}",
+                        )
                     )
                     second.append(
-                        RenewMessage(subscription_id=s["id"], period_start=start, idempotency_key=f"billing-portal:{uuid.uuid4().hex}")
+                        RenewMessage(
+                            subscription_id=s["id"],
+                            period_start=start,
+                            idempotency_key=f"billing-portal:{uuid.uuid4().hex}",
+                        )
                     )
                     if rng.random() < 0.1:
                         second.append(
-                            RevokeKeyMessage(subscription_id=s["id"], reason="customer request", idempotency_key=f"revoke:{s['id']}:demo")
+                            RevokeKeyMessage(
+                                subscription_id=s["id"],
+                                reason="customer request",
+                                idempotency_key=f"revoke:{s['id']}:demo",
+                            )
                         )
                 for a in plan:
                     if a.get("payment_method_ref") and rng.random() < 0.3:
                         second.append(
-                            AutoTopUpMessage(account_id=a["account_id"], idempotency_key=f"{a['account_id']}:manual-top-up", reason="demo")
+                            AutoTopUpMessage(
+                                account_id=a["account_id"],
+                                idempotency_key=f"{a['account_id']}:manual-top-up",
+                                reason="demo",
+                            )
                         )
                 second = _with_duplicates(second, rng, 0.3)
                 while published + len(second) < messages:
@@ -298,7 +353,9 @@ def run_demo(
         return _report(console, env, run, published, invalid, elapsed, log_path)
 
 
-def _report(console: Console, env: _Env, run: str, published: int, invalid: int, elapsed: float, log_path: Path) -> bool:
+def _report(
+    console: Console, env: _Env, run: str, published: int, invalid: int, elapsed: float, log_path: Path
+) -> bool:
     counts = _log_counts(log_path)
     processed = counts["message_processed"] + counts["duplicate_suppressed"] + counts["message_failed"]
     outcomes = asyncio.run(
@@ -309,11 +366,18 @@ def _report(console: Console, env: _Env, run: str, published: int, invalid: int,
         )
     )
     ledger = asyncio.run(
-        _fetch(env, "SELECT kind, count(*) AS n, sum(amount_micros) AS total FROM ledger_entries GROUP BY kind ORDER BY kind")
+        _fetch(
+            env,
+            "SELECT kind, count(*) AS n, sum(amount_micros) AS total FROM ledger_entries GROUP BY kind ORDER BY kind",
+        )
     )
-    top_ups = asyncio.run(_fetch(env, "SELECT status, count(*) AS n FROM top_up_attempts GROUP BY status ORDER BY status"))
+    top_ups = asyncio.run(
+        _fetch(env, "SELECT status, count(*) AS n FROM top_up_attempts GROUP BY status ORDER BY status")
+    )
     revoked = asyncio.run(_fetch(env, "SELECT count(*) AS n FROM api_keys WHERE status = 'revoked'"))[0]["n"]
-    failed = asyncio.run(_fetch(env, "SELECT error_type, count(*) AS n FROM failed_messages GROUP BY 1 ORDER BY 1"))
+    failed = asyncio.run(
+        _fetch(env, "SELECT error_type, count(*) AS n FROM failed_messages GROUP BY 1 ORDER BY 1")
+    )
 
     table = Table(title=f"billing demo {run}", show_header=True)
     table.add_column("measure")
@@ -322,7 +386,9 @@ def _report(console: Console, env: _Env, run: str, published: int, invalid: int,
     table.add_row("messages processed (incl. follow-ups)", f"{processed:,}")
     table.add_row("duplicates suppressed", f"{counts['duplicate_suppressed']:,}")
     table.add_row("transient errors retried", f"{counts['transient_error']:,}")
-    table.add_row("failed for good (recorded)", ", ".join(f"{r['error_type']} {r['n']}" for r in failed) or "0")
+    table.add_row(
+        "failed for good (recorded)", ", ".join(f"{r['error_type']} {r['n']}" for r in failed) or "0"
+    )
     for r in outcomes:
         table.add_row(f"outcome {r['kind']}: {r['outcome']}", f"{r['n']:,}")
     for r in ledger:
@@ -347,7 +413,10 @@ def _report(console: Console, env: _Env, run: str, published: int, invalid: int,
     checks.add_column("check")
     checks.add_column("result")
     for name, rows in report.violations.items():
-        checks.add_row(report.descriptions[name], "[green]ok[/green]" if not rows else f"[red]{len(rows)} violations[/red]")
+        checks.add_row(
+            report.descriptions[name],
+            "[green]ok[/green]" if not rows else f"[red]{len(rows)} violations[/red]",
+        )
     console.print(checks)
     if not report.ok:
         console.print_json(json.dumps({k: v for k, v in report.violations.items() if v}, default=str))

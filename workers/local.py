@@ -100,8 +100,8 @@ def inprocess_redis() -> Iterator[str]:
 def local_services(database_url: str | None, redis_url: str | None) -> Iterator[LocalServices]:
     """Use the configured URLs, starting an embedded fallback for each one that is missing."""
     with (
-        (embedded_postgres() if not database_url else _given(database_url)) as db_url,
-        (inprocess_redis() if not redis_url else _given(redis_url)) as r_url,
+        embedded_postgres() if not database_url else _given(database_url) as db_url,
+        inprocess_redis() if not redis_url else _given(redis_url) as r_url,
     ):
         yield LocalServices(db_url, r_url, embedded_database=not database_url, embedded_redis=not redis_url)
 

@@ -24,10 +24,26 @@ def billing(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 def test_account_and_plan_creation_then_show_json(services, db):
-    assert billing("plan", "create", "pro", "--price-micros", "20000000", "--currency", "USD", "--interval", "month").returncode == 0
+    assert (
+        billing(
+            "plan", "create", "pro", "--price-micros", "20000000", "--currency", "USD", "--interval", "month"
+        ).returncode
+        == 0
+    )
     created = billing(
-        "account", "create", "acct-1", "--currency", "USD", "--balance-micros", "30000000",
-        "--auto-top-up-threshold-micros", "5000000", "--auto-top-up-amount-micros", "20000000", "--payment-method", "pm_card_visa",
+        "account",
+        "create",
+        "acct-1",
+        "--currency",
+        "USD",
+        "--balance-micros",
+        "30000000",
+        "--auto-top-up-threshold-micros",
+        "5000000",
+        "--auto-top-up-amount-micros",
+        "20000000",
+        "--payment-method",
+        "pm_card_visa",
     )
     assert created.returncode == 0, created.stderr
     shown = billing("account", "show", "acct-1", "--json")
@@ -64,8 +80,13 @@ def test_bad_input_is_one_line_on_stderr_exit_2_and_writes_nothing(services, db,
 
 
 def test_publish_from_the_shell_reaches_a_worker(services, db, setup, drain, broker):
-    setup(accounts=[{"account_id": "a1", "balance_micros": 30_000_000}], plans=[{"plan_id": "pro", "price_micros": 20_000_000}])
-    out = billing("publish", "subscribe", "--account-id", "a1", "--plan-id", "pro", "--idempotency-key", "cli-1")
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 30_000_000}],
+        plans=[{"plan_id": "pro", "price_micros": 20_000_000}],
+    )
+    out = billing(
+        "publish", "subscribe", "--account-id", "a1", "--plan-id", "pro", "--idempotency-key", "cli-1"
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["idempotency_key"] == "cli-1"
     drain()
@@ -73,7 +94,10 @@ def test_publish_from_the_shell_reaches_a_worker(services, db, setup, drain, bro
 
 
 def test_audit_passes_on_a_consistent_database_and_names_each_violation(services, db, setup):
-    setup(accounts=[{"account_id": "a1", "balance_micros": 30_000_000}], plans=[{"plan_id": "pro", "price_micros": 20_000_000}])
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 30_000_000}],
+        plans=[{"plan_id": "pro", "price_micros": 20_000_000}],
+    )
     clean = billing("audit", "--json", "--drained")
     assert clean.returncode == 0, clean.stdout + clean.stderr
     assert json.loads(clean.stdout)["ok"] is True
@@ -84,7 +108,9 @@ def test_audit_passes_on_a_consistent_database_and_names_each_violation(services
         broken = billing("audit", "--json")
         assert broken.returncode == 1
         violations = json.loads(broken.stdout)["violations"]
-        assert violations["ledger_equals_balance"] == [{"account_id": "a1", "balance_micros": -1, "ledger_sum": 30_000_000}]
+        assert violations["ledger_equals_balance"] == [
+            {"account_id": "a1", "balance_micros": -1, "ledger_sum": 30_000_000}
+        ]
         assert violations["no_negative_balance"] == [{"account_id": "a1", "balance_micros": -1}]
     finally:
         db("UPDATE accounts SET balance_micros = 30000000 WHERE id = 'a1'")
@@ -94,7 +120,9 @@ def test_audit_passes_on_a_consistent_database_and_names_each_violation(services
 def test_audit_drained_flags_work_still_in_flight(services, db, setup):
     setup(accounts=[{"account_id": "a1", "balance_micros": 0}])
     # a message being processed right now (its key claimed, its effect not committed)
-    db("INSERT INTO idempotency_keys (key, kind, fingerprint, status) VALUES ('k1', 'subscribe', 'f', 'processing')")
+    db(
+        "INSERT INTO idempotency_keys (key, kind, fingerprint, status) VALUES ('k1', 'subscribe', 'f', 'processing')"
+    )
     assert billing("audit").returncode == 0  # live: work in flight is normal
     drained = billing("audit", "--json", "--drained")
     assert drained.returncode == 1

@@ -12,7 +12,20 @@ from tests.conftest import ROOT
 def test_demo_drains_and_passes_its_audit(services, db):
     env = {**os.environ, "BILLING_REDIS_URL": services.redis_db(2)}
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "demo", "--accounts", "40", "--messages", "300", "--processes", "1", "--threads", "4"],
+        [
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "demo",
+            "--accounts",
+            "40",
+            "--messages",
+            "300",
+            "--processes",
+            "1",
+            "--threads",
+            "4",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -30,7 +30,10 @@ def _assert_ledger_matches(db):
 
 
 def test_subscribe_charges_first_period_and_issues_a_hashed_key(setup, producer, drain, db, services):
-    setup(accounts=[{"account_id": "a1", "balance_micros": 30 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 30 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
     listener = redis.Redis.from_url(services.redis_url).pubsub()
     listener.subscribe("billing:api-keys:issued")
     listener.get_message(timeout=1)  # the subscribe confirmation
@@ -40,7 +43,9 @@ def test_subscribe_charges_first_period_and_issues_a_hashed_key(setup, producer,
     assert (status, result["outcome"]) == ("completed", "subscribed")
     assert _balance(db, "a1") == 10 * USD
     charges = db("SELECT amount_micros, kind, idempotency_key FROM ledger_entries WHERE kind <> 'adjustment'")
-    assert charges == [{"amount_micros": -20 * USD, "kind": "subscription_charge", "idempotency_key": "subscribe:signup-1"}]
+    assert charges == [
+        {"amount_micros": -20 * USD, "kind": "subscription_charge", "idempotency_key": "subscribe:signup-1"}
+    ]
     key = db("SELECT id, source, status, key_hash, prefix FROM api_keys")[0]
     assert (key["source"], key["status"]) == ("managed", "active")
     ent = db("SELECT entitled, status FROM entitlements WHERE account_id = 'a1' AND plan_id = 'pro'")
@@ -59,7 +64,10 @@ def test_subscribe_charges_first_period_and_issues_a_hashed_key(setup, producer,
 
 
 def test_subscribe_when_already_active_does_not_charge(setup, producer, drain, db):
-    setup(accounts=[{"account_id": "a1", "balance_micros": 50 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 50 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k1")
     drain()
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k2")
@@ -70,7 +78,10 @@ def test_subscribe_when_already_active_does_not_charge(setup, producer, drain, d
 
 
 def test_subscribe_with_insufficient_funds_is_an_outcome_not_an_error(setup, producer, drain, db):
-    setup(accounts=[{"account_id": "a1", "balance_micros": 5 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 5 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k1")
     drain()
     status, result = _outcome(db, "k1")
@@ -95,7 +106,7 @@ def test_short_balance_tops_up_then_the_subscribe_continues_by_itself(setup, pro
     )
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k1")
     drain()
-    assert _outcome(db, "k1") [1]["outcome"] == "subscribed"
+    assert _outcome(db, "k1")[1]["outcome"] == "subscribed"
     assert _balance(db, "a1") == 35 * USD
     attempts = db("SELECT status, amount_micros FROM top_up_attempts")
     assert attempts == [{"status": "succeeded", "amount_micros": 50 * USD}]
@@ -126,7 +137,10 @@ def test_declined_top_up_leaves_the_subscribe_with_insufficient_funds(setup, pro
 
 
 def test_same_key_twice_applies_once(setup, producer, drain, db):
-    setup(accounts=[{"account_id": "a1", "balance_micros": 100 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 100 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
     for _ in range(3):
         producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="same")
     drain()
@@ -135,7 +149,9 @@ def test_same_key_twice_applies_once(setup, producer, drain, db):
     assert db("SELECT count(*) AS n FROM subscriptions") == [{"n": 1}]
 
 
-def test_same_key_with_other_arguments_is_a_conflict_recorded_and_not_retried(setup, producer, drain, db, broker):
+def test_same_key_with_other_arguments_is_a_conflict_recorded_and_not_retried(
+    setup, producer, drain, db, broker
+):
     setup(
         accounts=[{"account_id": "a1", "balance_micros": 100 * USD}],
         plans=[{"plan_id": "pro", "price_micros": 20 * USD}, {"plan_id": "max", "price_micros": 30 * USD}],
@@ -145,7 +161,9 @@ def test_same_key_with_other_arguments_is_a_conflict_recorded_and_not_retried(se
     conflict_id = producer.subscribe(account_id="a1", plan_id="max", idempotency_key="k")
     drain()
     failures = db("SELECT message_id, error_type, attempts, status FROM failed_messages")
-    assert failures == [{"message_id": conflict_id, "error_type": "idempotency_conflict", "attempts": 1, "status": "dead"}]
+    assert failures == [
+        {"message_id": conflict_id, "error_type": "idempotency_conflict", "attempts": 1, "status": "dead"}
+    ]
     assert _balance(db, "a1") == 80 * USD
     assert db("SELECT plan_id FROM subscriptions") == [{"plan_id": "pro"}]
     # the original key's record is untouched
@@ -155,34 +173,53 @@ def test_same_key_with_other_arguments_is_a_conflict_recorded_and_not_retried(se
 
 
 def test_renew_charges_each_period_once_whatever_the_key(setup, producer, drain, db):
-    setup(accounts=[{"account_id": "a1", "balance_micros": 100 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 100 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k1")
     drain()
     sub = db("SELECT id, current_period_end FROM subscriptions")[0]
     period = sub["current_period_end"]
-    producer.renew(subscription_id=sub["id"], period_start=period, idempotency_key=f"renew:{sub['id']}:{period.isoformat()}")
+    producer.renew(
+        subscription_id=sub["id"],
+        period_start=period,
+        idempotency_key=f"renew:{sub['id']}:{period.isoformat()}",
+    )
     producer.renew(subscription_id=sub["id"], period_start=period, idempotency_key="other-producer-1")
     producer.renew(subscription_id=sub["id"], period_start=period, idempotency_key="other-producer-2")
     drain()
     outcomes = sorted(
-        json.loads(r["result"])["outcome"] for r in db("SELECT result FROM idempotency_keys WHERE kind = 'renew'")
+        json.loads(r["result"])["outcome"]
+        for r in db("SELECT result FROM idempotency_keys WHERE kind = 'renew'")
     )
     assert outcomes == ["already_paid", "already_paid", "renewed"]
     # the key rows learn the account the message did not name
-    assert db("SELECT DISTINCT account_id FROM idempotency_keys WHERE kind = 'renew'") == [{"account_id": "a1"}]
+    assert db("SELECT DISTINCT account_id FROM idempotency_keys WHERE kind = 'renew'") == [
+        {"account_id": "a1"}
+    ]
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 1}]
     assert _balance(db, "a1") == 60 * USD
     after = db("SELECT current_period_start, current_period_end FROM subscriptions")[0]
     assert after["current_period_start"] == period and after["current_period_end"] > period
     # a period that does not follow the paid one is not charged
-    producer.renew(subscription_id=sub["id"], period_start=after["current_period_end"].replace(year=2099), idempotency_key="far")
+    producer.renew(
+        subscription_id=sub["id"],
+        period_start=after["current_period_end"].replace(year=2099),
+        idempotency_key="far",
+    )
     drain()
     assert _outcome(db, "far")[1]["outcome"] == "not_due"
     _assert_ledger_matches(db)
 
 
-def test_renew_short_without_top_up_cancels_and_revokes_managed_keys_only(setup, producer, drain, db, services):
-    setup(accounts=[{"account_id": "a1", "balance_micros": 25 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+def test_renew_short_without_top_up_cancels_and_revokes_managed_keys_only(
+    setup, producer, drain, db, services
+):
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 25 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k1")
     drain()
     # the user's own key, which no billing flow may touch
@@ -204,7 +241,9 @@ def test_renew_short_without_top_up_cancels_and_revokes_managed_keys_only(setup,
     producer.renew(subscription_id=sub["id"], period_start=sub["current_period_end"], idempotency_key="r1")
     drain()
     assert _outcome(db, "r1")[1]["outcome"] == "canceled_insufficient_funds"
-    assert db("SELECT status, cancel_reason FROM subscriptions") == [{"status": "canceled", "cancel_reason": "insufficient_funds"}]
+    assert db("SELECT status, cancel_reason FROM subscriptions") == [
+        {"status": "canceled", "cancel_reason": "insufficient_funds"}
+    ]
     keys = {r["source"]: r["status"] for r in db("SELECT source, status FROM api_keys")}
     assert keys == {"managed": "revoked", "user": "active"}
     assert db("SELECT entitled FROM entitlements") == [{"entitled": False}]
@@ -268,4 +307,3 @@ def test_threshold_crossing_triggers_one_top_up(setup, producer, drain, db):
     assert db("SELECT count(*) AS n FROM top_up_attempts") == [{"n": 1}]
     assert _balance(db, "a1") == (25 - 20 - 1 + 40) * USD
     _assert_ledger_matches(db)
-

@@ -54,7 +54,9 @@ def test_racing_subscribes_on_an_account_that_can_pay_for_one(setup, services, d
             calls = []
             for a in accounts:
                 for plan in ("pro", "team"):
-                    calls.append(service.handle("subscribe", _sub(a, plan, f"{a}:{plan}"), Delivery(f"m-{a}-{plan}")))
+                    calls.append(
+                        service.handle("subscribe", _sub(a, plan, f"{a}:{plan}"), Delivery(f"m-{a}-{plan}"))
+                    )
             return await asyncio.gather(*calls, return_exceptions=True)
         finally:
             await service.engine.dispose()
@@ -113,7 +115,11 @@ def test_two_plans_renewing_together_each_see_the_real_balance(setup, services, 
                 *(
                     service.handle(
                         "renew",
-                        {"subscription_id": s["id"], "period_start": s["current_period_end"].isoformat(), "idempotency_key": f"r-{s['id']}"},
+                        {
+                            "subscription_id": s["id"],
+                            "period_start": s["current_period_end"].isoformat(),
+                            "idempotency_key": f"r-{s['id']}",
+                        },
                         Delivery(f"r-{s['id']}"),
                     )
                     for s in subs
@@ -137,7 +143,9 @@ TOP_UP_ACCOUNT = {
 }
 
 
-@pytest.mark.parametrize("step", ["after_top_up_intent", "after_provider_charge", "before_commit", "after_commit"])
+@pytest.mark.parametrize(
+    "step", ["after_top_up_intent", "after_provider_charge", "before_commit", "after_commit"]
+)
 def test_top_up_continues_from_each_phase_after_a_crash(setup, services, db, step):
     setup(accounts=[TOP_UP_ACCOUNT])
     kwargs = {"account_id": "a1", "idempotency_key": "t1", "reason": "test"}
@@ -161,11 +169,16 @@ def test_top_up_continues_from_each_phase_after_a_crash(setup, services, db, ste
     assert charges == [{"status": "succeeded", "amount_micros": 10 * USD}]  # the card charged once
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'top_up'") == [{"n": 1}]  # credited once
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10 * USD}]
-    assert db("SELECT status, recovery_point FROM top_up_attempts") == [{"status": "succeeded", "recovery_point": "finished"}]
+    assert db("SELECT status, recovery_point FROM top_up_attempts") == [
+        {"status": "succeeded", "recovery_point": "finished"}
+    ]
 
 
 def test_crash_before_commit_applies_nothing_and_the_redelivery_applies_once(setup, services, db):
-    setup(accounts=[{"account_id": "a1", "balance_micros": 30 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 30 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
 
     async def run() -> dict[str, Any]:
         crashing = _service(services, crashpoints={"before_commit": ""})
@@ -188,7 +201,10 @@ def test_crash_before_commit_applies_nothing_and_the_redelivery_applies_once(set
 
 def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, services, db, broker):
     """A renew that cancels writes its revoke_key to the outbox; the worker dies before relaying it."""
-    setup(accounts=[{"account_id": "a1", "balance_micros": 20 * USD}], plans=[{"plan_id": "pro", "price_micros": 20 * USD}])
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 20 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
 
     async def run() -> int:
         service = _service(services)
@@ -198,7 +214,11 @@ def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, se
         finally:
             await service.engine.dispose()
         crashing = _service(services, broker=broker, crashpoints={"after_commit": ""})
-        renew = {"subscription_id": sub["id"], "period_start": sub["current_period_end"].isoformat(), "idempotency_key": "r1"}
+        renew = {
+            "subscription_id": sub["id"],
+            "period_start": sub["current_period_end"].isoformat(),
+            "idempotency_key": "r1",
+        }
         try:
             with pytest.raises(SimulatedCrash):
                 await crashing.handle("renew", renew, Delivery("m2"))
@@ -206,7 +226,9 @@ def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, se
             await crashing.engine.dispose()
         sweeper = _service(services, broker=broker)
         try:
-            assert [r["actor_name"] for r in await _q(sweeper, "SELECT actor_name FROM outbox")] == ["revoke_key"]
+            assert [r["actor_name"] for r in await _q(sweeper, "SELECT actor_name FROM outbox")] == [
+                "revoke_key"
+            ]
             return await sweeper.sweep_outbox(older_than_s=0)
         finally:
             await sweeper.engine.dispose()

@@ -36,7 +36,9 @@ def test_amounts_that_are_not_positive_integers_in_range_are_rejected(amount):
 
 @given(st.text(min_size=1, max_size=255).filter(str.isprintable))
 def test_printable_idempotency_keys_up_to_255_are_accepted(key):
-    assert validate_message("auto_top_up", {"account_id": "a1", "idempotency_key": key}).idempotency_key == key
+    assert (
+        validate_message("auto_top_up", {"account_id": "a1", "idempotency_key": key}).idempotency_key == key
+    )
 
 
 @pytest.mark.parametrize("key", ["", "x" * 256, "line\nbreak", "nul\x00", "bell\x07"])
@@ -51,11 +53,15 @@ def test_bad_idempotency_keys_are_rejected(key):
 )
 def test_period_start_must_be_an_iso_utc_timestamp(period_start):
     with pytest.raises(MessageValidationError, match="period_start"):
-        validate_message("renew", {"subscription_id": "s", "period_start": period_start, "idempotency_key": "k"})
+        validate_message(
+            "renew", {"subscription_id": "s", "period_start": period_start, "idempotency_key": "k"}
+        )
 
 
 def test_period_start_in_utc_is_parsed():
-    msg = validate_message("renew", {"subscription_id": "s", "period_start": "2026-01-31T00:00:00Z", "idempotency_key": "k"})
+    msg = validate_message(
+        "renew", {"subscription_id": "s", "period_start": "2026-01-31T00:00:00Z", "idempotency_key": "k"}
+    )
     assert msg.period_start == datetime(2026, 1, 31, tzinfo=UTC)
 
 

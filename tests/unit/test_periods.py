@@ -22,12 +22,18 @@ def test_consecutive_periods_touch():
     anchor = datetime(2026, 11, 30, 8, 30, tzinfo=UTC)
     for interval, count in (("month", 1), ("month", 3), ("day", 1), ("day", 7)):
         for i in range(24):
-            assert period_bounds(anchor, interval, count, i)[1] == period_bounds(anchor, interval, count, i + 1)[0]
+            assert (
+                period_bounds(anchor, interval, count, i)[1]
+                == period_bounds(anchor, interval, count, i + 1)[0]
+            )
 
 
 def test_day_intervals():
     anchor = datetime(2026, 2, 27, tzinfo=UTC)
-    assert period_bounds(anchor, "day", 2, 1) == (datetime(2026, 3, 1, tzinfo=UTC), datetime(2026, 3, 3, tzinfo=UTC))
+    assert period_bounds(anchor, "day", 2, 1) == (
+        datetime(2026, 3, 1, tzinfo=UTC),
+        datetime(2026, 3, 3, tzinfo=UTC),
+    )
 
 
 def test_top_up_period_is_the_utc_calendar_month():

@@ -84,25 +84,34 @@ class FakePaymentProvider(PaymentProvider):
         declined = payment_method_ref.startswith("pm_decline") or self._random.random() < self.decline_rate
         async with transaction(self.engine) as conn:
             row = (
-                await conn.execute(
-                    _CHARGE,
-                    {
-                        "key": idempotency_key,
-                        "charge_id": "ch_fake_" + uuid.uuid4().hex,
-                        "payment_method_ref": payment_method_ref,
-                        "amount_micros": amount_micros,
-                        "currency": currency,
-                        "status": "declined" if declined else "succeeded",
-                        "decline_code": "card_declined" if declined else None,
-                    },
+                (
+                    await conn.execute(
+                        _CHARGE,
+                        {
+                            "key": idempotency_key,
+                            "charge_id": "ch_fake_" + uuid.uuid4().hex,
+                            "payment_method_ref": payment_method_ref,
+                            "amount_micros": amount_micros,
+                            "currency": currency,
+                            "status": "declined" if declined else "succeeded",
+                            "decline_code": "card_declined" if declined else None,
+                        },
+                    )
                 )
-            ).mappings().one()
+                .mappings()
+                .one()
+            )
         if int(row["amount_micros"]) != amount_micros:
             raise ProviderError("fake provider: idempotency key reused with a different amount")
         first_call = row["calls"] == 1
-        timeout = payment_method_ref.startswith("pm_timeout_after_charge") or self._random.random() < self.timeout_rate
+        timeout = (
+            payment_method_ref.startswith("pm_timeout_after_charge")
+            or self._random.random() < self.timeout_rate
+        )
         if first_call and timeout:
             raise ProviderTimeout("fake provider: simulated timeout after charging")
         return ChargeResult(
-            succeeded=row["status"] == "succeeded", charge_id=row["charge_id"], decline_code=row["decline_code"]
+            succeeded=row["status"] == "succeeded",
+            charge_id=row["charge_id"],
+            decline_code=row["decline_code"],
         )
