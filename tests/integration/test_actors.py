@@ -21,6 +21,17 @@ def _balance(db, account_id):
     return db("SELECT balance_micros FROM accounts WHERE id = $1", account_id)[0]["balance_micros"]
 
 
+def _top_up_account(balance_micros, *, threshold, amount, card):
+    """Account a1 with auto-top-up configured."""
+    return {
+        "account_id": "a1",
+        "balance_micros": balance_micros,
+        "auto_top_up_threshold_micros": threshold,
+        "auto_top_up_amount_micros": amount,
+        "payment_method_ref": card,
+    }
+
+
 def _assert_ledger_matches(db):
     bad = db(
         """SELECT a.id FROM accounts a LEFT JOIN (SELECT account_id, sum(amount_micros) s FROM ledger_entries
@@ -93,15 +104,7 @@ def test_subscribe_with_insufficient_funds_is_an_outcome_not_an_error(setup, pro
 
 def test_short_balance_tops_up_then_the_subscribe_continues_by_itself(setup, producer, drain, db):
     setup(
-        accounts=[
-            {
-                "account_id": "a1",
-                "balance_micros": 5 * USD,
-                "auto_top_up_threshold_micros": 10 * USD,
-                "auto_top_up_amount_micros": 50 * USD,
-                "payment_method_ref": "pm_card_visa",
-            }
-        ],
+        accounts=[_top_up_account(5 * USD, threshold=10 * USD, amount=50 * USD, card="pm_card_visa")],
         plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
     )
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k1")
@@ -117,15 +120,7 @@ def test_short_balance_tops_up_then_the_subscribe_continues_by_itself(setup, pro
 
 def test_declined_top_up_leaves_the_subscribe_with_insufficient_funds(setup, producer, drain, db):
     setup(
-        accounts=[
-            {
-                "account_id": "a1",
-                "balance_micros": 5 * USD,
-                "auto_top_up_threshold_micros": 10 * USD,
-                "auto_top_up_amount_micros": 50 * USD,
-                "payment_method_ref": "pm_decline_card",
-            }
-        ],
+        accounts=[_top_up_account(5 * USD, threshold=10 * USD, amount=50 * USD, card="pm_decline_card")],
         plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
     )
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k1")
@@ -260,17 +255,7 @@ def test_renew_short_without_top_up_cancels_and_revokes_managed_keys_only(
 
 
 def test_explicit_top_up_with_provider_timeout_after_charging_credits_once(setup, producer, drain, db):
-    setup(
-        accounts=[
-            {
-                "account_id": "a1",
-                "balance_micros": 0,
-                "auto_top_up_threshold_micros": 1 * USD,
-                "auto_top_up_amount_micros": 10 * USD,
-                "payment_method_ref": "pm_timeout_after_charge",
-            }
-        ]
-    )
+    setup(accounts=[_top_up_account(0, threshold=1 * USD, amount=10 * USD, card="pm_timeout_after_charge")])
     producer.auto_top_up(account_id="a1", idempotency_key="t1", amount_micros=7 * USD, reason="manual")
     producer.auto_top_up(account_id="a1", idempotency_key="t1", amount_micros=7 * USD, reason="manual")
     drain()
@@ -290,15 +275,7 @@ def test_explicit_top_up_with_provider_timeout_after_charging_credits_once(setup
 
 def test_threshold_crossing_triggers_one_top_up(setup, producer, drain, db):
     setup(
-        accounts=[
-            {
-                "account_id": "a1",
-                "balance_micros": 25 * USD,
-                "auto_top_up_threshold_micros": 10 * USD,
-                "auto_top_up_amount_micros": 40 * USD,
-                "payment_method_ref": "pm_card_visa",
-            }
-        ],
+        accounts=[_top_up_account(25 * USD, threshold=10 * USD, amount=40 * USD, card="pm_card_visa")],
         plans=[{"plan_id": "pro", "price_micros": 20 * USD}, {"plan_id": "lite", "price_micros": 1 * USD}],
     )
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k1")
