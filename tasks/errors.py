@@ -29,6 +29,7 @@ __all__ = [
     "DatabaseUnavailable",
     "ProviderError",
     "ProviderTimeout",
+    "ProviderRejected",
     "ConfigurationError",
 ]
 
@@ -101,3 +102,7 @@ class ProviderError(TransientError):
 
 class ProviderTimeout(ProviderError):
     """The payment provider did not answer in time; the charge may or may not have happened."""
+
+
+class ProviderRejected(PermanentError):
+    """The payment provider cannot accept the charge as sent (request, credentials or amount); it is not retried."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -58,13 +58,22 @@ class Settings(BaseSettings):
     outbox_sweep_after_ms: int = Field(10_000, ge=100)
     outbox_sweep_interval_ms: int = Field(5_000, ge=100)
 
-    #: ``fake`` (default, ships with the code) or ``stripe`` (a later issue).
+    #: ``fake`` (default, ships with the code) or ``stripe`` (``stripe_*`` below).
     payment_provider: str = "fake"
     fake_decline_rate: float = Field(0.0, ge=0, le=1)
     fake_error_rate: float = Field(0.0, ge=0, le=1)
     fake_timeout_rate: float = Field(0.0, ge=0, le=1)
     fake_latency_ms: int = Field(0, ge=0)
     fake_seed: int | None = None
+    #: Stripe secret key (``sk_live_...``/``sk_test_...``); required when
+    #: ``payment_provider`` is ``stripe``.  A SecretStr, so it is never logged.
+    stripe_api_key: SecretStr | None = None
+    #: Override of Stripe's API URL (default ``https://api.stripe.com``), e.g.
+    #: ``http://localhost:12111`` for stripe-mock.
+    stripe_api_base: str | None = None
+    #: Connect and read timeout of one Stripe request; past it the charge is a
+    #: ``ProviderTimeout`` (it may have happened) and is retried with the same key.
+    stripe_timeout_ms: int = Field(20_000, ge=100)
 
     #: ``json`` (production) or ``console``.
     log_format: str = "json"

@@ -9,15 +9,20 @@ from tasks.errors import ConfigurationError
 from ..settings import Settings
 from .base import ChargeResult, PaymentProvider
 from .fake import FakePaymentProvider
+from .stripe import StripePaymentProvider
 
-__all__ = ["ChargeResult", "PaymentProvider", "FakePaymentProvider", "make_provider"]
+__all__ = ["ChargeResult", "PaymentProvider", "FakePaymentProvider", "StripePaymentProvider", "make_provider"]
 
 
 def make_provider(settings: Settings, engine: AsyncEngine) -> PaymentProvider:
     """The provider named by ``BILLING_PAYMENT_PROVIDER`` (default ``fake``).
 
+    ``fake`` keeps its charges in ``engine``'s database; ``stripe`` charges
+    through Stripe with ``BILLING_STRIPE_API_KEY`` (and optionally
+    ``BILLING_STRIPE_API_BASE``, ``BILLING_STRIPE_TIMEOUT_MS``).
+
     Raises:
-      ConfigurationError: Unknown provider name.
+      ConfigurationError: Unknown provider name, or ``stripe`` without an API key.
     """
     if settings.payment_provider == "fake":
         return FakePaymentProvider(
@@ -28,4 +33,14 @@ def make_provider(settings: Settings, engine: AsyncEngine) -> PaymentProvider:
             latency_ms=settings.fake_latency_ms,
             seed=settings.fake_seed,
         )
-    raise ConfigurationError(f"unknown payment provider {settings.payment_provider!r} (known: fake)")
+    if settings.payment_provider == "stripe":
+        if settings.stripe_api_key is None or not settings.stripe_api_key.get_secret_value():
+            raise ConfigurationError(
+                "BILLING_STRIPE_API_KEY is not set (needed by BILLING_PAYMENT_PROVIDER=stripe)"
+            )
+        return StripePaymentProvider(
+            settings.stripe_api_key.get_secret_value(),
+            api_base=settings.stripe_api_base,
+            timeout_ms=settings.stripe_timeout_ms,
+        )
+    raise ConfigurationError(f"unknown payment provider {settings.payment_provider!r} (known: fake, stripe)")
