@@ -24,7 +24,7 @@ import hashlib
 import secrets
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, text
@@ -45,6 +45,7 @@ from tasks.messages import (
     RenewMessage,
     RevokeKeyMessage,
     SubscribeMessage,
+    renewal_key,
 )
 
 from .periods import period_bounds, top_up_period
@@ -69,6 +70,9 @@ __all__ = [
     "create_account",
     "create_plan",
     "create_user_key",
+    "credit_account",
+    "configure_auto_top_up",
+    "set_cancel_at_period_end",
     "insert_outbox",
     "delete_outbox",
     "claim_stale_outbox",
@@ -85,10 +89,25 @@ class BillingPolicy:
     Attributes:
       top_ups_per_period: Auto-top-ups allowed per account per top-up period
         (a calendar month in UTC); SPEC: "at most one per account per billing
-        period unless configured otherwise".
+        period unless configured otherwise".  A pending attempt counts.
+      disable_after_declines: Consecutive declined top-ups after which the
+        account's auto-top-up switches itself off (0: never).
+      grace_period: How long a subscription stays ``past_due`` after its
+        first failed renewal before it is canceled.
+      dunning_schedule: Offsets from the first failed renewal at which a
+        past_due renewal is retried (the end of grace is always the last
+        retry); the usual 1, 2 and 3 days of dunning.
     """
 
     top_ups_per_period: int = 1
+    disable_after_declines: int = 3
+    grace_period: timedelta = timedelta(days=3)
+    dunning_schedule: tuple[timedelta, ...] = (timedelta(days=1), timedelta(days=2), timedelta(days=3))
+
+    def retry_offsets(self) -> list[timedelta]:
+        """Dunning retry offsets within grace, ending with the end of grace (sorted, distinct)."""
+        offsets = {o for o in self.dunning_schedule if timedelta(0) < o < self.grace_period}
+        return sorted(offsets | {self.grace_period})
 
 
 @dataclass(frozen=True)
@@ -360,7 +379,7 @@ async def record_failure(
 _LOCK_ACCOUNT = text(
     """
     SELECT id, currency, balance_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
-           auto_top_up_amount_micros, payment_method_ref
+           auto_top_up_amount_micros, payment_method_ref, auto_top_up_monthly_cap_micros
     FROM accounts WHERE id = :account_id FOR UPDATE
     """
 )
@@ -422,11 +441,13 @@ async def _post_ledger_entry(
 
 _UPSERT_ENTITLEMENT = text(
     """
-    INSERT INTO entitlements (account_id, plan_id, subscription_id, status, entitled, current_period_end, updated_at)
-    VALUES (:account_id, :plan_id, :subscription_id, :status, :entitled, :current_period_end, :now)
+    INSERT INTO entitlements (account_id, plan_id, subscription_id, status, entitled, current_period_end,
+        grace_ends_at, updated_at)
+    VALUES (:account_id, :plan_id, :subscription_id, :status, :entitled, :current_period_end, :grace_ends_at, :now)
     ON CONFLICT (account_id, plan_id) DO UPDATE SET
         subscription_id = EXCLUDED.subscription_id, status = EXCLUDED.status, entitled = EXCLUDED.entitled,
-        current_period_end = EXCLUDED.current_period_end, updated_at = EXCLUDED.updated_at
+        current_period_end = EXCLUDED.current_period_end, grace_ends_at = EXCLUDED.grace_ends_at,
+        updated_at = EXCLUDED.updated_at
     """
 )
 
@@ -440,7 +461,13 @@ async def _project_entitlement(
     status: str,
     current_period_end: datetime | None,
     now: datetime,
+    grace_ends_at: datetime | None = None,
 ) -> None:
+    """Write the entitlement projection row of (account, plan) in the caller's transaction.
+
+    ``entitled`` is true while the subscription is ``active`` or ``past_due``
+    (access continues through the grace period, until ``grace_ends_at``).
+    """
     await conn.execute(
         _UPSERT_ENTITLEMENT,
         {
@@ -450,6 +477,7 @@ async def _project_entitlement(
             "status": status,
             "entitled": status in ("active", "past_due"),
             "current_period_end": current_period_end,
+            "grace_ends_at": grace_ends_at,
             "now": now,
         },
     )
@@ -459,7 +487,8 @@ async def _project_entitlement(
 
 _PERIOD_TOP_UPS = text(
     """
-    SELECT count(*) AS attempts, count(*) FILTER (WHERE status = 'pending') AS pending
+    SELECT count(*) AS attempts, count(*) FILTER (WHERE status = 'pending') AS pending,
+           COALESCE(sum(amount_micros) FILTER (WHERE status IN ('pending', 'succeeded')), 0)::bigint AS committed_micros
     FROM top_up_attempts WHERE account_id = :account_id AND billing_period = :period
     """
 )
@@ -671,7 +700,8 @@ _SUBSCRIPTION_ACCOUNT = text("SELECT account_id FROM subscriptions WHERE id = :s
 _LOCK_SUBSCRIPTION = text(
     """
     SELECT s.id, s.account_id, s.plan_id, s.status, s.billing_anchor, s.period_index, s.current_period_start,
-           s.current_period_end, s.cancel_at_period_end, p.price_micros, p.currency, p.interval, p.interval_count
+           s.current_period_end, s.cancel_at_period_end, s.past_due_since, s.grace_ends_at, s.dunning_attempts,
+           p.price_micros, p.currency, p.interval, p.interval_count
     FROM subscriptions s JOIN plans p ON p.id = s.plan_id
     WHERE s.id = :subscription_id FOR UPDATE OF s
     """
@@ -679,13 +709,22 @@ _LOCK_SUBSCRIPTION = text(
 _ADVANCE_PERIOD = text(
     """
     UPDATE subscriptions SET status = 'active', period_index = :index, current_period_start = :start,
-        current_period_end = :end, updated_at = :now
+        current_period_end = :end, past_due_since = NULL, grace_ends_at = NULL, dunning_attempts = 0,
+        next_retry_at = NULL, updated_at = :now
+    WHERE id = :id
+    """
+)
+_MARK_PAST_DUE = text(
+    """
+    UPDATE subscriptions SET status = 'past_due', past_due_since = :since, grace_ends_at = :grace_ends_at,
+        dunning_attempts = :attempts, next_retry_at = :next_retry_at, updated_at = :now
     WHERE id = :id
     """
 )
 _CANCEL_SUBSCRIPTION = text(
     """
-    UPDATE subscriptions SET status = 'canceled', canceled_at = :now, cancel_reason = :reason, updated_at = :now
+    UPDATE subscriptions SET status = 'canceled', canceled_at = :now, cancel_reason = :reason,
+        next_retry_at = NULL, updated_at = :now
     WHERE id = :id AND status <> 'canceled'
     """
 )
@@ -694,6 +733,11 @@ _CANCEL_SUBSCRIPTION = text(
 async def _cancel(
     conn: AsyncConnection, subscription: RowMapping, now: datetime, reason: str
 ) -> list[OutboxMessage]:
+    """Cancel a locked subscription, flip its entitlement, and return the ``revoke_key`` of its managed keys.
+
+    The keys are revoked by the ``revoke_key`` message (SPEC), sent after
+    commit through the outbox; ``source = user`` keys are never touched.
+    """
     await conn.execute(_CANCEL_SUBSCRIPTION, {"id": subscription["id"], "reason": reason, "now": now})
     await _project_entitlement(
         conn,
@@ -712,6 +756,60 @@ async def _cancel(
     return [OutboxMessage.of(revoke)]
 
 
+async def _dunning(
+    conn: AsyncConnection, sub: RowMapping, now: datetime, policy: BillingPolicy, base: dict[str, Any]
+) -> Effect:
+    """A renewal that cannot be paid: enter or continue ``past_due``, or cancel at the end of grace.
+
+    Grace is measured from the first failed attempt (``past_due_since``), not
+    from the period end, so a renewal that runs late (scheduler downtime,
+    catch-up) still gets the whole grace period.  Retries are due at
+    ``past_due_since + offset`` for each offset of
+    :meth:`BillingPolicy.retry_offsets`; a failed attempt at or after the end
+    of grace cancels the subscription and revokes its managed keys.
+    """
+    if sub["status"] == "past_due" and now >= sub["grace_ends_at"]:
+        outbox = await _cancel(conn, sub, now, "unpaid_after_grace")
+        return Effect(
+            "canceled_unpaid", {**base, "past_due_since": sub["past_due_since"].isoformat()}, outbox=outbox
+        )
+    since = sub["past_due_since"] if sub["status"] == "past_due" else now
+    grace_ends_at = since + policy.grace_period
+    attempts = sub["dunning_attempts"] + 1 if sub["status"] == "past_due" else 0
+    next_retry_at = next(since + o for o in policy.retry_offsets() if since + o > now)
+    await conn.execute(
+        _MARK_PAST_DUE,
+        {
+            "id": sub["id"],
+            "since": since,
+            "grace_ends_at": grace_ends_at,
+            "attempts": attempts,
+            "next_retry_at": next_retry_at,
+            "now": now,
+        },
+    )
+    await _project_entitlement(
+        conn,
+        account_id=sub["account_id"],
+        plan_id=sub["plan_id"],
+        subscription_id=sub["id"],
+        status="past_due",
+        current_period_end=sub["current_period_end"],
+        grace_ends_at=grace_ends_at,
+        now=now,
+    )
+    return Effect(
+        "past_due",
+        {
+            **base,
+            "past_due_since": since.isoformat(),
+            "grace_ends_at": grace_ends_at.isoformat(),
+            "next_retry_at": next_retry_at.isoformat(),
+            "dunning_attempts": attempts,
+        },
+    )
+
+
 async def apply_renew(
     conn: AsyncConnection, message: RenewMessage, now: datetime, policy: BillingPolicy
 ) -> Effect:
@@ -721,11 +819,19 @@ async def apply_renew(
     is locked, the period must be the one right after the paid one, and the
     ledger has a unique index on (subscription, period start).
 
-    Outcomes: ``renewed``; ``already_paid`` (that period is paid);
-    ``not_due`` (the period does not follow the paid one); ``already_canceled``;
-    ``canceled`` (cancel at period end: keys revoked through ``revoke_key``);
-    ``awaiting_top_up``; ``canceled_insufficient_funds`` (short balance and no
-    top-up possible: canceled, managed keys revoked).
+    Outcomes: ``renewed`` (also restores ``active`` for a past_due
+    subscription, paying the unpaid period); ``already_paid`` (that period
+    is paid); ``not_due`` (the period does not follow the paid one);
+    ``already_canceled``; ``canceled`` (cancel at period end: keys revoked
+    through ``revoke_key``); ``awaiting_top_up`` (short balance, an
+    auto-top-up was requested and this message resumes after it);
+    ``past_due`` (short balance, no top-up possible or it was declined: grace
+    period with dunning retries); ``canceled_unpaid`` (still short at the
+    end of grace: canceled, managed keys revoked).
+
+    Catch-up: when the next period is already due at ``now`` (the scheduler
+    was down), its ``renew`` is written to the outbox with the scheduler's
+    deterministic key, so missed periods are charged once each, in order.
 
     Raises:
       UnknownSubscription: Permanent error.
@@ -763,12 +869,10 @@ async def apply_renew(
                 key_status="waiting_for_funds",
                 outbox=outbox,
             )
-        outbox += await _cancel(conn, sub, now, "insufficient_funds")
-        return Effect(
-            "canceled_insufficient_funds",
-            {**base, "price_micros": price, "balance_micros": int(account["balance_micros"])},
-            outbox=outbox,
-        )
+        effect = await _dunning(conn, sub, now, policy, base)
+        effect.result.update(price_micros=price, balance_micros=int(account["balance_micros"]))
+        effect.outbox[:0] = outbox
+        return effect
 
     index = sub["period_index"] + 1
     start, end = period_bounds(sub["billing_anchor"], sub["interval"], sub["interval_count"], index)
@@ -795,9 +899,23 @@ async def apply_renew(
         now=now,
     )
     outbox = await _after_charge(conn, account, balance, now, policy)
+    if end <= now:  # catch-up: the next period is due already
+        outbox.append(
+            OutboxMessage.of(
+                RenewMessage(
+                    subscription_id=sub["id"], period_start=end, idempotency_key=renewal_key(sub["id"], end)
+                )
+            )
+        )
     return Effect(
         "renewed",
-        {**base, "charged_micros": price, "balance_micros": balance, "current_period_end": end.isoformat()},
+        {
+            **base,
+            "charged_micros": price,
+            "balance_micros": balance,
+            "current_period_end": end.isoformat(),
+            **({"restored_from": "past_due"} if sub["status"] == "past_due" else {}),
+        },
         outbox=outbox,
     )
 
@@ -902,7 +1020,9 @@ async def begin_top_up(
     Returns the recorded :class:`TopUpIntent` (also when a previous delivery
     recorded it: the caller continues from the provider call), or a final
     :class:`Effect` when no attempt is allowed (``not_configured``,
-    ``limit_reached``); waiting messages are then resumed so they finish.
+    ``limit_reached`` for the period, ``cap_reached`` for the account's
+    monthly cap, counting pending and succeeded attempts); waiting messages
+    are then resumed so they finish.
 
     Raises:
       UnknownAccount: Permanent error.
@@ -924,6 +1044,20 @@ async def begin_top_up(
             {"account_id": account["id"], "period": period, "attempts": int(counts["attempts"])},
             outbox=await _resume_waiting(conn, account["id"]),
         )
+    amount = message.amount_micros or int(account["auto_top_up_amount_micros"])
+    cap = account["auto_top_up_monthly_cap_micros"]
+    if cap is not None and int(counts["committed_micros"]) + amount > cap:
+        return Effect(
+            "cap_reached",
+            {
+                "account_id": account["id"],
+                "period": period,
+                "monthly_cap_micros": int(cap),
+                "topped_up_micros": int(counts["committed_micros"]),
+                "amount_micros": amount,
+            },
+            outbox=await _resume_waiting(conn, account["id"]),
+        )
     attempt_id = "tua_" + uuid.uuid4().hex
     row = {
         "id": attempt_id,
@@ -932,7 +1066,7 @@ async def begin_top_up(
         # derived from our row id (rocket-rides): a retry of this attempt
         # always sends the provider the same key
         "provider_key": f"billing-queue:top-up:{attempt_id}",
-        "amount_micros": message.amount_micros or int(account["auto_top_up_amount_micros"]),
+        "amount_micros": amount,
         "currency": account["currency"],
         "payment_method_ref": account["payment_method_ref"],
         "period": period,
@@ -967,8 +1101,22 @@ _ATTEMPT_DECLINED = text(
     """
 )
 _DECLINES_RESET = text("UPDATE accounts SET auto_top_up_consecutive_declines = 0 WHERE id = :id")
+# the counter is incremented in SQL; at the limit auto-top-up switches itself
+# off and the account's record says why and when
 _DECLINES_ADD = text(
-    "UPDATE accounts SET auto_top_up_consecutive_declines = auto_top_up_consecutive_declines + 1 WHERE id = :id"
+    """
+    UPDATE accounts SET auto_top_up_consecutive_declines = auto_top_up_consecutive_declines + 1,
+        auto_top_up_enabled = CASE WHEN :limit > 0 AND auto_top_up_consecutive_declines + 1 >= :limit
+            THEN false ELSE auto_top_up_enabled END,
+        auto_top_up_disabled_reason = CASE WHEN :limit > 0 AND auto_top_up_consecutive_declines + 1 >= :limit
+            THEN 'disabled after ' || (auto_top_up_consecutive_declines + 1) || ' consecutive declined top-ups'
+            ELSE auto_top_up_disabled_reason END,
+        auto_top_up_disabled_at = CASE WHEN :limit > 0 AND auto_top_up_consecutive_declines + 1 >= :limit
+            THEN CAST(:now AS timestamptz) ELSE auto_top_up_disabled_at END,
+        updated_at = :now
+    WHERE id = :id
+    RETURNING auto_top_up_consecutive_declines AS declines, NOT auto_top_up_enabled AS disabled
+    """
 )
 
 
@@ -980,12 +1128,17 @@ async def finish_top_up(
     charge_id: str | None,
     decline_reason: str | None,
     now: datetime,
+    policy: BillingPolicy,
 ) -> Effect:
     """Phase 3 of an auto-top-up: record the provider's answer and credit the ledger once.
 
     The ledger entry's key is derived from the attempt id, and the attempt
     row is locked, so a repeated phase 3 is a no-op that returns the stored
     state.  Waiting messages are resumed in the same transaction.
+
+    A decline adds one to the account's consecutive declines (a success
+    resets them); at ``policy.disable_after_declines`` auto-top-up switches
+    itself off, with the reason and time in the account's record.
 
     Outcomes: ``topped_up``, ``declined``, or those again for a repeat.
     """
@@ -1012,9 +1165,21 @@ async def finish_top_up(
         outbox = await _resume_waiting(conn, intent.account_id)
         return Effect("topped_up", {**base, "charge_id": charge_id, "balance_micros": balance}, outbox=outbox)
     await conn.execute(_ATTEMPT_DECLINED, {"id": intent.attempt_id, "reason": decline_reason, "now": now})
-    await conn.execute(_DECLINES_ADD, {"id": intent.account_id})
+    declines = await _one(
+        conn, _DECLINES_ADD, id=intent.account_id, limit=policy.disable_after_declines, now=now
+    )
+    assert declines is not None
     outbox = await _resume_waiting(conn, intent.account_id)
-    return Effect("declined", {**base, "decline_reason": decline_reason}, outbox=outbox)
+    return Effect(
+        "declined",
+        {
+            **base,
+            "decline_reason": decline_reason,
+            "consecutive_declines": int(declines["declines"]),
+            "auto_top_up_disabled": bool(declines["disabled"]),
+        },
+        outbox=outbox,
+    )
 
 
 # --------------------------------------------------------------------------- operator set-up
@@ -1022,8 +1187,8 @@ async def finish_top_up(
 _INSERT_ACCOUNT = text(
     """
     INSERT INTO accounts (id, currency, balance_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
-        auto_top_up_amount_micros, payment_method_ref)
-    VALUES (:id, :currency, 0, :enabled, :threshold, :amount, :payment_method_ref)
+        auto_top_up_amount_micros, payment_method_ref, auto_top_up_monthly_cap_micros)
+    VALUES (:id, :currency, 0, :enabled, :threshold, :amount, :payment_method_ref, :monthly_cap)
     ON CONFLICT (id) DO NOTHING RETURNING id
     """
 )
@@ -1038,11 +1203,13 @@ async def create_account(
     auto_top_up_threshold_micros: int | None = None,
     auto_top_up_amount_micros: int | None = None,
     payment_method_ref: str | None = None,
+    auto_top_up_monthly_cap_micros: int | None = None,
     now: datetime,
 ) -> bool:
     """Open an account; an opening balance is an ``adjustment`` ledger entry (balance == ledger sum).
 
-    Auto-top-up is enabled when amount, threshold and payment method are all given.
+    Auto-top-up is enabled when amount, threshold and payment method are all given;
+    ``auto_top_up_monthly_cap_micros`` optionally caps the top-ups of one calendar month.
 
     Returns:
       bool: False when the account already existed (nothing changed).
@@ -1057,6 +1224,7 @@ async def create_account(
         threshold=auto_top_up_threshold_micros,
         amount=auto_top_up_amount_micros,
         payment_method_ref=payment_method_ref,
+        monthly_cap=auto_top_up_monthly_cap_micros,
     )
     if row is None:
         return False
@@ -1123,6 +1291,144 @@ async def create_user_key(conn: AsyncConnection, *, account_id: str, now: dateti
         },
     )
     return IssuedKey(key_id, account_id, "", prefix, plaintext)
+
+
+_CREDIT_EXISTS = text("SELECT amount_micros FROM ledger_entries WHERE idempotency_key = :key")
+
+
+async def credit_account(
+    conn: AsyncConnection, *, account_id: str, amount_micros: int, idempotency_key: str, now: datetime
+) -> tuple[bool, int]:
+    """An operator's manual credit (a payment received outside the provider): an ``adjustment`` ledger entry.
+
+    Idempotent by ``idempotency_key`` (stored as ``credit:{key}``): a repeat
+    changes nothing.  Messages waiting for funds on the account are not
+    resumed by a credit; the scheduler's next dunning retry picks up a
+    past_due renewal.
+
+    Parameters:
+      amount_micros: Positive amount in micros of the account's currency.
+
+    Returns:
+      (applied, balance_micros): applied is False for a repeated key.
+
+    Raises:
+      UnknownAccount: No such account.
+      ValueError: Amount not in 1..10**15.
+    """
+    if not 0 < amount_micros <= 10**15:
+        raise ValueError("amount_micros must be between 1 and 10**15")
+    account = await _lock_account(conn, account_id)
+    key = f"credit:{idempotency_key}"
+    if await _one(conn, _CREDIT_EXISTS, key=key) is not None:
+        return False, int(account["balance_micros"])
+    balance = await _post_ledger_entry(
+        conn,
+        account_id=account_id,
+        amount_micros=amount_micros,
+        kind="adjustment",
+        idempotency_key=key,
+        now=now,
+    )
+    return True, balance
+
+
+_CONFIGURE_TOP_UP = text(
+    """
+    UPDATE accounts SET
+        auto_top_up_enabled = COALESCE(:enabled, auto_top_up_enabled),
+        auto_top_up_threshold_micros = COALESCE(:threshold, auto_top_up_threshold_micros),
+        auto_top_up_amount_micros = COALESCE(:amount, auto_top_up_amount_micros),
+        payment_method_ref = COALESCE(:payment_method_ref, payment_method_ref),
+        auto_top_up_monthly_cap_micros = CASE WHEN :clear_cap THEN NULL
+            ELSE COALESCE(:monthly_cap, auto_top_up_monthly_cap_micros) END,
+        auto_top_up_consecutive_declines = CASE WHEN :enabled THEN 0 ELSE auto_top_up_consecutive_declines END,
+        auto_top_up_disabled_reason = CASE WHEN :enabled THEN NULL
+            WHEN :enabled = false THEN 'disabled by an operator' ELSE auto_top_up_disabled_reason END,
+        auto_top_up_disabled_at = CASE WHEN :enabled THEN NULL
+            WHEN :enabled = false THEN CAST(:now AS timestamptz) ELSE auto_top_up_disabled_at END,
+        updated_at = :now
+    WHERE id = :id
+    RETURNING id
+    """
+)
+
+
+async def configure_auto_top_up(
+    conn: AsyncConnection,
+    *,
+    account_id: str,
+    now: datetime,
+    enabled: bool | None = None,
+    threshold_micros: int | None = None,
+    amount_micros: int | None = None,
+    payment_method_ref: str | None = None,
+    monthly_cap_micros: int | None = None,
+    clear_monthly_cap: bool = False,
+) -> None:
+    """Change an account's auto-top-up settings (None leaves a setting as it is).
+
+    Enabling resets the consecutive-decline count and clears the reason it
+    was switched off.
+
+    Raises:
+      UnknownAccount: No such account.
+      sqlalchemy.exc.IntegrityError: Enabling without amount, threshold and payment method
+        (CHECK ``accounts_top_up_configured``), or an amount out of range.
+    """
+    await _lock_account(conn, account_id)
+    await conn.execute(
+        _CONFIGURE_TOP_UP,
+        {
+            "id": account_id,
+            "enabled": enabled,
+            "threshold": threshold_micros,
+            "amount": amount_micros,
+            "payment_method_ref": payment_method_ref,
+            "monthly_cap": monthly_cap_micros,
+            "clear_cap": clear_monthly_cap,
+            "now": now,
+        },
+    )
+
+
+_SET_CANCEL_AT_PERIOD_END = text(
+    """
+    UPDATE subscriptions SET cancel_at_period_end = :cancel, updated_at = :now
+    WHERE id = :id AND status <> 'canceled'
+    RETURNING id, status, current_period_end
+    """
+)
+
+
+async def set_cancel_at_period_end(
+    conn: AsyncConnection, *, subscription_id: str, cancel: bool, now: datetime
+) -> dict[str, Any]:
+    """Ask for a subscription to end at its period end (``cancel=False`` takes the request back).
+
+    At period end the renewal cancels it instead of charging, and its managed
+    keys are revoked through ``revoke_key``.  Locks account then
+    subscription, the order of the money path.
+
+    Returns:
+      ``{"subscription_id", "status", "cancel_at_period_end", "current_period_end"}``.
+
+    Raises:
+      UnknownSubscription: No such subscription, or it is canceled already.
+    """
+    owner = await _one(conn, _SUBSCRIPTION_ACCOUNT, subscription_id=subscription_id)
+    if owner is None:
+        raise UnknownSubscription(f"unknown subscription {subscription_id!r}")
+    await _lock_account(conn, owner["account_id"])
+    row = await _one(conn, _SET_CANCEL_AT_PERIOD_END, id=subscription_id, cancel=cancel, now=now)
+    if row is None:
+        raise UnknownSubscription(f"subscription {subscription_id!r} is canceled already")
+    return {
+        "subscription_id": row["id"],
+        "status": row["status"],
+        "cancel_at_period_end": cancel,
+        "current_period_end": row["current_period_end"].isoformat(),
+    }
 
 
 # --------------------------------------------------------------------------- outbox

@@ -15,6 +15,7 @@ __all__ = ["account_snapshot"]
 _ACCOUNT_PARTS = {
     "subscriptions": """
         SELECT id, plan_id, status, current_period_start, current_period_end, cancel_at_period_end,
+               past_due_since, grace_ends_at, next_retry_at, dunning_attempts,
                canceled_at, cancel_reason FROM subscriptions WHERE account_id = :id ORDER BY created_at
         """,
     "api_keys": """
@@ -30,7 +31,7 @@ _ACCOUNT_PARTS = {
         FROM top_up_attempts WHERE account_id = :id ORDER BY created_at
         """,
     "entitlements": """
-        SELECT plan_id, subscription_id, status, entitled, current_period_end
+        SELECT plan_id, subscription_id, status, entitled, current_period_end, grace_ends_at
         FROM entitlements WHERE account_id = :id ORDER BY plan_id
         """,
 }
@@ -53,7 +54,8 @@ async def account_snapshot(engine: AsyncEngine, account_id: str) -> dict[str, An
                         """
                     SELECT id, currency, balance_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
                            auto_top_up_amount_micros, payment_method_ref IS NOT NULL AS has_payment_method,
-                           auto_top_up_consecutive_declines, auto_top_up_disabled_reason, created_at, updated_at
+                           auto_top_up_monthly_cap_micros, auto_top_up_consecutive_declines,
+                           auto_top_up_disabled_reason, auto_top_up_disabled_at, created_at, updated_at
                     FROM accounts WHERE id = :id
                     """
                     ),

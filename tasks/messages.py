@@ -50,6 +50,7 @@ __all__ = [
     "QUEUE_OF_ACTOR",
     "validate_message",
     "fingerprint",
+    "renewal_key",
 ]
 
 #: Largest amount accepted anywhere, in micros (SPEC "Money": 10^15 micros is
@@ -224,3 +225,32 @@ def validate_message(actor_name: str, kwargs: Any) -> BillingMessage:
         return model.model_validate(kwargs)
     except ValidationError as exc:
         raise MessageValidationError(f"invalid {actor_name} message: {_describe(exc)}") from exc
+
+
+def renewal_key(subscription_id: str, period_start: datetime, retry: int = 0) -> str:
+    """The scheduler's deterministic idempotency key of a renewal (SPEC "Messages").
+
+    ``renew:{subscription_id}:{period_start}`` with ``period_start`` in the
+    message's own ISO 8601 UTC form (``2026-02-28T00:00:00Z``), so every
+    scheduler pass, on any machine, sends the same key for one period.  A
+    dunning retry of a past_due period (``retry`` >= 1) appends ``:retry:{n}``:
+    its first attempt's key is completed with outcome ``past_due``, and a
+    retry under that key would only return the stored outcome.
+
+    Parameters:
+      subscription_id: The subscription's id.
+      period_start: Start of the period being paid for (aware datetime, UTC).
+      retry: 0 for the renewal itself, n for the n-th dunning retry.
+
+    Raises:
+      ValueError: ``period_start`` is naive or not UTC, or ``retry`` < 0.
+    """
+    if retry < 0:
+        raise ValueError("retry must be >= 0")
+    start = _utc_datetime(period_start).astimezone(UTC)
+    key = f"renew:{subscription_id}:{start.strftime('%Y-%m-%dT%H:%M:%S')}{_fraction(start)}Z"
+    return key if retry == 0 else f"{key}:retry:{retry}"
+
+
+def _fraction(value: datetime) -> str:
+    return f".{value.microsecond:06d}" if value.microsecond else ""

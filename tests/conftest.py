@@ -40,6 +40,9 @@ settings.load_profile("billing")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: Where lifecycle tests start their clock: a Jan 31 anchor (renews Feb 28, then Mar 31).
+CLOCK_START = "2026-01-31T12:00:00+00:00"
+
 TABLES = (
     "fake_provider_charges, failed_messages, entitlements, outbox, funds_waits, idempotency_keys, "
     "ledger_entries, top_up_attempts, api_keys, subscriptions, plans, accounts"
@@ -270,3 +273,42 @@ def spawn_worker(services: Services) -> Iterator[Callable[..., WorkerProcess]]:
     yield go
     for w in started:
         w.stop()
+
+
+@pytest.fixture
+def clock(worker: Any) -> Iterator[Any]:
+    """A FixedClock (starting at CLOCK_START) driving the in-process worker's money path.
+
+    Tests move it with ``clock.advance(timedelta(...))``; the worker's
+    BillingService reads it for every "now" for the length of the test.
+    """
+    from datetime import datetime
+
+    from workers import actors
+    from workers.clock import FixedClock
+
+    service = actors.get_service()
+    fixed = FixedClock(datetime.fromisoformat(CLOCK_START))
+    previous = service.clock
+    service.clock = fixed
+    yield fixed
+    service.clock = previous
+
+
+@pytest.fixture
+def run_scheduler(services: Services, broker: Any, clock: Any) -> Callable[..., Any]:
+    """``run_scheduler(**kw)``: one scheduler pass on ``clock`` over the session broker; returns its report."""
+    from db.engine import make_engine
+    from workers.scheduler import Scheduler
+
+    def go(**kwargs: Any) -> Any:
+        async def run() -> Any:
+            engine = make_engine(services.database_url, pool_size=1)
+            try:
+                return await Scheduler(engine, broker, clock=clock, **kwargs).run_pass()
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(run())
+
+    return go

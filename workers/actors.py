@@ -17,7 +17,6 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage
 
 from db.engine import make_engine
-from db.money import BillingPolicy
 from tasks.errors import ConfigurationError, MessageValidationError, PermanentError
 from tasks.messages import BILLING_QUEUE, PAYMENTS_QUEUE
 
@@ -50,7 +49,7 @@ def get_service() -> BillingService:
             engine=engine,
             provider=make_provider(settings, engine),
             broker=broker,
-            policy=BillingPolicy(top_ups_per_period=settings.top_ups_per_period),
+            policy=settings.billing_policy(),
             max_deliveries=settings.max_deliveries,
             crashpoints=parse_crashpoints(settings.crashpoints),
             exit_on_crash=True,

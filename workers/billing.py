@@ -239,7 +239,13 @@ class BillingService:
                 return stored
             now = self.clock.now()
             effect = await money.finish_top_up(
-                conn, intent, succeeded=succeeded, charge_id=charge_id, decline_reason=decline, now=now
+                conn,
+                intent,
+                succeeded=succeeded,
+                charge_id=charge_id,
+                decline_reason=decline,
+                now=now,
+                policy=self.policy,
             )
             await money.record_effect(conn, key, effect, now)
             self._crash("before_commit", key)

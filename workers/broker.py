@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from typing import Any
+from uuid import uuid4
 
+from dramatiq import Message
 from dramatiq.brokers.redis import MAINTENANCE_COMMAND_BLACKLIST, MAINTENANCE_SCALE, RedisBroker
 from dramatiq.common import current_millis
 from dramatiq.middleware import AsyncIO, CurrentMessage
@@ -77,6 +80,53 @@ class BillingRedisBroker(RedisBroker):
             )
 
         return do_dispatch
+
+    def enqueue_many(self, messages: Sequence[Message[Any]]) -> list[Message[Any]]:
+        """Enqueue several messages in one pipelined round trip to Redis.
+
+        The same as :meth:`RedisBroker.enqueue` for each message (a fresh
+        ``redis_message_id``, the enqueue middleware hooks, Dramatiq's
+        ``dispatch`` script), but the script calls travel in one pipeline,
+        so a batch of a thousand costs one round trip instead of a thousand.
+        No delay is supported.
+
+        Parameters:
+          messages: Messages built with their queue, actor, keyword arguments and message id.
+
+        Returns:
+          The enqueued messages (with their Redis ids), in order.
+
+        Raises:
+          redis.RedisError: The pipeline failed; some messages may have been
+            enqueued (enqueueing again is safe: consumers dedupe by idempotency key).
+        """
+        dispatch = self.scripts["dispatch"]
+        enqueued = []
+        with self.client.pipeline(transaction=False) as pipe:
+            for original in messages:
+                message = original.copy(options={"redis_message_id": str(uuid4())})
+                self.emit_before("enqueue", message, None)
+                dispatch(
+                    keys=[self.namespace],
+                    args=[
+                        "enqueue",
+                        current_millis(),
+                        message.queue_name,
+                        self.broker_id,
+                        self.heartbeat_timeout,
+                        self.dead_message_ttl,
+                        0,
+                        self._max_unpack_size(),
+                        message.options["redis_message_id"],
+                        message.encode(),
+                    ],
+                    client=pipe,
+                )
+                enqueued.append(message)
+            pipe.execute()
+        for message in enqueued:
+            self.emit_after("enqueue", message, None)
+        return enqueued
 
 
 def make_broker(settings: Settings, *, url: str | None = None, client: Any = None) -> BillingRedisBroker:

@@ -20,7 +20,7 @@ from typing import Any
 import click
 
 from tasks.errors import BillingError, ConfigurationError, MessageValidationError
-from tasks.messages import MAX_AMOUNT_MICROS, validate_message
+from tasks.messages import MAX_AMOUNT_MICROS, renewal_key, validate_message
 
 __all__ = ["app", "main"]
 
@@ -43,6 +43,11 @@ def account_app() -> None:
 @app.group("plan")
 def plan_app() -> None:
     """Plans."""
+
+
+@app.group("subscription")
+def subscription_app() -> None:
+    """Subscriptions."""
 
 
 @app.group("publish")
@@ -145,6 +150,13 @@ def db_upgrade() -> None:
 )
 @click.option("--auto-top-up-amount-micros", "amount", type=int, default=None, help="Amount of each top-up.")
 @click.option("--payment-method", "payment_method", type=str, default=None, help="Payment method reference.")
+@click.option(
+    "--auto-top-up-monthly-cap-micros",
+    "monthly_cap",
+    type=int,
+    default=None,
+    help="Most that auto-top-ups may add in one calendar month (UTC).",
+)
 def account_create(
     account_id: str,
     currency: str,
@@ -152,6 +164,7 @@ def account_create(
     threshold: int | None,
     amount: int | None,
     payment_method: str | None,
+    monthly_cap: int | None,
 ) -> None:
     """Open an account (auto-top-up is on when threshold, amount and payment method are all given)."""
     _check_id("account id", account_id)
@@ -159,6 +172,7 @@ def account_create(
     _check_amount("--balance-micros", balance_micros, minimum=0)
     _check_amount("--auto-top-up-threshold-micros", threshold, minimum=0)
     _check_amount("--auto-top-up-amount-micros", amount, minimum=1)
+    _check_amount("--auto-top-up-monthly-cap-micros", monthly_cap, minimum=1)
     given = [v is not None for v in (threshold, amount, payment_method)]
     if any(given) and not all(given):
         raise UsageProblem(
@@ -180,6 +194,7 @@ def account_create(
                 auto_top_up_threshold_micros=threshold,
                 auto_top_up_amount_micros=amount,
                 payment_method_ref=payment_method,
+                auto_top_up_monthly_cap_micros=monthly_cap,
                 now=_now(),
             )
 
@@ -246,6 +261,116 @@ def account_add_user_key(account_id: str) -> None:
 
     issued = _run_db(go)
     click.echo(json.dumps({"key_id": issued.key_id, "prefix": issued.prefix, "api_key": issued.plaintext}))
+
+
+@account_app.command("credit")
+@click.argument("account_id", metavar="ID")
+@click.option("--amount-micros", "amount", type=int, required=True, help="Amount to credit, in micros (> 0).")
+@click.option(
+    "--idempotency-key",
+    "idempotency_key",
+    type=str,
+    required=True,
+    help="The payment's reference; a repeat credits nothing.",
+)
+def account_credit(account_id: str, amount: int, idempotency_key: str) -> None:
+    """Credit a payment received outside the provider (an ``adjustment`` ledger entry, idempotent by key)."""
+    _check_id("account id", account_id)
+    _check_amount("--amount-micros", amount, minimum=1)
+    _check_id("--idempotency-key", idempotency_key)
+    from db import money
+    from db.engine import transaction
+
+    async def go(engine: Any) -> tuple[bool, int]:
+        async with transaction(engine) as conn:
+            return await money.credit_account(
+                conn, account_id=account_id, amount_micros=amount, idempotency_key=idempotency_key, now=_now()
+            )
+
+    applied, balance = _run_db(go)
+    state = "credited" if applied else "already credited (same key), nothing changed"
+    click.echo(f"account {account_id} {state}; balance {balance:,} micros")
+
+
+@account_app.command("auto-top-up")
+@click.argument("account_id", metavar="ID")
+@click.option(
+    "--enable/--disable", "enabled", default=None, help="Switch auto-top-up on (resets declines) or off."
+)
+@click.option("--threshold-micros", "threshold", type=int, default=None, help="Top up below this balance.")
+@click.option("--amount-micros", "amount", type=int, default=None, help="Amount of each top-up.")
+@click.option("--payment-method", "payment_method", type=str, default=None, help="Payment method reference.")
+@click.option("--monthly-cap-micros", "monthly_cap", type=int, default=None, help="Most per calendar month.")
+@click.option("--no-monthly-cap", "no_cap", is_flag=True, help="Remove the monthly cap.")
+def account_auto_top_up(
+    account_id: str,
+    enabled: bool | None,
+    threshold: int | None,
+    amount: int | None,
+    payment_method: str | None,
+    monthly_cap: int | None,
+    no_cap: bool,
+) -> None:
+    """Change an account's auto-top-up settings (options not given stay as they are)."""
+    _check_id("account id", account_id)
+    _check_amount("--threshold-micros", threshold, minimum=0)
+    _check_amount("--amount-micros", amount, minimum=1)
+    _check_amount("--monthly-cap-micros", monthly_cap, minimum=1)
+    if payment_method is not None:
+        _check_id("--payment-method", payment_method)
+    if no_cap and monthly_cap is not None:
+        raise UsageProblem("--monthly-cap-micros and --no-monthly-cap exclude each other")
+    from sqlalchemy.exc import IntegrityError
+
+    from db import money
+    from db.engine import transaction
+
+    async def go(engine: Any) -> None:
+        async with transaction(engine) as conn:
+            await money.configure_auto_top_up(
+                conn,
+                account_id=account_id,
+                now=_now(),
+                enabled=enabled,
+                threshold_micros=threshold,
+                amount_micros=amount,
+                payment_method_ref=payment_method,
+                monthly_cap_micros=monthly_cap,
+                clear_monthly_cap=no_cap,
+            )
+
+    try:
+        _run_db(go)
+    except IntegrityError as exc:
+        raise UsageProblem(
+            "auto-top-up needs a threshold, an amount and a payment method before it can be enabled"
+        ) from exc
+    click.echo(f"account {account_id} auto-top-up updated")
+
+
+# --------------------------------------------------------------------------- subscriptions
+
+
+@subscription_app.command("cancel")
+@click.argument("subscription_id", metavar="ID")
+@click.option("--undo", is_flag=True, help="Take back a cancel request (the subscription renews again).")
+def subscription_cancel(subscription_id: str, undo: bool) -> None:
+    """Cancel at period end: the renewal then cancels instead of charging and revokes the managed keys."""
+    _check_id("subscription id", subscription_id)
+    from db import money
+    from db.engine import transaction
+
+    async def go(engine: Any) -> dict[str, Any]:
+        async with transaction(engine) as conn:
+            return await money.set_cancel_at_period_end(
+                conn, subscription_id=subscription_id, cancel=not undo, now=_now()
+            )
+
+    result = _run_db(go)
+    if undo:
+        click.echo(f"subscription {subscription_id} renews at {result['current_period_end']}")
+    else:
+        click.echo(f"subscription {subscription_id} ends at {result['current_period_end']}")
 
 
 # --------------------------------------------------------------------------- plans
@@ -342,7 +467,7 @@ def publish_renew(subscription_id: str, period_start: str, idempotency_key: str 
             "renew",
             {"subscription_id": subscription_id, "period_start": period_start, "idempotency_key": "x"},
         )
-        key = f"renew:{subscription_id}:{parsed.period_start.isoformat()}"  # type: ignore[attr-defined]
+        key = renewal_key(subscription_id, parsed.period_start)  # type: ignore[attr-defined]
     _publish(
         "renew", {"subscription_id": subscription_id, "period_start": period_start, "idempotency_key": key}
     )
@@ -430,6 +555,96 @@ def worker(processes: int, threads: int) -> None:
         str(threads),
     ]
     os.execv(sys.executable, argv)
+
+
+@app.command("scheduler")
+@click.option("--once", is_flag=True, help="Run one pass and exit.")
+@click.option(
+    "--interval-ms",
+    "interval_ms",
+    type=click.IntRange(100, None),
+    default=None,
+    help="Time between passes (default BILLING_SCHEDULER_INTERVAL_MS, 60000).",
+)
+@click.option(
+    "--lead-time-ms",
+    "lead_ms",
+    type=click.IntRange(0, None),
+    default=None,
+    help="Renew periods ending this soon (default BILLING_RENEWAL_LEAD_MS, 0).",
+)
+@click.option(
+    "--progress/--no-progress",
+    "progress",
+    default=None,
+    help="Progress bar (default: when --once runs on a terminal).",
+)
+def scheduler(once: bool, interval_ms: int | None, lead_ms: int | None, progress: bool | None) -> None:
+    """Enqueue due renewals and dunning retries (one scanning scheduler at a time, any number running)."""
+    import signal
+    from datetime import timedelta
+
+    from db.engine import make_engine
+
+    from .broker import make_broker
+    from .logging import configure_logging
+    from .scheduler import Scheduler
+    from .settings import get_settings
+
+    settings = get_settings()
+    if not settings.database_url:
+        raise ConfigurationError("BILLING_DATABASE_URL is not set")
+    configure_logging(settings.log_format, settings.log_level)
+    broker = make_broker(settings)
+    show_progress = progress if progress is not None else (once and sys.stdout.isatty())
+
+    async def go() -> Any:
+        engine = make_engine(settings.database_url, pool_size=1)
+        sched = Scheduler(
+            engine,
+            broker,
+            lead_time=timedelta(milliseconds=settings.renewal_lead_ms if lead_ms is None else lead_ms),
+            batch_size=settings.scheduler_batch_size,
+        )
+        try:
+            if once:
+                if not show_progress:
+                    return await sched.run_pass()
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
+
+                with Progress(
+                    TextColumn("enqueueing renewals"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+                ) as bar:
+                    task = bar.add_task("renewals", total=None)
+                    return await sched.run_pass(
+                        on_total=lambda n: bar.update(task, total=n),
+                        on_batch=lambda n: bar.advance(task, n),
+                    )
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            interval = timedelta(milliseconds=interval_ms or settings.scheduler_interval_ms)
+            await sched.run_forever(interval=interval, stop=stop)
+            return None
+        finally:
+            await engine.dispose()
+            broker.close()
+
+    report = asyncio.run(go())
+    if report is not None:
+        if not report.ran:
+            click.echo("another scheduler is scanning; nothing done")
+        else:
+            click.echo(
+                f"enqueued {report.renewals} renewals and {report.retries} dunning retries in {report.seconds:.2f} s"
+            )
 
 
 @app.command("demo")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from functools import lru_cache
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from db.money import BillingPolicy
 
 __all__ = ["Settings", "get_settings"]
 
@@ -52,6 +55,25 @@ class Settings(BaseSettings):
 
     #: Auto-top-ups per account per top-up period (a calendar month in UTC).
     top_ups_per_period: int = Field(1, ge=1)
+    #: Consecutive declined top-ups after which an account's auto-top-up
+    #: switches itself off (0: never).
+    top_up_disable_after_declines: int = Field(3, ge=0)
+
+    #: A renewal that cannot be paid leaves the subscription ``past_due`` for
+    #: this long (from the first failed attempt), then it is canceled.
+    grace_period_ms: int = Field(3 * 86_400_000, ge=0)
+    #: Dunning: retry a past_due renewal this long after the first failed
+    #: attempt (JSON list; the end of grace is always the last retry).
+    dunning_schedule_ms: list[int] = Field(
+        default_factory=lambda: [86_400_000, 2 * 86_400_000, 3 * 86_400_000]
+    )
+
+    #: ``billing scheduler``: time between two passes.
+    scheduler_interval_ms: int = Field(60_000, ge=100)
+    #: Renew a period this long before it ends (0: at period end).
+    renewal_lead_ms: int = Field(0, ge=0)
+    #: Due subscriptions read and enqueued per batch (one pipelined Redis round trip each).
+    scheduler_batch_size: int = Field(1_000, ge=1, le=100_000)
 
     #: Outbox rows older than this were left by a worker that died between
     #: commit and relay; the sweeper of every worker relays them.
@@ -82,6 +104,15 @@ class Settings(BaseSettings):
     #: Crash points (``name`` or ``name:key-substring``, comma separated) at
     #: which the worker process exits at once; for crash tests only.
     crashpoints: str = ""
+
+    def billing_policy(self) -> BillingPolicy:
+        """The money path's rules (:class:`db.money.BillingPolicy`) from these settings."""
+        return BillingPolicy(
+            top_ups_per_period=self.top_ups_per_period,
+            disable_after_declines=self.top_up_disable_after_declines,
+            grace_period=timedelta(milliseconds=self.grace_period_ms),
+            dunning_schedule=tuple(timedelta(milliseconds=ms) for ms in self.dunning_schedule_ms),
+        )
 
 
 @lru_cache(maxsize=1)

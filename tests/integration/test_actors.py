@@ -208,52 +208,6 @@ def test_renew_charges_each_period_once_whatever_the_key(setup, producer, drain,
     _assert_ledger_matches(db)
 
 
-def test_renew_short_without_top_up_cancels_and_revokes_managed_keys_only(
-    setup, producer, drain, db, services
-):
-    setup(
-        accounts=[{"account_id": "a1", "balance_micros": 25 * USD}],
-        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
-    )
-    producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="k1")
-    drain()
-    # the user's own key, which no billing flow may touch
-    import asyncio
-
-    from db import money
-    from db.engine import make_engine, transaction
-    from workers.clock import SystemClock
-
-    async def user_key():
-        engine = make_engine(services.database_url, pool_size=1)
-        async with transaction(engine) as conn:
-            issued = await money.create_user_key(conn, account_id="a1", now=SystemClock().now())
-        await engine.dispose()
-        return issued.key_id
-
-    user_key_id = asyncio.run(user_key())
-    sub = db("SELECT id, current_period_end FROM subscriptions")[0]
-    producer.renew(subscription_id=sub["id"], period_start=sub["current_period_end"], idempotency_key="r1")
-    drain()
-    assert _outcome(db, "r1")[1]["outcome"] == "canceled_insufficient_funds"
-    assert db("SELECT status, cancel_reason FROM subscriptions") == [
-        {"status": "canceled", "cancel_reason": "insufficient_funds"}
-    ]
-    keys = {r["source"]: r["status"] for r in db("SELECT source, status FROM api_keys")}
-    assert keys == {"managed": "revoked", "user": "active"}
-    assert db("SELECT entitled FROM entitlements") == [{"entitled": False}]
-    assert _balance(db, "a1") == 5 * USD
-    # revoking by subscription again is a no-op; the user key is revoked only by its id
-    producer.revoke_key(subscription_id=sub["id"], reason="again", idempotency_key="rv1")
-    producer.revoke_key(key_id=user_key_id, reason="user asked", idempotency_key="rv2")
-    drain()
-    assert _outcome(db, "rv1")[1]["outcome"] == "already_revoked"
-    assert _outcome(db, "rv2")[1]["outcome"] == "revoked"
-    producer.revoke_key(key_id=user_key_id, reason="user asked twice", idempotency_key="rv3")
-    drain()
-    assert _outcome(db, "rv3")[1]["outcome"] == "already_revoked"
-
-
 def test_explicit_top_up_with_provider_timeout_after_charging_credits_once(setup, producer, drain, db):
     setup(accounts=[_top_up_account(0, threshold=1 * USD, amount=10 * USD, card="pm_timeout_after_charge")])
     producer.auto_top_up(account_id="a1", idempotency_key="t1", amount_micros=7 * USD, reason="manual")

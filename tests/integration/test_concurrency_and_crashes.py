@@ -130,8 +130,9 @@ def test_two_plans_renewing_together_each_see_the_real_balance(setup, services, 
 
     # 50 - 3 x 10 = 20 left: two of three renewals fit
     results = asyncio.run(run())
-    assert sorted(r["outcome"] for r in results) == ["canceled_insufficient_funds", "renewed", "renewed"]
+    assert sorted(r["outcome"] for r in results) == ["past_due", "renewed", "renewed"]
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 0}]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 2}]
 
 
 TOP_UP_ACCOUNT = {
@@ -200,7 +201,10 @@ def test_crash_before_commit_applies_nothing_and_the_redelivery_applies_once(set
 
 
 def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, services, db, broker):
-    """A renew that cancels writes its revoke_key to the outbox; the worker dies before relaying it."""
+    """A renew that cancels (at period end) writes its revoke_key to the outbox; the worker dies before relaying it."""
+    from db import money
+    from db.engine import transaction
+
     setup(
         accounts=[{"account_id": "a1", "balance_micros": 20 * USD}],
         plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
@@ -211,6 +215,10 @@ def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, se
         try:
             await service.handle("subscribe", _sub("a1", "pro", "k1"), Delivery("m1"))
             sub = (await _q(service, "SELECT id, current_period_end FROM subscriptions"))[0]
+            async with transaction(service.engine) as conn:
+                await money.set_cancel_at_period_end(
+                    conn, subscription_id=sub["id"], cancel=True, now=service.clock.now()
+                )
         finally:
             await service.engine.dispose()
         crashing = _service(services, broker=broker, crashpoints={"after_commit": ""})

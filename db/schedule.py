@@ -1,0 +1,94 @@
+"""The scheduler's SQL: which subscriptions are due, and the lock that lets one scheduler scan at a time.
+
+Read-only: the scheduler never moves money.  It only enqueues ``renew``
+messages; the ``renew`` actor decides, under the subscription's row lock,
+whether a period is charged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+__all__ = [
+    "DueRenewal",
+    "SCHEDULER_LOCK_ID",
+    "try_scheduler_lock",
+    "release_scheduler_lock",
+    "due_renewals",
+    "count_due",
+]
+
+#: PostgreSQL advisory lock key held by the scheduler that is scanning
+#: (``hashtext('billing-queue:scheduler')`` fixed as a constant).
+SCHEDULER_LOCK_ID = 7_240_113_905_521_370_131
+
+
+@dataclass(frozen=True)
+class DueRenewal:
+    """A renewal to enqueue.
+
+    Attributes:
+      subscription_id: The subscription.
+      period_start: Start of the unpaid period (its current period end), UTC.
+      retry: 0 for the renewal at period end, n for the n-th dunning retry of a past_due one.
+    """
+
+    subscription_id: str
+    period_start: datetime
+    retry: int
+
+
+# Two index scans (subscriptions_renewal_due, subscriptions_dunning_due):
+# active subscriptions whose period ends within the lead time, and past_due
+# ones whose next dunning retry has come.
+_DUE = """
+    SELECT id, current_period_end AS period_start, 0 AS retry
+    FROM subscriptions WHERE status = 'active' AND current_period_end <= :horizon
+    UNION ALL
+    SELECT id, current_period_end AS period_start, dunning_attempts + 1 AS retry
+    FROM subscriptions WHERE status = 'past_due' AND next_retry_at <= :now
+"""
+
+
+async def try_scheduler_lock(conn: AsyncConnection) -> bool:
+    """Take the scheduler's session-level advisory lock on ``conn`` without waiting.
+
+    Returns False when another scheduler (any process, any machine) holds it.
+    The lock is released by :func:`release_scheduler_lock` or when the
+    connection closes (a crashed scheduler cannot keep it).
+    """
+    row = await conn.execute(text("SELECT pg_try_advisory_lock(:id)"), {"id": SCHEDULER_LOCK_ID})
+    return bool(row.scalar_one())
+
+
+async def release_scheduler_lock(conn: AsyncConnection) -> None:
+    """Release the lock taken by :func:`try_scheduler_lock` on the same connection."""
+    await conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": SCHEDULER_LOCK_ID})
+
+
+async def count_due(conn: AsyncConnection, *, now: datetime, horizon: datetime) -> int:
+    """How many renewals :func:`due_renewals` would yield (for a progress bar)."""
+    row = await conn.execute(text(f"SELECT count(*) FROM ({_DUE}) due"), {"now": now, "horizon": horizon})
+    return int(row.scalar_one())
+
+
+async def due_renewals(
+    conn: AsyncConnection, *, now: datetime, horizon: datetime, batch_size: int = 1000
+) -> AsyncIterator[list[DueRenewal]]:
+    """Stream due renewals in batches through a server-side cursor (memory flat at any count).
+
+    Parameters:
+      now: The scheduler clock's time (UTC); dunning retries due at or before it.
+      horizon: ``now`` plus the lead time; renewals of periods ending at or before it.
+      batch_size: Rows fetched per round trip.
+    """
+    result = await conn.stream(
+        text(_DUE).execution_options(yield_per=batch_size), {"now": now, "horizon": horizon}
+    )
+    async for rows in result.partitions(batch_size):
+        yield [DueRenewal(r.id, r.period_start, int(r.retry)) for r in rows]

@@ -1,0 +1,181 @@
+"""The renewal scheduler: finds due subscriptions and enqueues their ``renew`` messages.
+
+A pass (SPEC "Messages", issue 3):
+
+1. takes a PostgreSQL advisory lock without waiting, so one scheduler scans
+   at a time whatever the number of machines (a pass that finds the lock
+   taken does nothing; a crashed scheduler's lock goes with its connection);
+2. streams the due subscriptions through a server-side cursor, by index:
+   ``active`` ones whose period ends within the lead time, and ``past_due``
+   ones whose next dunning retry has come;
+3. enqueues one ``renew`` per due subscription with the deterministic key
+   ``renew:{subscription_id}:{period_start}`` (``...:retry:{n}`` for the
+   n-th dunning retry), a batch per pipelined Redis round trip.
+
+The scheduler moves no money and decides nothing: two passes at once, a
+pass repeated, or a message enqueued twice all send the same key, and the
+``renew`` actor charges a period at most once under the subscription's row
+lock.  A subscription stays due (and is enqueued again on the next pass)
+until its renewal commits, so a lost message costs one interval, never a
+period.  Time comes from an injected clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import dramatiq
+import structlog
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from db.engine import translate_errors
+from db.schedule import DueRenewal, count_due, due_renewals, release_scheduler_lock, try_scheduler_lock
+from tasks.messages import RenewMessage, renewal_key
+from tasks.producer import to_dramatiq_message
+
+from .clock import Clock, SystemClock
+
+__all__ = ["Scheduler", "PassReport"]
+
+log = structlog.get_logger("scheduler")
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """What one pass did.
+
+    Attributes:
+      ran: False when another scheduler held the lock (nothing was scanned).
+      renewals: ``renew`` messages enqueued for periods ending.
+      retries: ``renew`` messages enqueued as dunning retries of past_due subscriptions.
+      seconds: Wall time of the pass.
+    """
+
+    ran: bool
+    renewals: int = 0
+    retries: int = 0
+    seconds: float = 0.0
+
+    @property
+    def enqueued(self) -> int:
+        """All messages enqueued by the pass."""
+        return self.renewals + self.retries
+
+
+class Scheduler:
+    """Enqueues due renewals; see the module docstring for the rules.
+
+    Parameters:
+      engine: Async engine on the billing database.
+      broker: Dramatiq broker to enqueue on (:meth:`BillingRedisBroker.enqueue_many`
+        is used when the broker has it, one ``enqueue`` per message otherwise).
+      clock: Source of "now" (UTC); a FixedClock runs months in seconds.
+      lead_time: Renew periods ending up to this long after now.
+      batch_size: Subscriptions per cursor fetch and per pipelined enqueue.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        broker: dramatiq.Broker,
+        *,
+        clock: Clock | None = None,
+        lead_time: timedelta = timedelta(0),
+        batch_size: int = 1_000,
+    ) -> None:
+        self.engine = engine
+        self.broker = broker
+        self.clock = clock or SystemClock()
+        self.lead_time = lead_time
+        self.batch_size = batch_size
+
+    async def run_pass(
+        self,
+        *,
+        on_total: Callable[[int], None] | None = None,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> PassReport:
+        """Run one pass.
+
+        Parameters:
+          on_total: Called with the number of due renewals before enqueueing
+            (costs one ``count(*)``; for a progress bar).
+          on_batch: Called with the size of each enqueued batch.
+
+        Raises:
+          DatabaseUnavailable: PostgreSQL could not be reached.
+          redis.RedisError: Redis could not be reached (the next pass sends everything again).
+        """
+        started = time.monotonic()
+        now = self.clock.now()
+        horizon = now + self.lead_time
+        renewals = retries = 0
+        async with translate_errors(), self.engine.connect() as conn:
+            if not await try_scheduler_lock(conn):
+                await conn.rollback()
+                log.info("scheduler_pass_skipped", reason="another scheduler holds the lock")
+                return PassReport(ran=False)
+            try:
+                if on_total is not None:
+                    on_total(await count_due(conn, now=now, horizon=horizon))
+                async for batch in due_renewals(conn, now=now, horizon=horizon, batch_size=self.batch_size):
+                    await asyncio.to_thread(self._enqueue, batch)
+                    batch_retries = sum(1 for due in batch if due.retry)
+                    retries += batch_retries
+                    renewals += len(batch) - batch_retries
+                    if on_batch is not None:
+                        on_batch(len(batch))
+            finally:
+                await conn.rollback()
+                await release_scheduler_lock(conn)
+                await conn.commit()
+        report = PassReport(True, renewals, retries, time.monotonic() - started)
+        log.info(
+            "scheduler_pass",
+            now=now.isoformat(),
+            renewals=renewals,
+            retries=retries,
+            seconds=round(report.seconds, 3),
+        )
+        return report
+
+    def _enqueue(self, batch: list[DueRenewal]) -> None:
+        messages = [
+            to_dramatiq_message(
+                RenewMessage(
+                    subscription_id=due.subscription_id,
+                    period_start=due.period_start,
+                    idempotency_key=renewal_key(due.subscription_id, due.period_start, due.retry),
+                )
+            )
+            for due in batch
+        ]
+        enqueue_many: Any = getattr(self.broker, "enqueue_many", None)
+        if enqueue_many is not None:
+            enqueue_many(messages)
+        else:
+            for message in messages:
+                self.broker.enqueue(message)
+
+    async def run_forever(self, *, interval: timedelta, stop: asyncio.Event) -> None:
+        """Run a pass every ``interval`` until ``stop`` is set.
+
+        A pass that fails (database or Redis down) is logged and the next one
+        runs on time: everything due is enqueued again then.
+        """
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.run_pass()
+            except Exception as exc:  # noqa: BLE001 - keep scheduling; logged
+                log.error("scheduler_pass_failed", error=type(exc).__name__, reason=str(exc))
+            wait = max(0.0, interval.total_seconds() - (time.monotonic() - started))
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=wait)
+            except TimeoutError:
+                pass
