@@ -379,7 +379,8 @@ async def record_failure(
 _LOCK_ACCOUNT = text(
     """
     SELECT id, currency, balance_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
-           auto_top_up_amount_micros, payment_method_ref, auto_top_up_monthly_cap_micros
+           auto_top_up_amount_micros, payment_method_ref, auto_top_up_monthly_cap_micros,
+           auto_top_up_disabled_reason
     FROM accounts WHERE id = :account_id FOR UPDATE
     """
 )
@@ -493,6 +494,13 @@ _PERIOD_TOP_UPS = text(
     """
 )
 _KEY_STATUS = text("SELECT status FROM idempotency_keys WHERE key = :key")
+_RESERVE_KEY = text(
+    """
+    INSERT INTO idempotency_keys (key, kind, fingerprint, status, attempts, account_id)
+    VALUES (:key, :kind, :fingerprint, 'processing', 0, :account_id)
+    ON CONFLICT (key) DO NOTHING
+    """
+)
 _REGISTER_WAIT = _sql(
     """
     INSERT INTO funds_waits (idempotency_key, account_id, actor_name, queue_name, kwargs)
@@ -537,11 +545,19 @@ async def _trigger_top_up(
         if key_row is None:
             # one fixed reason per slot: every trigger of the slot must be the
             # same request, or the second would be an idempotency conflict
-            outbox.append(
-                OutboxMessage.of(
-                    AutoTopUpMessage(account_id=account["id"], idempotency_key=key, reason="low_balance")
-                )
+            top_up = AutoTopUpMessage(account_id=account["id"], idempotency_key=key, reason="low_balance")
+            # reserve the slot's key with the message, so a trigger that runs
+            # before the top-up is processed does not send it again
+            await conn.execute(
+                _RESERVE_KEY,
+                {
+                    "key": key,
+                    "kind": top_up.actor_name,
+                    "fingerprint": top_up.fingerprint(),
+                    "account_id": account["id"],
+                },
             )
+            outbox.append(OutboxMessage.of(top_up))
     if waiting is not None:
         await conn.execute(
             _REGISTER_WAIT,
@@ -1020,6 +1036,7 @@ async def begin_top_up(
     Returns the recorded :class:`TopUpIntent` (also when a previous delivery
     recorded it: the caller continues from the provider call), or a final
     :class:`Effect` when no attempt is allowed (``not_configured``,
+    ``auto_top_up_disabled`` with the reason from the account's record,
     ``limit_reached`` for the period, ``cap_reached`` for the account's
     monthly cap, counting pending and succeeded attempts); waiting messages
     are then resumed so they finish.
@@ -1032,8 +1049,11 @@ async def begin_top_up(
         return _intent(existing)
     account = await _lock_account(conn, message.account_id)
     if not account["auto_top_up_enabled"] or not account["payment_method_ref"]:
+        disabled = account["auto_top_up_disabled_reason"]
         return Effect(
-            "not_configured", {"account_id": account["id"]}, outbox=await _resume_waiting(conn, account["id"])
+            "auto_top_up_disabled" if disabled else "not_configured",
+            {"account_id": account["id"], **({"reason": disabled} if disabled else {})},
+            outbox=await _resume_waiting(conn, account["id"]),
         )
     period = top_up_period(now)
     counts = await _one(conn, _PERIOD_TOP_UPS, account_id=account["id"], period=period)

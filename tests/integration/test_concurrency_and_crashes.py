@@ -245,3 +245,70 @@ def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, se
     assert db("SELECT * FROM outbox") == []
     queued = broker.client.hvals("dramatiq:billing.msgs")
     assert [json.loads(m)["actor_name"] for m in queued] == ["revoke_key"]
+
+
+async def _process_outbox(service: BillingService) -> list[dict[str, Any]]:
+    """Relay by hand: handle each outbox message (as a worker would after the relay), until none is left."""
+    from sqlalchemy import text
+
+    results = []
+    for _ in range(10):
+        async with service.engine.begin() as conn:
+            rows = (
+                (await conn.execute(text("DELETE FROM outbox RETURNING message_id, actor_name, kwargs")))
+                .mappings()
+                .all()
+            )
+        if not rows:
+            return results
+        for r in rows:
+            results.append(await service.handle(r["actor_name"], r["kwargs"], Delivery(r["message_id"])))
+    raise AssertionError("the outbox kept refilling")
+
+
+@pytest.mark.parametrize(
+    "step", ["after_top_up_intent", "after_provider_charge", "before_commit", "after_commit"]
+)
+def test_a_subscribe_waiting_for_a_top_up_continues_exactly_once_after_a_crash_at_each_phase(
+    setup, services, db, step
+):
+    setup(
+        accounts=[{**TOP_UP_ACCOUNT, "balance_micros": 5 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 8 * USD}],
+    )
+
+    async def run() -> list[dict[str, Any]]:
+        service = _service(services)
+        crashing = _service(services, crashpoints={step: "auto_top_up"})
+        try:
+            first = await service.handle("subscribe", _sub("a1", "pro", "s1"), Delivery("m1"))
+            assert first["outcome"] == "awaiting_top_up"
+            # the top-up's first delivery dies at the step, the outbox row already gone (relayed)
+            async with service.engine.begin() as conn:
+                from sqlalchemy import text
+
+                (top_up,) = (
+                    (await conn.execute(text("DELETE FROM outbox RETURNING message_id, actor_name, kwargs")))
+                    .mappings()
+                    .all()
+                )
+            with pytest.raises(SimulatedCrash):
+                await crashing.handle("auto_top_up", top_up["kwargs"], Delivery(top_up["message_id"]))
+            # redelivery of the same message, then whatever it sent on
+            redelivered = await service.handle(
+                "auto_top_up", top_up["kwargs"], Delivery(top_up["message_id"])
+            )
+            return [redelivered, *await _process_outbox(service)]
+        finally:
+            await service.engine.dispose()
+            await crashing.engine.dispose()
+
+    results = asyncio.run(run())
+    assert results[0]["outcome"] == "topped_up"
+    assert [r["outcome"] for r in results[1:]] == ["subscribed"]  # resumed once
+    assert db("SELECT count(*) AS n FROM fake_provider_charges") == [{"n": 1}]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'top_up'") == [{"n": 1}]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'subscription_charge'") == [{"n": 1}]
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": (5 + 10 - 8) * USD}]
+    assert db("SELECT status FROM idempotency_keys WHERE key = 's1'") == [{"status": "completed"}]
+    assert db("SELECT * FROM funds_waits") == []
