@@ -128,3 +128,70 @@ def test_audit_drained_flags_work_still_in_flight(services, db, setup):
     assert drained.returncode == 1
     violations = json.loads(drained.stdout)["violations"]
     assert violations["no_unfinished_keys"] == [{"key": "k1", "kind": "subscribe", "status": "processing"}]
+
+
+def test_scheduler_once_enqueues_due_renewals_and_the_worker_charges_them(
+    services, db, setup, producer, drain
+):
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 50_000_000}],
+        plans=[{"plan_id": "pro", "price_micros": 20_000_000}],
+    )
+    producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="s1")
+    drain()
+    # nothing is due today; with a lead time longer than the period, the renewal is
+    out = billing("scheduler", "--once")
+    assert out.returncode == 0, out.stderr
+    assert "enqueued 0 renewals and 0 dunning retries" in out.stdout, out.stderr
+    out = billing("scheduler", "--once", "--lead-time-ms", str(32 * 86_400_000))
+    assert "enqueued 1 renewals and 0 dunning retries" in out.stdout, out.stderr
+    drain()
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 1}]
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10_000_000}]
+
+
+def test_cancel_at_period_end_credit_and_auto_top_up_settings_from_the_shell(
+    services, db, setup, producer, drain
+):
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 50_000_000}],
+        plans=[{"plan_id": "pro", "price_micros": 20_000_000}],
+    )
+    producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="s1")
+    drain()
+    sub_id = db("SELECT id FROM subscriptions")[0]["id"]
+    out = billing("subscription", "cancel", sub_id)
+    assert out.returncode == 0 and "ends at" in out.stdout, out.stderr
+    assert db("SELECT cancel_at_period_end FROM subscriptions") == [{"cancel_at_period_end": True}]
+    assert billing("subscription", "cancel", sub_id, "--undo").returncode == 0
+    assert db("SELECT cancel_at_period_end FROM subscriptions") == [{"cancel_at_period_end": False}]
+    assert billing("subscription", "cancel", "sub_missing").returncode == 1
+
+    for _ in range(2):  # the same payment reference credits once
+        out = billing("account", "credit", "a1", "--amount-micros", "5000000", "--idempotency-key", "wire-7")
+        assert out.returncode == 0, out.stderr
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 35_000_000}]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE idempotency_key = 'credit:wire-7'") == [
+        {"n": 1}
+    ]
+
+    bad = billing("account", "auto-top-up", "a1", "--enable")  # no card, amount or threshold yet
+    assert bad.returncode == 2 and "needs a threshold" in bad.stderr
+    out = billing(
+        "account",
+        "auto-top-up",
+        "a1",
+        "--enable",
+        "--threshold-micros",
+        "1000000",
+        "--amount-micros",
+        "9000000",
+        "--payment-method",
+        "pm_card_visa",
+        "--monthly-cap-micros",
+        "20000000",
+    )
+    assert out.returncode == 0, out.stderr
+    assert db("SELECT auto_top_up_enabled AS on, auto_top_up_monthly_cap_micros AS cap FROM accounts") == [
+        {"on": True, "cap": 20_000_000}
+    ]
