@@ -57,6 +57,25 @@ CHECKS: dict[str, tuple[str, str]] = {
               OR l.amount_micros <> t.amount_micros)
         """,
     ),
+    "entitlement_matches_subscription": (
+        "the entitlement projection agrees with its subscription (updated in the same transaction)",
+        """
+        SELECT e.account_id, e.plan_id, e.subscription_id, e.status AS projected, s.status
+        FROM entitlements e JOIN subscriptions s ON s.id = e.subscription_id
+        WHERE e.status <> s.status OR e.entitled <> (s.status IN ('active', 'past_due'))
+           OR e.current_period_end IS DISTINCT FROM s.current_period_end
+           OR (s.status = 'past_due' AND e.grace_ends_at IS DISTINCT FROM s.grace_ends_at)
+        """,
+    ),
+    "past_due_state_complete": (
+        "past_due subscriptions, and only they, carry a grace period and a next retry",
+        """
+        SELECT id AS subscription_id, status, past_due_since, grace_ends_at, next_retry_at
+        FROM subscriptions
+        WHERE (status = 'past_due') <> (past_due_since IS NOT NULL AND grace_ends_at IS NOT NULL
+                                        AND next_retry_at IS NOT NULL AND next_retry_at <= grace_ends_at)
+        """,
+    ),
 }
 
 #: Checks that only hold once the queues are drained (work still in flight otherwise).

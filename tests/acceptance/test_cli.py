@@ -195,3 +195,21 @@ def test_cancel_at_period_end_credit_and_auto_top_up_settings_from_the_shell(
     assert db("SELECT auto_top_up_enabled AS on, auto_top_up_monthly_cap_micros AS cap FROM accounts") == [
         {"on": True, "cap": 20_000_000}
     ]
+
+
+def test_audit_names_a_projection_or_past_due_state_out_of_step(services, db, setup, producer, drain):
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 30_000_000}],
+        plans=[{"plan_id": "pro", "price_micros": 20_000_000}],
+    )
+    producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="s1")
+    drain()
+    assert billing("audit").returncode == 0
+    # a projection written outside the effect's transaction, and a past_due with no retry
+    db("UPDATE entitlements SET entitled = false")
+    db("UPDATE subscriptions SET status = 'past_due'")
+    out = billing("audit", "--json")
+    assert out.returncode == 1
+    violations = json.loads(out.stdout)["violations"]
+    assert [v["projected"] for v in violations["entitlement_matches_subscription"]] == ["active"]
+    assert [v["status"] for v in violations["past_due_state_complete"]] == ["past_due"]

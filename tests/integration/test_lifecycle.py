@@ -62,6 +62,21 @@ def _utc(*args):
     return datetime(*args, tzinfo=UTC)
 
 
+def _audit(services):
+    from db.audit import run_audit
+    from db.engine import make_engine
+
+    async def run():
+        engine = make_engine(services.database_url, pool_size=1)
+        try:
+            return await run_audit(engine, quiescent=True)
+        finally:
+            await engine.dispose()
+
+    report = asyncio.run(run())
+    assert report.ok, report.violations
+
+
 def test_monthly_anchor_on_jan_31_renews_feb_28_then_mar_31(setup, producer, drain, db, clock, run_scheduler):
     setup(
         accounts=[{"account_id": "a1", "balance_micros": 100 * USD}],
@@ -189,6 +204,7 @@ def test_short_funds_go_past_due_then_dunning_retry_restores_active_for_the_unpa
     drain()
     assert _outcome(db, f"renew:{sub_id}:2026-02-28T12:00:00Z:retry:1") == "past_due"
     assert _sub(db)["next_retry_at"] == due + 2 * DAY
+    _audit(services)  # past_due is a consistent state: projection, grace and retry agree
 
     # the customer pays; the second retry charges the unpaid period and restores active
     _money(
@@ -213,10 +229,11 @@ def test_short_funds_go_past_due_then_dunning_retry_restores_active_for_the_unpa
     assert _charges(db)[-1] == ("renewal_charge", due, -10 * USD)
     assert _entitlement(db)[0]["status"] == "active" and _entitlement(db)[0]["grace_ends_at"] is None
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 15 * USD}]
+    _audit(services)
 
 
 def test_still_unpaid_at_the_end_of_grace_cancels_and_revokes(
-    setup, producer, drain, db, clock, run_scheduler
+    setup, producer, drain, db, clock, run_scheduler, services
 ):
     setup(
         accounts=[{"account_id": "a1", "balance_micros": 15 * USD}],
@@ -243,6 +260,7 @@ def test_still_unpaid_at_the_end_of_grace_cancels_and_revokes(
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 5 * USD}]  # never overdrawn
     clock.advance(10 * DAY)
     assert run_scheduler().enqueued == 0
+    _audit(services)
 
 
 def test_reactivation_after_cancel_in_the_same_month_charges_again(
