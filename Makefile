@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Run the demo: embedded PostgreSQL + in-process Redis unless BILLING_DATABASE_URL / BILLING_REDIS_URL are set.
+## Run the demo: embedded PostgreSQL + in-process Redis unless BILLING_DATABASE_URL / BILLING_REDIS_URL are set;
+## then six months of renewals, top-ups, dunning and cancels on an accelerated clock (a table per month).
 demo: $(STAMP)
 	$(BIN)/billing demo
+	$(BIN)/billing demo --months 6
 
 ## The test suite (real PostgreSQL and Redis when configured, embedded otherwise).
 test: $(STAMP)

@@ -652,9 +652,8 @@ def scheduler(once: bool, interval_ms: int | None, lead_ms: int | None, progress
     "--accounts",
     "accounts",
     type=click.IntRange(10, None),
-    default=1000,
-    show_default=True,
-    help="Accounts to create.",
+    default=None,
+    help="Accounts to create.  [default: 1000; 200 with --months]",
 )
 @click.option(
     "--messages",
@@ -662,9 +661,17 @@ def scheduler(once: bool, interval_ms: int | None, lead_ms: int | None, progress
     type=click.IntRange(100, None),
     default=5000,
     show_default=True,
-    help="Messages to publish, at least.",
+    help="Messages to publish, at least (not with --months).",
 )
-@click.option("--processes", "-p", "processes", type=click.IntRange(1, 16), default=2, show_default=True)
+@click.option(
+    "--processes",
+    "-p",
+    "processes",
+    type=click.IntRange(1, 16),
+    default=2,
+    show_default=True,
+    help="Worker processes (with --months: one in-process worker).",
+)
 @click.option("--threads", "-t", "threads", type=click.IntRange(1, 64), default=8, show_default=True)
 @click.option(
     "--seed", "seed", type=int, default=7, show_default=True, help="Seed of the generated workload."
@@ -675,14 +682,38 @@ def scheduler(once: bool, interval_ms: int | None, lead_ms: int | None, progress
     type=int,
     default=600,
     show_default=True,
-    help="Give up draining after this many seconds.",
+    help="Give up draining after this many seconds (with --months: per simulated day).",
 )
-def demo(accounts: int, messages: int, processes: int, threads: int, seed: int, timeout_s: int) -> None:
+@click.option(
+    "--months",
+    "months",
+    type=click.IntRange(1, 120),
+    default=None,
+    help="Instead: run the renewal scheduler over this many months on an accelerated clock, "
+    "one day per step, and print a table per month.",
+)
+def demo(
+    accounts: int | None,
+    messages: int,
+    processes: int,
+    threads: int,
+    seed: int,
+    timeout_s: int,
+    months: int | None,
+) -> None:
     """Run the whole system on a generated workload, then audit it (exit 1 if the audit fails)."""
+    if months is not None:
+        from .demo_months import run_demo_months
+
+        ok = run_demo_months(
+            months=months, accounts=accounts or 200, threads=threads, seed=seed, timeout_s=timeout_s
+        )
+        sys.exit(0 if ok else 1)
+
     from .demo import run_demo
 
     ok = run_demo(
-        accounts=accounts,
+        accounts=accounts or 1000,
         messages=messages,
         processes=processes,
         threads=threads,
