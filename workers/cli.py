@@ -173,6 +173,8 @@ def account_create(
     _check_amount("--auto-top-up-threshold-micros", threshold, minimum=0)
     _check_amount("--auto-top-up-amount-micros", amount, minimum=1)
     _check_amount("--auto-top-up-monthly-cap-micros", monthly_cap, minimum=1)
+    if monthly_cap is not None and (amount is None or monthly_cap < amount):
+        raise UsageProblem("--auto-top-up-monthly-cap-micros must be at least --auto-top-up-amount-micros")
     given = [v is not None for v in (threshold, amount, payment_method)]
     if any(given) and not all(given):
         raise UsageProblem(
@@ -342,6 +344,8 @@ def account_auto_top_up(
     try:
         _run_db(go)
     except IntegrityError as exc:
+        if "accounts_top_up_cap_covers_amount" in str(exc):
+            raise UsageProblem("the monthly cap must be at least the top-up amount") from exc
         raise UsageProblem(
             "auto-top-up needs a threshold, an amount and a payment method before it can be enabled"
         ) from exc

@@ -169,8 +169,8 @@ def generate_customers(run: str, n: int, days: int, rng: random.Random) -> list[
     then short (20%); prepaid for the first period only (20%); auto-top-up
     (30%: balance for the first period, threshold one period's price, amount
     a few periods, 70% good cards, 20% ``pm_decline_...``, 10%
-    ``pm_timeout_after_charge``; a third with a monthly cap, half of those
-    below one top-up so the cap refuses it).  12% ask to cancel at period end
+    ``pm_timeout_after_charge``; a third with a monthly cap of one or two
+    top-ups).  12% ask to cancel at period end
     on a random day, and half of those come back some days after the cancel
     takes effect; 40% of the customers who can run short pay within grace.
 
@@ -204,7 +204,7 @@ def generate_customers(run: str, n: int, days: int, rng: random.Random) -> list[
                 )[0],
             )
             if rng.random() < 1 / 3:
-                account["auto_top_up_monthly_cap_micros"] = rng.choice([amount, amount // 2])
+                account["auto_top_up_monthly_cap_micros"] = rng.choice([amount, amount * 2])
         customer = Customer(
             account=account,
             plan_id=f"{run}-{suffix}",

@@ -32,14 +32,19 @@ ALTER TABLE accounts
     ADD COLUMN auto_top_up_monthly_cap_micros bigint
         CONSTRAINT accounts_top_up_monthly_cap_range
         CHECK (auto_top_up_monthly_cap_micros IS NULL OR auto_top_up_monthly_cap_micros BETWEEN 1 AND 1000000000000000),
-    ADD COLUMN auto_top_up_disabled_at timestamptz;
+    ADD COLUMN auto_top_up_disabled_at timestamptz,
+    -- a cap below one top-up would refuse every top-up: a misconfiguration
+    ADD CONSTRAINT accounts_top_up_cap_covers_amount CHECK (
+        auto_top_up_monthly_cap_micros IS NULL OR auto_top_up_amount_micros IS NULL
+        OR auto_top_up_monthly_cap_micros >= auto_top_up_amount_micros);
 
 ALTER TABLE entitlements ADD COLUMN grace_ends_at timestamptz
 """
 
 DOWNGRADE = """
 ALTER TABLE entitlements DROP COLUMN grace_ends_at;
-ALTER TABLE accounts DROP COLUMN auto_top_up_disabled_at, DROP COLUMN auto_top_up_monthly_cap_micros;
+ALTER TABLE accounts DROP CONSTRAINT accounts_top_up_cap_covers_amount, DROP COLUMN auto_top_up_disabled_at,
+    DROP COLUMN auto_top_up_monthly_cap_micros;
 DROP INDEX subscriptions_dunning_due;
 DROP INDEX subscriptions_renewal_due;
 ALTER TABLE subscriptions DROP COLUMN next_retry_at, DROP COLUMN dunning_attempts,

@@ -162,25 +162,24 @@ def test_monthly_cap_counts_the_month_s_earlier_top_ups(setup, producer, drain, 
 
 
 def test_monthly_cap_is_checked_before_the_provider_is_called(setup, producer, drain, db, clock):
-    setup(accounts=[_account(0, "pm_card_visa", amount=30 * USD, cap=20 * USD)])
+    setup(accounts=[_account(0, "pm_card_visa", amount=30 * USD, cap=50 * USD)])
     clock.set(datetime(2026, 3, 1, tzinfo=UTC))
-    producer.auto_top_up(account_id="a1", idempotency_key="t1", reason="over the cap")
+    producer.auto_top_up(account_id="a1", idempotency_key="t1", amount_micros=60 * USD, reason="over the cap")
     drain()
     result = _outcome(db, "t1")
     assert result["outcome"] == "cap_reached"
-    assert (result["monthly_cap_micros"], result["amount_micros"]) == (20 * USD, 30 * USD)
+    assert (result["monthly_cap_micros"], result["amount_micros"]) == (50 * USD, 60 * USD)
     assert db("SELECT count(*) AS n FROM fake_provider_charges") == [{"n": 0}]
     assert db("SELECT count(*) AS n FROM top_up_attempts") == [{"n": 0}]
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 0}]
 
 
-def test_short_subscribe_with_a_capped_account_ends_insufficient_without_a_charge(setup, producer, drain, db):
-    setup(
-        accounts=[_account(5 * USD, "pm_card_visa", amount=30 * USD, cap=20 * USD)],
-        plans=[{"plan_id": "pro", "price_micros": 10 * USD}],
-    )
-    producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="s1")
-    drain()
-    assert _outcome(db, "s1")["outcome"] == "insufficient_funds"
-    assert db("SELECT count(*) AS n FROM fake_provider_charges") == [{"n": 0}]
-    assert db("SELECT * FROM funds_waits") == []
+def test_a_cap_below_one_top_up_is_refused_as_a_misconfiguration(setup):
+    import sqlalchemy.exc
+
+    try:
+        setup(accounts=[_account(0, "pm_card_visa", amount=30 * USD, cap=20 * USD)])
+    except sqlalchemy.exc.IntegrityError as exc:
+        assert "accounts_top_up_cap_covers_amount" in str(exc)
+    else:
+        raise AssertionError("an account whose cap is below one top-up was created")
