@@ -30,6 +30,7 @@ test-unit: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy tasks db workers
 
 clean:
 	rm -rf $(VENV) .billing .pytest_cache

@@ -602,8 +602,10 @@ def scheduler(once: bool, interval_ms: int | None, lead_ms: int | None, progress
     broker = make_broker(settings)
     show_progress = progress if progress is not None else (once and sys.stdout.isatty())
 
+    database_url = settings.database_url
+
     async def go() -> Any:
-        engine = make_engine(settings.database_url, pool_size=1)
+        engine = make_engine(database_url, pool_size=1)
         sched = Scheduler(
             engine,
             broker,

@@ -62,7 +62,7 @@ __all__ = ["run_demo"]
 
 USD = 1_000_000
 
-PLANS = [
+PLANS: list[dict[str, Any]] = [
     {"plan_id": "basic-daily", "name": "Basic (daily)", "price_micros": 1 * USD, "interval": "day"},
     {"plan_id": "pro", "name": "Pro", "price_micros": 20 * USD, "interval": "month"},
     {"plan_id": "team", "name": "Team", "price_micros": 20 * USD, "interval": "month"},

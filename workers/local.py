@@ -83,7 +83,7 @@ def inprocess_redis() -> Iterator[str]:
     # Redis's limit is 8000 (LUAI_MAXCSTACK): tell Dramatiq, in this process
     # (the class cache) and in the worker processes it starts (the variable).
     os.environ["dramatiq_lua_max_stack"] = str(_LUA_MAX_STACK)
-    RedisBroker._max_unpack_size_val = _LUA_MAX_STACK // 2
+    RedisBroker._max_unpack_size_val = _LUA_MAX_STACK // 2  # type: ignore[assignment]
     port = _free_port()
     server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
     thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
