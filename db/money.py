@@ -191,7 +191,7 @@ class TopUpIntent:
 
 
 def _sql(statement: str, *, json_params: tuple[str, ...] = (), json_columns: tuple[str, ...] = ()) -> Any:
-    clause = text(statement)
+    clause: Any = text(statement)
     if json_params:
         clause = clause.bindparams(*(bindparam(name, type_=JSONB) for name in json_params))
     if json_columns:
