@@ -88,12 +88,35 @@ def inprocess_redis() -> Iterator[str]:
     server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
     thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
     thread.start()
+    url = f"redis://127.0.0.1:{port}/0"
+    _preload_dramatiq_scripts(url)
     try:
-        yield f"redis://127.0.0.1:{port}/0"
+        yield url
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def _preload_dramatiq_scripts(url: str) -> None:
+    """Load Dramatiq's Lua scripts into the in-process Redis before any client runs them.
+
+    redis-py runs a script with EVALSHA and, on ``NOSCRIPT``, loads it and
+    tries again on the same connection.  fakeredis's TCP server closes the
+    connection after any error reply, so that second try could fail with
+    "Connection closed by server" (at random, depending on when the client
+    notices).  Scripts loaded up front are never ``NOSCRIPT``: the script
+    cache belongs to the server and survives FLUSHDB.
+    """
+    import dramatiq.brokers.redis as dramatiq_redis
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for script in (Path(dramatiq_redis.__file__).parent / "redis").glob("*.lua"):
+            client.script_load(script.read_text())
+    finally:
+        client.close()
 
 
 @contextmanager
