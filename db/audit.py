@@ -57,6 +57,19 @@ CHECKS: dict[str, tuple[str, str]] = {
               OR l.amount_micros <> t.amount_micros)
         """,
     ),
+    "outcome_matches_ledger": (
+        "each renewed / subscribed outcome has its charge: the period and subscription the outcome names",
+        """
+        SELECT k.key, k.kind, k.result->>'outcome' AS outcome FROM idempotency_keys k
+        WHERE k.status = 'completed' AND k.kind IN ('renew', 'subscribe')
+          AND k.result->>'outcome' IN ('renewed', 'subscribed')
+          AND NOT EXISTS (
+              SELECT 1 FROM ledger_entries l
+              WHERE l.kind IN ('subscription_charge', 'renewal_charge')
+                AND l.subscription_id = k.result->>'subscription_id'
+                AND (k.kind = 'subscribe' OR l.period_start = (k.result->>'period_start')::timestamptz))
+        """,
+    ),
     "entitlement_matches_subscription": (
         "the entitlement projection agrees with its subscription (updated in the same transaction)",
         """

@@ -213,3 +213,25 @@ def test_audit_names_a_projection_or_past_due_state_out_of_step(services, db, se
     violations = json.loads(out.stdout)["violations"]
     assert [v["projected"] for v in violations["entitlement_matches_subscription"]] == ["active"]
     assert [v["status"] for v in violations["past_due_state_complete"]] == ["past_due"]
+
+
+def test_audit_names_a_renewal_whose_charge_is_not_the_period_it_names(services, db, setup, producer, drain):
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 50_000_000}],
+        plans=[{"plan_id": "pro", "price_micros": 20_000_000}],
+    )
+    producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="s1")
+    drain()
+    sub = db("SELECT id, current_period_end FROM subscriptions")[0]
+    producer.renew(subscription_id=sub["id"], period_start=sub["current_period_end"], idempotency_key="r1")
+    drain()
+    assert billing("audit").returncode == 0
+    # the charge landed on another period than the one the renewal paid for
+    db(
+        "UPDATE ledger_entries SET period_start = period_start + interval '1 day' WHERE kind = 'renewal_charge'"
+    )
+    out = billing("audit", "--json")
+    assert out.returncode == 1
+    assert json.loads(out.stdout)["violations"]["outcome_matches_ledger"] == [
+        {"key": "r1", "kind": "renew", "outcome": "renewed"}
+    ]
