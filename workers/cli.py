@@ -111,7 +111,16 @@ def _run_db(fn: Any) -> Any:
             finally:
                 await engine.dispose()
 
-        return asyncio.run(go())
+        from sqlalchemy.exc import ProgrammingError
+
+        try:
+            return asyncio.run(go())
+        except ProgrammingError as exc:
+            if "UndefinedTableError" in str(exc) or "does not exist" in str(exc):
+                raise ConfigurationError(
+                    "the database has no billing schema yet: run `billing db upgrade` first"
+                ) from exc
+            raise
 
 
 def _now() -> datetime:

