@@ -21,6 +21,7 @@ CHECK constraint is the last line of defence, not the mechanism.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import uuid
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ __all__ = [
     "record_effect",
     "fail_key",
     "record_failure",
+    "redact",
     "apply_subscribe",
     "apply_renew",
     "apply_revoke_key",
@@ -342,6 +344,21 @@ _RECORD_FAILURE = _sql(
 )
 
 
+#: Argument names stored as ``[redacted]`` in ``failed_messages`` (case-insensitive, anywhere in the name).
+SECRET_ARGUMENT = re.compile(
+    r"secret|password|passwd|token|api_?key|authorization|card|cvc|cvv|iban|signature", re.I
+)
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` (JSON-like) with every secret-looking key's value replaced by ``[redacted]``."""
+    if isinstance(value, dict):
+        return {k: "[redacted]" if SECRET_ARGUMENT.search(str(k)) else redact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
 async def record_failure(
     conn: AsyncConnection,
     *,
@@ -356,14 +373,20 @@ async def record_failure(
     traceback: str | None,
     attempts: int,
 ) -> None:
-    """Record a message that failed for good, for operators (``failed_messages``)."""
+    """Record a message that failed for good, for operators (``failed_messages``).
+
+    Arguments whose name suggests a secret (:data:`SECRET_ARGUMENT`) are
+    stored as ``[redacted]``: the contract's messages carry none, but a
+    malformed message may.  A failure recorded again (a retry that failed)
+    updates its row, counts the attempt and sets it back to ``dead``.
+    """
     await conn.execute(
         _RECORD_FAILURE,
         {
             "message_id": message_id,
             "actor_name": actor_name[:255],
             "queue_name": queue_name[:255],
-            "kwargs": kwargs,
+            "kwargs": redact(kwargs),
             "idempotency_key": idempotency_key,
             "account_id": account_id,
             "error_type": error_type,

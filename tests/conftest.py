@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLOCK_START = "2026-01-31T12:00:00+00:00"
 
 TABLES = (
-    "fake_provider_charges, failed_messages, entitlements, outbox, funds_waits, idempotency_keys, "
+    "operator_actions, fake_provider_charges, failed_messages, entitlements, outbox, funds_waits, idempotency_keys, "
     "ledger_entries, top_up_attempts, api_keys, subscriptions, plans, accounts"
 )
 

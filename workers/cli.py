@@ -769,6 +769,15 @@ def contract() -> None:
     click.echo(json.dumps(contract_schema(), indent=2, sort_keys=True))
 
 
+def _register_ops() -> None:
+    from .ops_cli import ops_app
+
+    app.add_command(ops_app)
+
+
+_register_ops()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``billing`` console script."""
     command = app

@@ -1,0 +1,184 @@
+"""``billing ops``: find a failed message, inspect it, retry it, as an operator does from a shell."""
+
+from __future__ import annotations
+
+import json
+
+import redis
+
+from tests.acceptance.test_cli import billing
+
+USD = 1_000_000
+OPERATOR = {"BILLING_OPERATOR": "alice@ops"}
+
+
+def _dead_lettered(services, queue="billing"):
+    client = redis.Redis.from_url(services.redis_url)
+    try:
+        return int(client.zcard(f"dramatiq:{queue}.XQ"))
+    finally:
+        client.close()
+
+
+def _fail_a_subscribe(setup, producer, drain, key="s1"):
+    """A subscribe for an account that does not exist yet: a permanent failure, dead-lettered."""
+    setup(plans=[{"plan_id": "pro", "price_micros": 10 * USD}])
+    producer.subscribe(account_id="late", plan_id="pro", idempotency_key=key)
+    drain()
+
+
+def test_find_inspect_and_retry_a_failed_message(services, db, setup, producer, drain):
+    _fail_a_subscribe(setup, producer, drain)
+    assert _dead_lettered(services) == 1
+
+    out = billing("ops", "failures", "--json", "--actor", "subscribe", "--error", "unknown_account")
+    assert out.returncode == 0, out.stderr
+    (failure,) = json.loads(out.stdout)
+    assert (failure["error_type"], failure["status"], failure["key_status"]) == (
+        "unknown_account",
+        "dead",
+        "failed",
+    )
+    message_id = failure["message_id"]
+
+    shown = json.loads(billing("ops", "show", message_id, "--json").stdout)
+    assert shown["failure"]["kwargs"] == {"account_id": "late", "plan_id": "pro", "idempotency_key": "s1"}
+    assert "UnknownAccount" in shown["failure"]["traceback"]
+    assert shown["idempotency_key"]["status"] == "failed"
+
+    queues = json.loads(billing("ops", "queues", "--json").stdout)
+    assert {q["queue"]: q["dead"] for q in queues["queues"]} == {"billing": 1, "billing.payments": 0}
+    assert any(w["alive"] for w in queues["workers"])
+
+    # the cause is fixed (the account now exists); the retry applies the message once
+    setup(accounts=[{"account_id": "late", "balance_micros": 30 * USD}])
+    out = billing("ops", "retry", message_id, env=OPERATOR)
+    assert out.returncode == 0 and "retried 1, skipped 0" in out.stdout, out.stdout + out.stderr
+    drain()
+    assert db("SELECT status FROM idempotency_keys WHERE key = 's1'") == [{"status": "completed"}]
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 20 * USD}]
+    assert db("SELECT status, retry_count, last_retried_by FROM failed_messages") == [
+        {"status": "retried", "retry_count": 1, "last_retried_by": "alice@ops"}
+    ]
+    assert _dead_lettered(services) == 0  # taken out of Dramatiq's dead-letter queue
+    # retrying again is harmless: the key is completed, the message a duplicate
+    assert billing("ops", "retry", message_id, env=OPERATOR).returncode == 0
+    drain()
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'subscription_charge'") == [{"n": 1}]
+
+    actions = json.loads(billing("ops", "actions", "--json").stdout)
+    assert [(a["operator"], a["via"], a["action"], a["count"]) for a in actions] == [
+        ("alice@ops", "cli", "retry", 1),
+        ("alice@ops", "cli", "retry", 1),
+    ]
+    key = json.loads(billing("ops", "key", "s1", "--json").stdout)
+    assert key["result"]["outcome"] == "subscribed"
+    timeline = json.loads(billing("ops", "account", "late", "--json").stdout)
+    events = [(e["source"], e["event"]) for e in timeline]
+    assert ("ledger", "subscription_charge") in events and ("api_key", "issued") in events
+    assert "key_hash" not in out.stdout + json.dumps(timeline)
+
+
+def test_a_poison_key_gets_a_fresh_delivery_budget_when_an_operator_retries_it(
+    services, db, setup, producer, drain
+):
+    _fail_a_subscribe(setup, producer, drain)
+    # as if it had killed its worker max_deliveries times
+    db("UPDATE idempotency_keys SET status = 'dead', attempts = 11")
+    setup(accounts=[{"account_id": "late", "balance_micros": 30 * USD}])
+    message_id = db("SELECT message_id FROM failed_messages")[0]["message_id"]
+    assert billing("ops", "retry", message_id).returncode == 0
+    drain()
+    assert db("SELECT status, attempts FROM idempotency_keys") == [{"status": "completed", "attempts": 1}]
+
+
+def test_retry_all_with_filters_dry_run_then_for_real_skipping_conflicts(
+    services, db, setup, producer, drain
+):
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 100 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 10 * USD}],
+    )
+    producer.subscribe(account_id="late1", plan_id="pro", idempotency_key="s1")
+    producer.subscribe(account_id="late2", plan_id="pro", idempotency_key="s2")
+    producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="c1")
+    producer.subscribe(
+        account_id="a1", plan_id="other", idempotency_key="c1"
+    )  # conflict: same key, other args
+    drain()
+    assert db("SELECT count(*) AS n FROM failed_messages") == [{"n": 3}]
+
+    dry = json.loads(billing("ops", "retry", "--all", "--actor", "subscribe", "--dry-run", "--json").stdout)
+    assert dry["dry_run"] is True and len(dry["retried"]) == 2 and len(dry["skipped"]) == 1
+    assert "other arguments" in next(iter(dry["skipped"].values()))
+    assert db("SELECT count(*) AS n FROM operator_actions") == [{"n": 0}]  # a dry run changes nothing
+
+    setup(
+        accounts=[
+            {"account_id": "late1", "balance_micros": 20 * USD},
+            {"account_id": "late2", "balance_micros": 20 * USD},
+        ]
+    )
+    out = billing("ops", "retry", "--all", "--since", "1h", "--json", env=OPERATOR)
+    assert out.returncode == 0, out.stderr
+    assert len(json.loads(out.stdout)["retried"]) == 2
+    drain()
+    outcomes = db("SELECT key, status FROM idempotency_keys WHERE key IN ('s1', 's2') ORDER BY key")
+    assert outcomes == [{"key": "s1", "status": "completed"}, {"key": "s2", "status": "completed"}]
+    (action,) = db("SELECT action, count, target FROM operator_actions")
+    assert (action["action"], action["count"]) == ("retry_all", 2)
+    # bad usage: filters without --all, nothing to retry
+    assert billing("ops", "retry", "m1", "--actor", "renew").returncode == 2
+    assert billing("ops", "retry").returncode == 2
+
+
+def test_replay_under_a_new_key_asks_first_and_is_audited(services, db, setup, producer, drain):
+    _fail_a_subscribe(setup, producer, drain)
+    setup(accounts=[{"account_id": "late", "balance_micros": 30 * USD}])
+    message_id = db("SELECT message_id FROM failed_messages")[0]["message_id"]
+    refused = billing(
+        "ops", "replay", message_id, "--new-key", "s1-replay"
+    )  # stdin is empty: no confirmation
+    assert refused.returncode == 1 and "aborted" in refused.stderr
+    assert db("SELECT count(*) AS n FROM operator_actions") == [{"n": 0}]
+    out = billing("ops", "replay", message_id, "--new-key", "s1-replay", "--yes", env=OPERATOR)
+    assert out.returncode == 0, out.stderr
+    drain()
+    assert db("SELECT status FROM idempotency_keys WHERE key = 's1-replay'") == [{"status": "completed"}]
+    assert db("SELECT status, resolved_by FROM failed_messages") == [
+        {"status": "resolved", "resolved_by": "alice@ops"}
+    ]
+    assert db("SELECT action FROM operator_actions") == [{"action": "replay"}]
+
+
+def test_purge_dead_asks_unless_yes_and_keeps_the_postgres_record(services, db, setup, producer, drain):
+    _fail_a_subscribe(setup, producer, drain)
+    assert _dead_lettered(services) == 1
+    assert billing("ops", "purge-dead", "--older-than", "1h", "--yes").stdout.strip() == (
+        "purged 0 from billing, purged 0 from billing.payments"
+    )
+    assert billing("ops", "purge-dead", "--older-than", "0s").returncode == 1  # no confirmation on stdin
+    assert _dead_lettered(services) == 1
+    out = billing("ops", "purge-dead", "--older-than", "0s", "--yes", "--json", env=OPERATOR)
+    assert json.loads(out.stdout) == {"dry_run": False, "purged": {"billing": 1, "billing.payments": 0}}
+    assert _dead_lettered(services) == 0
+    assert db("SELECT status FROM failed_messages") == [{"status": "dead"}]
+    assert billing("ops", "purge-dead", "--older-than", "soon").returncode == 2
+
+
+def test_secret_looking_arguments_are_stored_redacted(services, db, producer, drain, broker):
+    import dramatiq
+
+    broker.enqueue(
+        dramatiq.Message(
+            queue_name="billing",
+            actor_name="subscribe",
+            args=(),
+            kwargs={"account_id": "a1", "plan_id": "p", "idempotency_key": "k", "api_key": "bq_live_secret"},
+            options={},
+        )
+    )
+    drain()
+    (row,) = db("SELECT kwargs::text AS kwargs, error_type FROM failed_messages")
+    assert row["error_type"] == "message_validation_error"
+    assert "bq_live_secret" not in row["kwargs"] and "[redacted]" in row["kwargs"]
