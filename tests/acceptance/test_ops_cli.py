@@ -182,3 +182,33 @@ def test_secret_looking_arguments_are_stored_redacted(services, db, producer, dr
     (row,) = db("SELECT kwargs::text AS kwargs, error_type FROM failed_messages")
     assert row["error_type"] == "message_validation_error"
     assert "bq_live_secret" not in row["kwargs"] and "[redacted]" in row["kwargs"]
+
+
+def test_a_top_up_stuck_pending_after_its_retries_is_finished_by_an_operator_retry(
+    services, db, setup, producer, drain
+):
+    setup(
+        accounts=[
+            {
+                "account_id": "a1",
+                "balance_micros": 0,
+                "auto_top_up_threshold_micros": 1 * USD,
+                "auto_top_up_amount_micros": 10 * USD,
+                "payment_method_ref": "pm_error_outage",  # the fake provider fails before charging
+            }
+        ]
+    )
+    producer.auto_top_up(account_id="a1", idempotency_key="t1", reason="low_balance")
+    drain()
+    # retries ran out: the attempt is pending, its failure visible to operators
+    assert db("SELECT status FROM top_up_attempts") == [{"status": "pending"}]
+    (failure,) = db("SELECT message_id, error_type, status FROM failed_messages")
+    assert (failure["error_type"], failure["status"]) == ("provider_error", "dead")
+    # the provider's outage ends (the fake keys its behaviour on the reference the attempt recorded)
+    db("UPDATE top_up_attempts SET payment_method_ref = 'pm_card_ok'")
+    assert billing("ops", "retry", failure["message_id"]).returncode == 0
+    drain()
+    assert db("SELECT status FROM top_up_attempts") == [{"status": "succeeded"}]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'top_up'") == [{"n": 1}]
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10 * USD}]
+    assert billing("audit", "--drained").returncode == 0
