@@ -24,6 +24,7 @@ from .billing import BillingService, Delivery
 from .broker import make_broker
 from .crash import parse_crashpoints
 from .logging import configure_logging
+from .metrics import PrometheusMetrics
 from .middleware import OutboxSweeper
 from .providers import make_provider
 from .settings import get_settings
@@ -66,6 +67,10 @@ broker.add_middleware(
         _sweep, interval_ms=settings.outbox_sweep_interval_ms, older_than_ms=settings.outbox_sweep_after_ms
     )
 )
+
+if settings.metrics_enabled:
+    # Dramatiq's Prometheus middleware (started at process boot) and the billing metrics
+    broker.add_middleware(PrometheusMetrics())
 
 _OPTIONS: dict[str, Any] = {
     "max_retries": settings.max_retries,

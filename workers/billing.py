@@ -53,6 +53,7 @@ from tasks.messages import (
     validate_message,
 )
 
+from . import metrics
 from .clock import Clock, SystemClock
 from .crash import crashpoint
 from .providers.base import PaymentProvider
@@ -144,11 +145,13 @@ class BillingService:
                     message_id=delivery.message_id,
                 )
             if claim.conflict:
+                metrics.idempotency_conflict(actor_name)
                 raise IdempotencyConflict(
                     f"idempotency key {message.idempotency_key!r} was used before with different arguments"
                 )
             if claim.status == "completed":
                 log.info("duplicate_suppressed", outcome=(claim.result or {}).get("outcome"))
+                metrics.duplicate_suppressed(actor_name)
                 return {**(claim.result or {}), "duplicate": True}
             if claim.attempts > self.max_deliveries:
                 raise TooManyDeliveries(
@@ -179,6 +182,8 @@ class BillingService:
                     "transient_error", error=type(exc).__name__, reason=str(exc), retries=delivery.retries
                 )
             raise
+        if result.get("duplicate"):  # completed by a concurrent delivery (seen under the key's lock)
+            metrics.duplicate_suppressed(actor_name)
         log.info("message_processed", outcome=result.get("outcome"))
         return result
 
@@ -201,6 +206,7 @@ class BillingService:
                 raise MessageValidationError(f"no effect for {message.actor_name}")
             await money.record_effect(conn, key, effect, now)
             self._crash("before_commit", key)
+        metrics.effect_committed(message.actor_name, effect)
         self._crash("after_commit", key)
         if "account_id" in effect.result:  # renew and revoke_key learn it from the database
             structlog.contextvars.bind_contextvars(account_id=effect.result["account_id"])
@@ -218,6 +224,7 @@ class BillingService:
             if isinstance(begun, Effect):
                 await money.record_effect(conn, key, begun, now)
         if isinstance(begun, Effect):
+            metrics.effect_committed(message.actor_name, begun)
             await self._after_commit(begun)
             return begun.stored_result()
         intent = begun
@@ -249,6 +256,7 @@ class BillingService:
             )
             await money.record_effect(conn, key, effect, now)
             self._crash("before_commit", key)
+        metrics.effect_committed(message.actor_name, effect)
         self._crash("after_commit", key)
         await self._after_commit(effect)
         return effect.stored_result()
@@ -351,6 +359,7 @@ class BillingService:
         *,
         attempts: int,
     ) -> None:
+        metrics.failure_recorded(actor_name, exc)
         try:
             stored_kwargs = json.loads(json.dumps(kwargs, default=repr))
         except (TypeError, ValueError):

@@ -567,7 +567,16 @@ def worker(processes: int, threads: int) -> None:
         "--threads",
         str(threads),
     ]
-    os.execv(sys.executable, argv)
+    env = dict(os.environ)
+    if settings.metrics_enabled:
+        from .metrics import exposition_env
+
+        # Dramatiq's Prometheus middleware reads its directory, host and port from the environment
+        try:
+            env.update(exposition_env(settings))
+        except OSError as exc:
+            raise ConfigurationError(f"cannot prepare the metrics directory: {exc}") from exc
+    os.execve(sys.executable, argv, env)
 
 
 @app.command("scheduler")

@@ -105,6 +105,17 @@ class Settings(BaseSettings):
     #: which the worker process exits at once; for crash tests only.
     crashpoints: str = ""
 
+    #: Serve Prometheus metrics from worker processes (Dramatiq's and the
+    #: billing metrics on one endpoint, ``docs/metrics.md``).
+    metrics_enabled: bool = True
+    #: Address of the ``/metrics`` endpoint (Dramatiq's ``dramatiq_prom_host``/``_port``).
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9191, ge=1, le=65_535)
+    #: prometheus_client's multiprocess directory (one per running ``billing
+    #: worker``; emptied of its metric files at start).  Unset: a fresh
+    #: temporary directory for each start.
+    metrics_dir: str | None = None
+
     def billing_policy(self) -> BillingPolicy:
         """The money path's rules (:class:`db.money.BillingPolicy`) from these settings."""
         return BillingPolicy(
