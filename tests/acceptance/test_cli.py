@@ -226,9 +226,10 @@ def test_audit_names_a_renewal_whose_charge_is_not_the_period_it_names(services,
     producer.renew(subscription_id=sub["id"], period_start=sub["current_period_end"], idempotency_key="r1")
     drain()
     assert billing("audit").returncode == 0
-    # the charge landed on another period than the one the renewal paid for
+    # the outcome names another period than the one the ledger charged (the ledger itself is append-only)
     db(
-        "UPDATE ledger_entries SET period_start = period_start + interval '1 day' WHERE kind = 'renewal_charge'"
+        "UPDATE idempotency_keys SET result = jsonb_set(result, '{period_start}', '\"2030-01-01T00:00:00+00:00\"')"
+        " WHERE key = 'r1'"
     )
     out = billing("audit", "--json")
     assert out.returncode == 1

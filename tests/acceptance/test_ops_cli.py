@@ -102,9 +102,8 @@ def test_retry_all_with_filters_dry_run_then_for_real_skipping_conflicts(
     producer.subscribe(account_id="late1", plan_id="pro", idempotency_key="s1")
     producer.subscribe(account_id="late2", plan_id="pro", idempotency_key="s2")
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="c1")
-    producer.subscribe(
-        account_id="a1", plan_id="other", idempotency_key="c1"
-    )  # conflict: same key, other args
+    drain()  # c1 is applied first; then the same key comes with other arguments: a conflict
+    producer.subscribe(account_id="a1", plan_id="other", idempotency_key="c1")
     drain()
     assert db("SELECT count(*) AS n FROM failed_messages") == [{"n": 3}]
 
