@@ -264,6 +264,8 @@ def spawn_worker(services: Services) -> Iterator[Callable[..., WorkerProcess]]:
             "BILLING_REDIS_URL": services.redis_db(1),
             "BILLING_HEARTBEAT_TIMEOUT_MS": "1000",
             "BILLING_MAINTENANCE_INTERVAL_MS": "200",
+            # several workers at once: none binds the metrics port (test_metrics_endpoint tests it)
+            "BILLING_METRICS_ENABLED": "false",
             **extra_env,
         }
         w = WorkerProcess(env)

@@ -224,6 +224,8 @@ def run_demo(
             "BILLING_REDIS_URL": env.redis_url,
             "BILLING_LOG_FORMAT": "json",
             "BILLING_LOG_LEVEL": "INFO",
+            # the demo's workers serve no metrics: port 9191 may belong to a running `billing worker`
+            "BILLING_METRICS_ENABLED": "false",
         }
         log_file = log_path.open("w")
         workers = [
