@@ -19,6 +19,7 @@ __all__ = [
     "PermanentError",
     "TransientError",
     "MessageValidationError",
+    "MessageAuthenticationFailed",
     "IdempotencyConflict",
     "UnknownAccount",
     "UnknownPlan",
@@ -62,6 +63,10 @@ class ConfigurationError(BillingError):
 
 class MessageValidationError(PermanentError):
     """The message does not match its contract."""
+
+
+class MessageAuthenticationFailed(PermanentError):
+    """The message's signature is missing or does not verify (``BILLING_SIGNING_KEYS`` is set)."""
 
 
 class IdempotencyConflict(PermanentError):

@@ -33,6 +33,7 @@ from .messages import (
     SubscribeMessage,
     validate_message,
 )
+from .signing import SigningKeys, SigningMiddleware, signing_keys_from_env
 
 __all__ = ["Producer", "to_dramatiq_message"]
 
@@ -55,17 +56,30 @@ class Producer:
     Parameters:
       redis_url: ``redis://host:port/db``; defaults to ``BILLING_REDIS_URL``.
       broker: A ready Dramatiq broker instead of a URL (tests, in-process use).
+      signing_keys: Sign every message (:mod:`tasks.signing`); defaults to
+        ``BILLING_SIGNING_KEYS`` / ``BILLING_SIGNING_KEY_ID`` when this
+        producer makes its own broker.  A given broker signs if it carries a
+        :class:`~tasks.signing.SigningMiddleware`.
 
     Raises:
-      ConfigurationError: Neither a URL, ``BILLING_REDIS_URL`` nor a broker.
+      ConfigurationError: Neither a URL, ``BILLING_REDIS_URL`` nor a broker, or bad signing keys.
     """
 
-    def __init__(self, redis_url: str | None = None, *, broker: dramatiq.Broker | None = None) -> None:
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        broker: dramatiq.Broker | None = None,
+        signing_keys: SigningKeys | None = None,
+    ) -> None:
         if broker is None:
             url = redis_url or os.environ.get("BILLING_REDIS_URL")
             if not url:
                 raise ConfigurationError("BILLING_REDIS_URL is not set (redis://host:port/db)")
             broker = RedisBroker(url=url)
+            signing_keys = signing_keys or signing_keys_from_env()
+        if signing_keys is not None:
+            broker.add_middleware(SigningMiddleware(signing_keys))
         self.broker = broker
 
     def publish(self, message: BillingMessage, *, message_id: str | None = None) -> str:

@@ -14,11 +14,13 @@ from __future__ import annotations
 from typing import Any
 
 import dramatiq
+import structlog
 from dramatiq.middleware import CurrentMessage
 
 from db.engine import make_engine
 from tasks.errors import ConfigurationError, MessageValidationError, PermanentError
 from tasks.messages import BILLING_QUEUE, PAYMENTS_QUEUE
+from tasks.signing import SIGNATURE_OPTION, signing_keys_from_env
 
 from .billing import BillingService, Delivery
 from .broker import make_broker
@@ -35,6 +37,12 @@ settings = get_settings()
 configure_logging(settings.log_format, settings.log_level)
 broker = make_broker(settings)
 dramatiq.set_broker(broker)
+signing_keys = signing_keys_from_env()
+if signing_keys is None:
+    structlog.get_logger("billing").warning(
+        "message_signing_disabled",
+        reason="BILLING_SIGNING_KEYS is not set: anyone who can write to Redis can enqueue billing messages",
+    )
 
 _service: BillingService | None = None
 
@@ -54,6 +62,7 @@ def get_service() -> BillingService:
             max_deliveries=settings.max_deliveries,
             crashpoints=parse_crashpoints(settings.crashpoints),
             exit_on_crash=True,
+            signing_keys=signing_keys,
         )
     return _service
 
@@ -88,6 +97,7 @@ async def _run(actor_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
         retries=int(message.options.get("retries", 0)),
         max_retries=int(message.options.get("max_retries", settings.max_retries)),
         queue_name=message.queue_name,
+        signature=message.options.get(SIGNATURE_OPTION),
     )
     service = get_service()
     if args:

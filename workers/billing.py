@@ -39,6 +39,7 @@ from db.money import BillingPolicy, Effect, IssuedKey, OutboxMessage
 from tasks.errors import (
     BillingError,
     IdempotencyConflict,
+    MessageAuthenticationFailed,
     MessageValidationError,
     PermanentError,
     TooManyDeliveries,
@@ -52,6 +53,7 @@ from tasks.messages import (
     SubscribeMessage,
     validate_message,
 )
+from tasks.signing import SigningKeys
 
 from . import metrics
 from .clock import Clock, SystemClock
@@ -77,12 +79,14 @@ class Delivery:
       retries: Retries already made of this message (Dramatiq's ``retries`` option).
       max_retries: Retries allowed for transient errors.
       queue_name: The queue it came from.
+      signature: The message's ``billing_signature`` option (see :mod:`tasks.signing`).
     """
 
     message_id: str
     retries: int = 0
     max_retries: int = 8
     queue_name: str = ""
+    signature: str | None = None
 
 
 @dataclass
@@ -98,6 +102,8 @@ class BillingService:
       max_deliveries: Deliveries of one key after which it is dead-lettered.
       crashpoints: Steps at which to simulate a crash (tests only).
       exit_on_crash: Crash points exit the process (True) or raise SimulatedCrash.
+      signing_keys: When set, every delivery must carry a valid signature
+        (:mod:`tasks.signing`); one that does not is recorded and never applied.
     """
 
     engine: AsyncEngine
@@ -108,6 +114,7 @@ class BillingService:
     max_deliveries: int = 10
     crashpoints: dict[str, str] = field(default_factory=dict)
     exit_on_crash: bool = False
+    signing_keys: SigningKeys | None = None
 
     def __post_init__(self) -> None:
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -126,6 +133,15 @@ class BillingService:
           TransientError: To be retried with backoff (recorded once retries are exhausted).
         """
         structlog.contextvars.bind_contextvars(message_id=delivery.message_id, actor=actor_name)
+        if self.signing_keys is not None:
+            problem = self.signing_keys.verify(actor_name, delivery.message_id, kwargs, delivery.signature)
+            if problem is not None:
+                error = MessageAuthenticationFailed(problem)
+                await self._record_failure(
+                    actor_name, kwargs, None, delivery, error, attempts=delivery.retries + 1
+                )
+                log.warning("message_failed", error=error.code, reason=error.message)
+                raise error
         try:
             message = validate_message(actor_name, kwargs)
         except MessageValidationError as exc:

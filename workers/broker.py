@@ -14,6 +14,7 @@ from dramatiq.common import current_millis
 from dramatiq.middleware import AsyncIO, CurrentMessage
 
 from tasks.errors import ConfigurationError
+from tasks.signing import SigningMiddleware, signing_keys_from_env
 
 from .settings import Settings
 
@@ -154,4 +155,8 @@ def make_broker(settings: Settings, *, url: str | None = None, client: Any = Non
     )
     broker.add_middleware(AsyncIO())
     broker.add_middleware(CurrentMessage())
+    keys = signing_keys_from_env()
+    if keys is not None:
+        # every enqueue of this process is signed: the outbox relay, the scheduler, operator retries
+        broker.add_middleware(SigningMiddleware(keys))
     return broker
