@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-unit lint clean
+.PHONY: install browser demo test test-unit lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,22 @@ demo: $(STAMP)
 	$(BIN)/billing demo
 	$(BIN)/billing demo --months 6
 
+## Headless Chromium for the dashboard's browser test: Debian's chromium and chromium-driver
+## (/usr/bin/chromium, /usr/bin/chromedriver), installed with apt-get when missing and we are root.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium and chromium-driver (browser test of the dashboard)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver >/dev/null \
+	  || echo "note: apt-get could not install chromium chromium-driver; the browser test will skip (fail with BILLING_REQUIRE_BROWSER=1)"; \
+	else \
+	  echo "note: no /usr/bin/chromium or /usr/bin/chromedriver (install Debian's chromium and"; \
+	  echo "      chromium-driver as root to run it); the browser test skips (fails with BILLING_REQUIRE_BROWSER=1)"; \
+	fi
+
 ## The test suite (real PostgreSQL and Redis when configured, embedded otherwise).
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP)

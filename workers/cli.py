@@ -787,6 +787,15 @@ def _register_ops() -> None:
 _register_ops()
 
 
+def _register_dashboard() -> None:
+    from .dashboard import dashboard_command
+
+    app.add_command(dashboard_command)
+
+
+_register_dashboard()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``billing`` console script."""
     command = app

@@ -75,6 +75,18 @@ class Settings(BaseSettings):
     #: Due subscriptions read and enqueued per batch (one pipelined Redis round trip each).
     scheduler_batch_size: int = Field(1_000, ge=1, le=100_000)
 
+    #: ``billing dashboard``: the token operators log in with (16 characters
+    #: at least; ``openssl rand -hex 32``).  Unset: the dashboard starts only
+    #: with ``--dev`` on 127.0.0.1, without a login.
+    dashboard_token: SecretStr | None = None
+    #: Signs the dashboard's session cookie.  Unset: derived from the token,
+    #: so changing the token logs every operator out.
+    dashboard_secret: SecretStr | None = None
+    #: A dashboard login lasts this long (8 hours: a working day).
+    dashboard_session_max_age_ms: int = Field(8 * 3_600_000, ge=60_000)
+    #: Send the session cookie over HTTPS only (set it behind a TLS proxy).
+    dashboard_cookie_secure: bool = False
+
     #: Outbox rows older than this were left by a worker that died between
     #: commit and relay; the sweeper of every worker relays them.
     outbox_sweep_after_ms: int = Field(10_000, ge=100)
