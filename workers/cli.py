@@ -140,6 +140,41 @@ def db_upgrade() -> None:
     click.echo("database at head")
 
 
+@db_app.command("grant")
+@click.argument("role")
+@click.option(
+    "--password-env",
+    "password_env",
+    default=None,
+    help="Name of an environment variable holding the role's password (never on the command line).",
+)
+def db_grant(role: str, password_env: str | None) -> None:
+    """Create (if missing) the workers' role and give it exactly what the money path needs.
+
+    Run as the owner of the schema (the role migrations run as), after each
+    migration.  The role may INSERT ledger rows but never UPDATE or DELETE
+    them, and cannot change the schema.
+    """
+    from db.engine import transaction
+    from db.roles import grant_worker_role
+
+    password = None
+    if password_env is not None:
+        password = os.environ.get(password_env)
+        if not password:
+            raise UsageProblem(f"environment variable {password_env} is not set")
+
+    async def go(engine: Any) -> None:
+        async with transaction(engine) as conn:
+            await grant_worker_role(conn, role, password=password)
+
+    try:
+        _run_db(go)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from exc
+    click.echo(f"role {role} granted the worker privileges")
+
+
 # --------------------------------------------------------------------------- accounts
 
 
