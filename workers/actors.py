@@ -27,7 +27,7 @@ from .broker import make_broker
 from .crash import parse_crashpoints
 from .logging import configure_logging
 from .metrics import PrometheusMetrics
-from .middleware import OutboxSweeper
+from .middleware import OutboxSweeper, UnknownActorRecorder
 from .providers import make_provider
 from .settings import get_settings
 
@@ -135,3 +135,21 @@ async def revoke_key(*args: Any, **kwargs: Any) -> None:
 
 
 ACTORS = {a.actor_name: a for a in (subscribe, renew, auto_top_up, revoke_key)}
+
+
+async def _record_unknown_actor(message: dramatiq.Message[Any]) -> None:
+    error = MessageValidationError(
+        f"unknown actor {str(message.actor_name)[:100]!r}: the contract's actors are {sorted(ACTORS)}"
+    )
+    delivery = Delivery(message_id=message.message_id, queue_name=message.queue_name)
+    await get_service()._record_failure(
+        str(message.actor_name),
+        {"args": list(message.args), "kwargs": message.kwargs},
+        None,
+        delivery,
+        error,
+        attempts=1,
+    )
+
+
+broker.add_middleware(UnknownActorRecorder(set(ACTORS), _record_unknown_actor))

@@ -211,3 +211,24 @@ def test_a_top_up_stuck_pending_after_its_retries_is_finished_by_an_operator_ret
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'top_up'") == [{"n": 1}]
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10 * USD}]
     assert billing("audit", "--drained").returncode == 0
+
+
+def test_a_message_for_an_unknown_actor_is_recorded_for_operators(services, db, drain, broker):
+    import dramatiq
+
+    message = broker.enqueue(
+        dramatiq.Message(
+            queue_name="billing",
+            actor_name="charge_everyone",
+            args=(),
+            kwargs={"amount_micros": 1},
+            options={},
+        )
+    )
+    drain()
+    assert _dead_lettered(services) == 1  # Dramatiq's own dead-letter queue
+    out = json.loads(billing("ops", "failures", "--json").stdout)
+    assert [(f["message_id"], f["actor_name"], f["error_type"]) for f in out] == [
+        (message.message_id, "charge_everyone", "message_validation_error")
+    ]
+    assert "unknown actor" in db("SELECT error_message FROM failed_messages")[0]["error_message"]

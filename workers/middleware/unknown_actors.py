@@ -1,0 +1,48 @@
+"""Record, for operators, messages Dramatiq dead-letters before any billing code sees them."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import dramatiq
+import structlog
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.middleware import Middleware
+
+__all__ = ["UnknownActorRecorder"]
+
+log = structlog.get_logger("billing")
+
+
+class UnknownActorRecorder(Middleware):
+    """Records messages for an actor that does not exist, which Dramatiq moves to the dead-letter queue.
+
+    Dramatiq's worker rejects such a message in ``handle_message`` (``Received
+    message for undefined actor``) without running any actor, so it would
+    otherwise be visible only in Redis until its dead-letter retention ends.
+    After the nack, ``record(message)`` writes it to ``failed_messages``
+    (error ``unknown_actor``) on the AsyncIO event loop thread.
+
+    Parameters:
+      known_actors: The actor names this worker serves.
+      record: ``async record(message)``; errors are logged, never raised.
+    """
+
+    def __init__(
+        self, known_actors: set[str], record: Callable[[dramatiq.Message[Any]], Awaitable[None]]
+    ) -> None:
+        self.known_actors = known_actors
+        self.record = record
+
+    def after_nack(self, broker: dramatiq.Broker, message: Any) -> None:
+        """Record a rejected message whose actor is unknown."""
+        if message.actor_name in self.known_actors:
+            return
+        loop = get_event_loop_thread()
+        if loop is None:
+            return
+        try:
+            loop.run_coroutine(self.record(message))
+        except Exception as exc:  # noqa: BLE001 - operators still have Dramatiq's dead-letter queue
+            log.error("could_not_record_unknown_actor", error=type(exc).__name__)
