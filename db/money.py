@@ -351,12 +351,24 @@ SECRET_ARGUMENT = re.compile(
 
 
 def redact(value: Any) -> Any:
-    """A copy of ``value`` (JSON-like) with every secret-looking key's value replaced by ``[redacted]``."""
+    """A copy of ``value`` (JSON-like) with every secret-looking key's value replaced by ``[redacted]``.
+
+    NUL characters, which PostgreSQL cannot store in text or jsonb, are
+    written as the four characters ``\\x00`` (a malformed message may carry them).
+    """
     if isinstance(value, dict):
-        return {k: "[redacted]" if SECRET_ARGUMENT.search(str(k)) else redact(v) for k, v in value.items()}
+        return {
+            _no_nul(str(k)): "[redacted]" if SECRET_ARGUMENT.search(str(k)) else redact(v) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _no_nul(value)
     return value
+
+
+def _no_nul(text: str) -> str:
+    return text.replace("\x00", "\\x00")
 
 
 async def record_failure(
@@ -383,15 +395,15 @@ async def record_failure(
     await conn.execute(
         _RECORD_FAILURE,
         {
-            "message_id": message_id,
-            "actor_name": actor_name[:255],
-            "queue_name": queue_name[:255],
+            "message_id": _no_nul(message_id),
+            "actor_name": _no_nul(actor_name)[:255],
+            "queue_name": _no_nul(queue_name)[:255],
             "kwargs": redact(kwargs),
-            "idempotency_key": idempotency_key,
-            "account_id": account_id,
+            "idempotency_key": _no_nul(idempotency_key) if idempotency_key is not None else None,
+            "account_id": _no_nul(account_id) if account_id is not None else None,
             "error_type": error_type,
-            "error_message": error_message[:4000],
-            "traceback": traceback[-8000:] if traceback else None,
+            "error_message": _no_nul(error_message)[:4000],
+            "traceback": _no_nul(traceback)[-8000:] if traceback else None,
             "attempts": attempts,
         },
     )
