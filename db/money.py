@@ -358,7 +358,8 @@ def redact(value: Any) -> Any:
     """
     if isinstance(value, dict):
         return {
-            _no_nul(str(k)): "[redacted]" if SECRET_ARGUMENT.search(str(k)) else redact(v) for k, v in value.items()
+            _no_nul(str(k)): "[redacted]" if SECRET_ARGUMENT.search(str(k)) else redact(v)
+            for k, v in value.items()
         }
     if isinstance(value, list):
         return [redact(v) for v in value]
