@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-unit lint clean
+.PHONY: install browser demo test test-unit lint chaos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy tasks db workers
+
+## Chaos while load flows (docs/reliability.md): its own database and redis-server, SIGKILLed workers, a Redis
+## restart, terminated PostgreSQL connections, a misbehaving provider, then the audit. CHAOS_SECONDS (120),
+## CHAOS_SEED (random, printed: replays a run), CHAOS_FAULTS=0 for the soak; writes the figures to docs/reliability.md.
+chaos: $(STAMP)
+	$(BIN)/python -m workers.chaos --write-docs
 
 clean:
 	rm -rf $(VENV) .billing .pytest_cache

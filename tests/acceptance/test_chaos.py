@@ -1,0 +1,276 @@
+"""The short chaos run (issue 5): faults while load flows, then the audit, in ``make test``.
+
+``python -m workers.chaos`` runs as a subprocess, as ``make chaos`` does, but
+for 30 s and 3,000 messages with a fixed seed: SIGKILLed workers, a Redis
+restart, terminated PostgreSQL connections, a fake provider that declines,
+fails and times out after charging, and poison messages.  It uses the test
+session's PostgreSQL server (a fresh ``billing_chaos_*`` database on it) and
+starts its own append-only redis-server.  The checks hold for any fault
+timing: a failure here is a bug to report, never a flake to retry.
+
+Two bugs of Dramatiq 2.2 (not of the money path) were found this way; each
+has a deterministic reproduction below, marked ``xfail(strict=True)``, so
+the fix will show as XPASS:
+
+* a message that fails with a transient error while Redis is down loses
+  its retry: the ``Retries`` middleware's enqueue fails, the broker only
+  logs it, and the worker acks the message anyway (Bogdanp/dramatiq PR
+  #545): no retry, no ``failed_messages`` record, the key stays
+  ``processing``;
+* a retry waiting for its backoff in a worker's memory when Redis restarts
+  is dropped from that memory but stays in the worker's acknowledgement
+  set: nobody delivers it again while that worker lives (Bogdanp/dramatiq
+  issue #527).
+
+When the short run fails only by these (the runner tells: lost keys and
+audit violations all traced to them), it xfails with the details.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: A fixed seed: the same fault schedule and workload on every run.
+SEED = 20260501
+USD = 1_000_000
+
+
+@pytest.mark.acceptance
+@pytest.mark.timeout(240)
+def test_short_chaos_run_loses_nothing_and_charges_nothing_twice(services, tmp_path):
+    result_path = tmp_path / "chaos.json"
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "BILLING_REDIS_URL"},
+        "BILLING_DATABASE_URL": services.database_url,
+        "CHAOS_SECONDS": "30",
+        "CHAOS_MESSAGES": "3000",
+        "CHAOS_POISON": "2",
+        "CHAOS_SEED": str(SEED),
+        "CHAOS_DRAIN_TIMEOUT_S": "120",
+    }
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "workers.chaos", "--json", str(result_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
+    elapsed = time.monotonic() - started
+    output = proc.stdout + proc.stderr
+    assert result_path.exists(), output[-6000:]
+    result = json.loads(result_path.read_text())
+    # nothing left behind: no worker, producer or redis-server of the run is still running
+    assert _processes_of_run(result["run"]) == []
+    known = result["known_issue"]
+    if known["only_known_issue"]:
+        # Timing decides whether a message is between a transient error and its retry when Redis
+        # restarts.  When one is, the Dramatiq bugs reproduced by the two strict xfail tests below
+        # strand or lose it; the run then fails on that alone, and this test xfails.  Any other
+        # failure, or one these bugs do not explain, fails the test.
+        pytest.xfail(
+            f"known Dramatiq bugs around a Redis restart: retries not enqueued {known['retries_not_enqueued']} "
+            f"(keys left unfinished {known['keys_left_unfinished']}), delayed messages stranded "
+            f"{known['stranded_delayed']}"
+        )
+    assert proc.returncode == 0, output[-6000:]
+    assert f"seed {SEED}" in output
+    assert "every check passed" in output
+    assert result["double_charges"] == 0
+    assert result["lost"] == 0
+    assert result["audit_ok"]
+    assert all(result["checks"].values()), result["checks"]
+    # the table says so too
+    table = {row[0]: row[1] for row in result["rows"]}
+    assert table["double charges"].startswith("0 ")
+    assert table["lost messages"].startswith("0 ")
+    # the load and the faults were what the run claims
+    assert result["published"] >= 3000
+    assert result["repeated_publishes"] >= 0.10 * result["published"]
+    assert result["faults"]["worker SIGKILL"] >= 5
+    if "fakeredis" not in result["redis"]:
+        assert result["faults"]["Redis restart"] == 1
+    assert result["faults"]["pg_terminate_backend passes"] >= 2
+    # poison messages: each killed its worker a bounded number of times, then was dead-lettered
+    assert result["poison"] == {"published": 2, "dead": 2}
+    assert result["dead_lettered"]["too_many_deliveries"] == 2
+    assert 2 <= result["worker_exits"].get("poison", 0) <= 2 * 8
+    print(f"short chaos run: {elapsed:.1f} s")
+
+
+def _processes_of_run(run: str) -> list[str]:
+    """Processes whose command line (redis-server, producers) or environment (workers) names the run."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes()
+        except OSError:
+            continue
+        if f"billing-chaos-{run}".encode() in cmdline or f"billing_chaos_{run}".encode() in environ:
+            found.append(proc.name + ": " + cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+def _start(tmp_path: Path, **extra_env: str) -> tuple[Any, subprocess.Popen[bytes], Any]:
+    """Our own redis-server and one worker process (1 thread) on it; returns (server, worker, log file)."""
+    from workers.chaos import RedisServer
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("no redis-server: these reproductions restart a real Redis")
+    server = RedisServer(binary, tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "logs").mkdir()
+    server.start()
+    log = (tmp_path / "logs" / "worker-1.log").open("wb")
+    env = {
+        **os.environ,
+        "BILLING_REDIS_URL": server.url,
+        "BILLING_MAX_RETRIES": "1",
+        "BILLING_HEARTBEAT_TIMEOUT_MS": "10000",  # the worker is not taken for dead during the outage
+        "BILLING_MAINTENANCE_INTERVAL_MS": "300",
+        "BILLING_METRICS_ENABLED": "false",
+        "BILLING_LOG_FORMAT": "json",
+        "BILLING_LOG_LEVEL": "INFO",
+        "dramatiq_worker_timeout": "200",
+        "dramatiq_restart_delay": "500",
+        **extra_env,
+    }
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dramatiq", "workers.actors", "--processes", "1", "--threads", "1"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    return server, worker, log
+
+
+def _stop(server: Any, worker: subprocess.Popen[bytes], log: Any) -> None:
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    log.close()
+    server.stop()
+
+
+_ERRING_CARD = {
+    "account_id": "a1",
+    "balance_micros": 0,
+    "auto_top_up_threshold_micros": 10 * USD,
+    "auto_top_up_amount_micros": 20 * USD,
+    "payment_method_ref": "pm_error_always",  # the fake provider fails before charging: a transient error
+}
+_TERMINAL = (
+    "SELECT 1 FROM idempotency_keys k WHERE key = 'outage' AND (status = 'completed' "
+    "OR EXISTS (SELECT 1 FROM failed_messages f WHERE f.idempotency_key = k.key))"
+)
+
+
+@pytest.mark.acceptance
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "Dramatiq bug: with Redis down, the Retries middleware cannot enqueue the retry, the broker only "
+        "logs it, and the worker acks the message: no retry, no failed_messages record, the key stays "
+        "'processing' (Bogdanp/dramatiq PR #545)"
+    ),
+)
+def test_a_message_failing_transiently_while_redis_is_down_is_retried_or_recorded(
+    services, setup, db, tmp_path
+):
+    from tasks.producer import Producer
+    from workers.chaos import retries_not_enqueued
+
+    setup(accounts=[_ERRING_CARD])
+    # the provider call takes 2 s and then fails: its retry is enqueued while Redis is down
+    server, worker, log = _start(tmp_path, BILLING_FAKE_LATENCY_MS="2000")
+    try:
+        message_id = Producer(server.url).auto_top_up(
+            account_id="a1", idempotency_key="outage", amount_micros=20 * USD
+        )
+        _wait(lambda: db("SELECT 1 FROM idempotency_keys WHERE key = 'outage'"), 60, "the claim")
+        if not server.restart(outage_s=2.5):
+            raise RuntimeError("Redis lost its data")
+        if _wait(lambda: db(_TERMINAL), 8):
+            return  # fixed: retried to the end and recorded for operators
+        log.flush()
+        if message_id not in retries_not_enqueued(tmp_path / "logs"):
+            raise RuntimeError(
+                "the message was not finished, but not for the known reason"
+            )  # fails, not xfail
+        raise AssertionError(f"message {message_id}: retry not enqueued while Redis was down, then acked")
+    finally:
+        _stop(server, worker, log)
+
+
+@pytest.mark.acceptance
+@pytest.mark.timeout(120)
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "Dramatiq bug: a retry held in a worker's memory until its eta is dropped on a Redis connection "
+        "error but stays in that worker's acknowledgement set, so it is not delivered again while the "
+        "worker lives (Bogdanp/dramatiq issue #527)"
+    ),
+)
+def test_a_retry_waiting_for_its_backoff_survives_a_redis_restart(services, setup, db, tmp_path):
+    import redis
+
+    from tasks.producer import Producer
+    from workers.chaos import stranded_delayed
+
+    setup(accounts=[_ERRING_CARD])
+    # the first delivery fails at once; its retry waits 3 s in the worker's delay queue
+    server, worker, log = _start(tmp_path, BILLING_MIN_BACKOFF_MS="3000", BILLING_MAX_BACKOFF_MS="3000")
+    client = redis.Redis.from_url(server.url)
+    try:
+        message_id = Producer(server.url).auto_top_up(
+            account_id="a1", idempotency_key="outage", amount_micros=20 * USD
+        )
+        _wait(
+            lambda: any(client.scard(k) for k in client.scan_iter("dramatiq:__acks__.*.billing.payments.DQ")),
+            60,
+            "the retry to be held by the worker's delay queue",
+        )
+        if not server.restart(outage_s=1.0):
+            raise RuntimeError("Redis lost its data")
+        if _wait(lambda: db(_TERMINAL), 10):
+            return  # fixed: the retry ran, failed again and was recorded for operators
+        if message_id not in stranded_delayed(client, older_than_ms=2_000):
+            raise RuntimeError("the retry did not run, but not for the known reason")  # fails, not xfail
+        raise AssertionError(f"message {message_id}: retry stranded in the live worker's acknowledgement set")
+    finally:
+        client.close()
+        _stop(server, worker, log)
+
+
+def _wait(predicate: Any, timeout_s: float, what: str | None = None) -> bool:
+    """Poll ``predicate`` until true; on timeout, raise (``what`` given) or return False."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            if what is not None:
+                raise RuntimeError(f"timed out waiting for {what}")
+            return False
+        time.sleep(0.1)
+    return True
