@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import uuid4
 
+import redis
 from dramatiq import Message
 from dramatiq.brokers.redis import MAINTENANCE_COMMAND_BLACKLIST, MAINTENANCE_SCALE, RedisBroker
 from dramatiq.common import current_millis
@@ -81,6 +82,38 @@ class BillingRedisBroker(RedisBroker):
             )
 
         return do_dispatch
+
+    #: How long an enqueue keeps trying while Redis is unreachable, in seconds.
+    enqueue_patience_s: float = 300.0
+
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
+        """:meth:`RedisBroker.enqueue`, retried while Redis is unreachable (up to ``enqueue_patience_s``).
+
+        Dramatiq's Retries middleware enqueues a message's retry from inside
+        ``after_process_message`` and only logs a failure there, after which the
+        worker acks the original: with Redis down for a moment, a message
+        that failed transiently was lost (no retry, no record; found by
+        ``make chaos``; Bogdanp/dramatiq PR #545).  Like Dramatiq's own acks,
+        an enqueue now waits for Redis instead.  An enqueue that reached
+        Redis but lost its reply is sent twice: harmless, the consumer
+        dedupes by idempotency key.
+
+        Raises:
+          redis.ConnectionError / redis.TimeoutError: Redis stayed unreachable for ``enqueue_patience_s``.
+        """
+        deadline = time.monotonic() + self.enqueue_patience_s
+        pause = 0.05
+        while True:
+            try:
+                return super().enqueue(message, delay=delay)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + pause > deadline:
+                    raise
+                self.logger.warning(
+                    "Enqueue of %r failed (%s); retrying in %.2f s.", message.message_id, exc, pause
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     def enqueue_many(self, messages: Sequence[Message[Any]]) -> list[Message[Any]]:
         """Enqueue several messages in one pipelined round trip to Redis.

@@ -185,18 +185,15 @@ _TERMINAL = (
 
 @pytest.mark.acceptance
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "Dramatiq bug: with Redis down, the Retries middleware cannot enqueue the retry, the broker only "
-        "logs it, and the worker acks the message: no retry, no failed_messages record, the key stays "
-        "'processing' (Bogdanp/dramatiq PR #545)"
-    ),
-)
 def test_a_message_failing_transiently_while_redis_is_down_is_retried_or_recorded(
     services, setup, db, tmp_path
 ):
+    """Regression test of a Dramatiq bug found by chaos (Bogdanp/dramatiq PR #545).
+
+    With Redis down, the Retries middleware could not enqueue the retry, only
+    logged it, and the worker acked the message: no retry, no record.
+    ``BillingRedisBroker.enqueue`` now waits for Redis, as Dramatiq's acks do.
+    """
     from tasks.producer import Producer
     from workers.chaos import retries_not_enqueued
 
