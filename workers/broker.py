@@ -10,7 +10,12 @@ from uuid import uuid4
 
 import redis
 from dramatiq import Message
-from dramatiq.brokers.redis import MAINTENANCE_COMMAND_BLACKLIST, MAINTENANCE_SCALE, RedisBroker
+from dramatiq.brokers.redis import (
+    MAINTENANCE_COMMAND_BLACKLIST,
+    MAINTENANCE_SCALE,
+    RedisBroker,
+    _RedisConsumer,
+)
 from dramatiq.common import current_millis
 from dramatiq.middleware import AsyncIO, CurrentMessage
 
@@ -22,6 +27,65 @@ from .settings import Settings
 __all__ = ["BillingRedisBroker", "make_broker", "REDIS_URL_ENV"]
 
 REDIS_URL_ENV = "BILLING_REDIS_URL"
+
+
+class _BillingConsumer(_RedisConsumer):  # type: ignore[misc]
+    """Dramatiq's Redis consumer that does not strand a delay queue's messages on a connection error.
+
+    A worker holds the retries it fetched from a delay queue (``billing.DQ``)
+    in memory until their eta.  On a Redis connection error Dramatiq's
+    consumer thread drops that memory, while the messages' ids stay in this
+    worker's acknowledgement set in Redis: nothing delivers them again until
+    the worker process dies (found by ``make chaos``; Bogdanp/dramatiq issue
+    #527).  This consumer remembers the Redis ids it handed out and not yet
+    acked or nacked; when a delay queue's consumer closes with some left,
+    the broker keeps them, and the next consumer of that queue requeues them
+    (the ``requeue`` command of Dramatiq's script) as soon as Redis answers.
+    A message requeued while it was being moved to its queue is delivered
+    twice: harmless, the consumer dedupes by idempotency key.
+    """
+
+    def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
+        super().__init__(broker, queue_name, prefetch, timeout)
+        self.redis_ids: dict[str, str] = {}
+
+    def __next__(self) -> Any:
+        stranded = self.broker.stranded.get(self.queue_name)
+        if stranded:
+            try:
+                self.broker.do_requeue(self.queue_name, *sorted(stranded))
+                self.logger.warning("Requeued %d delayed messages held before a reconnect.", len(stranded))
+                stranded.clear()
+            except redis.RedisError:
+                pass  # Redis still down: try again on the next poll
+        proxy = super().__next__()
+        if proxy is not None:
+            self.redis_ids[proxy.message_id] = proxy.options["redis_message_id"]
+        return proxy
+
+    def ack(self, message: Any) -> None:
+        try:
+            super().ack(message)
+        finally:
+            self.redis_ids.pop(message.message_id, None)
+
+    def nack(self, message: Any) -> None:
+        try:
+            super().nack(message)
+        finally:
+            self.redis_ids.pop(message.message_id, None)
+
+    def requeue(self, messages: Any) -> None:
+        messages = list(messages)
+        super().requeue(messages)
+        for message in messages:
+            self.redis_ids.pop(message.message_id, None)
+
+    def close(self) -> None:
+        if self.queue_name.endswith(".DQ") and self.redis_ids:
+            self.broker.stranded.setdefault(self.queue_name, set()).update(self.redis_ids.values())
+            self.redis_ids.clear()
+        super().close()
 
 
 class BillingRedisBroker(RedisBroker):
@@ -48,6 +112,13 @@ class BillingRedisBroker(RedisBroker):
         self.maintenance_interval_ms = maintenance_interval_ms
         self._last_maintenance: dict[str, float] = {}
         self._random = random.Random()
+        #: Delay-queue name -> Redis ids a closed consumer still held (see _BillingConsumer).
+        self.stranded: dict[str, set[str]] = {}
+
+    @property
+    def consumer_class(self) -> type[_RedisConsumer]:
+        """Consumers that requeue what a connection error would strand."""
+        return _BillingConsumer
 
     def _maintenance_due(self, command: str, queue_name: str) -> int:
         if command in MAINTENANCE_COMMAND_BLACKLIST:

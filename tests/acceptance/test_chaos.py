@@ -221,16 +221,14 @@ def test_a_message_failing_transiently_while_redis_is_down_is_retried_or_recorde
 
 @pytest.mark.acceptance
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "Dramatiq bug: a retry held in a worker's memory until its eta is dropped on a Redis connection "
-        "error but stays in that worker's acknowledgement set, so it is not delivered again while the "
-        "worker lives (Bogdanp/dramatiq issue #527)"
-    ),
-)
 def test_a_retry_waiting_for_its_backoff_survives_a_redis_restart(services, setup, db, tmp_path):
+    """Regression test of a Dramatiq bug found by chaos (Bogdanp/dramatiq issue #527).
+
+    A retry held in a worker's memory until its eta was dropped on a Redis
+    connection error but stayed in that worker's acknowledgement set, so it
+    was not delivered again while the worker lived.  ``_BillingConsumer``
+    (``workers/broker.py``) now requeues it once Redis answers.
+    """
     import redis
 
     from tasks.producer import Producer
