@@ -7,7 +7,7 @@ Create Date: 2026-11-23
 
 from __future__ import annotations
 
-from alembic import op
+from migrations.sql import execute_script
 
 revision = "0001"
 down_revision = None
@@ -215,16 +215,9 @@ DROP TABLE fake_provider_charges, failed_messages, entitlements, outbox, funds_w
 """
 
 
-def _statements(script: str) -> list[str]:
-    # asyncpg prepares each statement, so a script runs one statement at a time
-    return [s.strip() for s in script.split(";\n") if s.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    execute_script(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    execute_script(DOWNGRADE)

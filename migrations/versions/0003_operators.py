@@ -9,7 +9,7 @@ Create Date: 2026-11-23
 
 from __future__ import annotations
 
-from alembic import op
+from migrations.sql import execute_script
 
 revision = "0003"
 down_revision = "0002"
@@ -50,15 +50,9 @@ ALTER TABLE failed_messages DROP COLUMN resolution, DROP COLUMN resolved_by, DRO
 """
 
 
-def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";\n") if s.strip()]
-
-
 def upgrade() -> None:
-    for statement in _statements(UPGRADE):
-        op.execute(statement)
+    execute_script(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in _statements(DOWNGRADE):
-        op.execute(statement)
+    execute_script(DOWNGRADE)
