@@ -1,0 +1,27 @@
+"""``make bench``: this project's throughput and latency against the limit, side by side in one run.
+
+Run ``python -m bench --help`` (or ``make bench``); ``docs/benchmarks.md``
+holds the figures of the last full run.  Modules:
+
+* :mod:`bench.runner`: the run (services, data, interleaved rounds, figures);
+* :mod:`bench.renewal_script`: the pgbench script of one renewal, generated
+  from ``db/money.py`` (committed as ``bench/renewal.sql``);
+* :mod:`bench.data`: the accounts, plans and subscriptions, in bulk SQL;
+* :mod:`bench.noop`, :mod:`bench.naive`: the broker's ceiling and the naive
+  baseline, each a stock Dramatiq worker module;
+* :mod:`bench.report`: the table, ``docs/benchmarks.md`` and the chart;
+* :mod:`bench.stats`: summaries, ratios, percentiles, pgbench and profile parsing.
+"""
+
+__all__ = [
+    # queues and actors of the two stock Dramatiq workers (bench.noop, bench.naive)
+    "NOOP_QUEUE",
+    "NOOP_ACTOR",
+    "NAIVE_QUEUE",
+    "NAIVE_ACTOR",
+]
+
+NOOP_QUEUE = "bench.noop"
+NOOP_ACTOR = "bench_noop"
+NAIVE_QUEUE = "bench.naive"
+NAIVE_ACTOR = "bench_naive_renew"
