@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from uuid import uuid4
 
 import redis
-from dramatiq import Message
+from dramatiq import Message, set_encoder
 from dramatiq.brokers.redis import (
     MAINTENANCE_COMMAND_BLACKLIST,
     MAINTENANCE_SCALE,
@@ -17,6 +17,8 @@ from dramatiq.brokers.redis import (
     _RedisConsumer,
 )
 from dramatiq.common import current_millis
+from dramatiq.encoder import JSONEncoder
+from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.middleware import AsyncIO, CurrentMessage
 
 from tasks.errors import ConfigurationError
@@ -24,9 +26,66 @@ from tasks.signing import SigningMiddleware, signing_keys_from_env
 
 from .settings import Settings
 
-__all__ = ["BillingRedisBroker", "make_broker", "REDIS_URL_ENV"]
+__all__ = [
+    "BillingRedisBroker",
+    "EnvelopeCheckingEncoder",
+    "make_broker",
+    "REDIS_URL_ENV",
+    "UndecodableHandler",
+]
 
 REDIS_URL_ENV = "BILLING_REDIS_URL"
+
+#: ``handler(queue_name, redis_message_id, payload, error)``: records a payload
+#: Dramatiq could not decode; raises if it could not be recorded.
+UndecodableHandler = Callable[[str, str, bytes, BaseException], None]
+
+
+class EnvelopeCheckingEncoder(JSONEncoder):  # type: ignore[misc]
+    """Dramatiq's JSON encoder whose ``decode`` also checks the message envelope.
+
+    Dramatiq builds a ``Message`` from whatever JSON object it fetched, so an
+    envelope whose ``kwargs`` is a list or whose ``options`` lack the Redis
+    id fails later, outside any actor (a retried ``TypeError``, or a crashed
+    consumer).  Here such a payload fails to decode, and the consumer
+    records and dead-letters it (see :class:`_BillingConsumer`).
+
+    Raises:
+      dramatiq.errors.DecodeError: Not UTF-8 JSON, not an object, a missing
+        or unknown field, or a field of the wrong type.
+    """
+
+    #: field -> (type, required)
+    FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
+        "queue_name": (str, True),
+        "actor_name": (str, True),
+        "args": (list, True),
+        "kwargs": (dict, True),
+        "options": (dict, True),
+        "message_id": (str, False),
+        "message_timestamp": (int, False),
+    }
+
+    def decode(self, data: bytes) -> Any:
+        fields = super().decode(data)
+        if not isinstance(fields, dict):
+            raise DecodeError(f"envelope is a JSON {type(fields).__name__}, not an object", data, None)
+        unknown = sorted(set(fields) - set(self.FIELDS))
+        if unknown:
+            raise DecodeError(f"unknown envelope fields {unknown[:5]}", data, None)
+        for name, (kind, required) in self.FIELDS.items():
+            if name not in fields:
+                if required:
+                    raise DecodeError(f"envelope field {name!r} is missing", data, None)
+            elif not isinstance(fields[name], kind) or isinstance(fields[name], bool):
+                raise DecodeError(
+                    f"envelope field {name!r} is a {type(fields[name]).__name__}, not a {kind.__name__}",  # type: ignore[union-attr]
+                    data,
+                    None,
+                )
+        if not isinstance(fields["options"].get("redis_message_id"), str):
+            raise DecodeError("envelope options lack the Redis message id", data, None)
+        return fields
 
 
 class _BillingConsumer(_RedisConsumer):  # type: ignore[misc]
@@ -58,10 +117,56 @@ class _BillingConsumer(_RedisConsumer):  # type: ignore[misc]
                 stranded.clear()
             except redis.RedisError:
                 pass  # Redis still down: try again on the next poll
-        proxy = super().__next__()
+        try:
+            proxy = super().__next__()
+        except DecodeError as exc:
+            try:
+                self._reject_undecodable(exc.data, exc.error)
+            except redis.ConnectionError as conn_exc:
+                raise ConnectionClosed(conn_exc) from None
+            return None
         if proxy is not None:
             self.redis_ids[proxy.message_id] = proxy.options["redis_message_id"]
         return proxy
+
+    def _reject_undecodable(self, data: bytes, error: BaseException) -> None:
+        """Dead-letter a payload that is not a Dramatiq message, after the broker's handler recorded it.
+
+        Stock Dramatiq raises the decode error out of the consumer, whose
+        thread restarts while the payload's id stays in this worker's
+        acknowledgement set: nobody sees it until the worker dies, then it
+        is redelivered and fails again.  Here the payload's Redis id is
+        found among this worker's unacknowledged ids (one extra round trip,
+        on this error path only), ``broker.undecodable_handler`` records it
+        for operators, and it is nacked into Dramatiq's dead-letter queue.
+        If recording fails (PostgreSQL down) it is requeued after a pause
+        and recorded on a later delivery.
+        """
+        broker = self.broker
+        acks = f"{broker.namespace}:__acks__.{broker.broker_id}.{self.queue_name}"
+        held = set(self.redis_ids.values())
+        candidates = [i.decode() for i in broker.client.smembers(acks) if i.decode() not in held]
+        redis_id = None
+        if candidates:
+            payloads = broker.client.hmget(f"{broker.namespace}:{self.queue_name}.msgs", candidates)
+            redis_id = next((i for i, p in zip(candidates, payloads, strict=True) if p == data), None)
+        if redis_id is None:  # pragma: no cover - the payload vanished (acked by maintenance meanwhile)
+            self.logger.error("Undecodable payload on %r not found in the ack set.", self.queue_name)
+            return
+        handler = broker.undecodable_handler
+        try:
+            if handler is not None:
+                handler(self.queue_name, redis_id, data, error)
+            else:
+                self.logger.error(
+                    "Dead-lettering undecodable payload %s on %r: %s", redis_id, self.queue_name, error
+                )
+        except Exception as exc:  # noqa: BLE001 - not recorded: try again later, never drop it
+            self.logger.error("Could not record undecodable payload %s (%s); requeueing.", redis_id, exc)
+            time.sleep(1.0)
+            broker.do_requeue(self.queue_name, redis_id)
+            return
+        broker.do_nack(self.queue_name, redis_id)
 
     def ack(self, message: Any) -> None:
         try:
@@ -114,6 +219,8 @@ class BillingRedisBroker(RedisBroker):
         self._random = random.Random()
         #: Delay-queue name -> Redis ids a closed consumer still held (see _BillingConsumer).
         self.stranded: dict[str, set[str]] = {}
+        #: Records payloads that are not Dramatiq messages (see _BillingConsumer); set by the worker.
+        self.undecodable_handler: UndecodableHandler | None = None
 
     @property
     def consumer_class(self) -> type[_RedisConsumer]:
@@ -249,6 +356,7 @@ def make_broker(settings: Settings, *, url: str | None = None, client: Any = Non
         raise ConfigurationError(
             f"{REDIS_URL_ENV} is not set (redis://host:port/db); `billing demo` starts its own Redis"
         )
+    set_encoder(EnvelopeCheckingEncoder())
     broker = BillingRedisBroker(
         url=url,
         client=client,
