@@ -59,6 +59,9 @@ __all__ = [
     "ClaimedKey",
     "TopUpIntent",
     "claim_key",
+    "claim_keys",
+    "KeyClaim",
+    "renew_fast_batch",
     "lock_key",
     "record_effect",
     "fail_key",
@@ -261,6 +264,144 @@ async def claim_key(
         attempts=row["attempts"],
         conflict=row["fingerprint"] != fingerprint,
     )
+
+
+_CLAIM_KEYS = _sql(
+    """
+    INSERT INTO idempotency_keys AS k (key, kind, fingerprint, status, attempts, account_id, message_id)
+    SELECT m.key, m.kind, m.fingerprint, 'processing', 1, m.account_id, m.message_id
+    FROM unnest(CAST(:keys AS text[]), CAST(:kinds AS text[]), CAST(:fingerprints AS text[]),
+                CAST(:account_ids AS text[]), CAST(:message_ids AS text[]))
+         AS m(key, kind, fingerprint, account_id, message_id)
+    ORDER BY m.key
+    ON CONFLICT (key) DO UPDATE SET
+        attempts = k.attempts + CASE
+            WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status NOT IN ('completed') THEN 1 ELSE 0 END,
+        message_id = CASE WHEN k.fingerprint = EXCLUDED.fingerprint THEN EXCLUDED.message_id ELSE k.message_id END,
+        updated_at = now()
+    RETURNING k.key, k.status, k.fingerprint, k.result, k.attempts
+    """,
+    json_columns=("result",),
+)
+
+
+@dataclass(frozen=True)
+class KeyClaim:
+    """One delivery to claim in :func:`claim_keys`.
+
+    Attributes:
+      key: The message's idempotency key.
+      kind: The actor name.
+      fingerprint: The message's argument fingerprint.
+      account_id: The account, when the message names it (None for ``renew``).
+      message_id: Dramatiq's message id.
+    """
+
+    key: str
+    kind: str
+    fingerprint: str
+    account_id: str | None
+    message_id: str
+
+
+async def claim_keys(conn: AsyncConnection, claims: list[KeyClaim]) -> dict[str, ClaimedKey]:
+    """:func:`claim_key` for several deliveries in one statement (autocommit; group commit of claims).
+
+    Rows are written in key order, so concurrent batches never wait on each
+    other in a cycle.
+
+    Parameters:
+      claims: Deliveries with distinct keys (a key twice in one statement is
+        refused by PostgreSQL's ON CONFLICT; the caller splits such batches).
+
+    Returns:
+      Key -> its claim, as :func:`claim_key` returns it.
+    """
+    rows = (
+        await conn.execute(
+            _CLAIM_KEYS,
+            {
+                "keys": [c.key for c in claims],
+                "kinds": [c.kind for c in claims],
+                "fingerprints": [c.fingerprint for c in claims],
+                "account_ids": [c.account_id for c in claims],
+                "message_ids": [c.message_id for c in claims],
+            },
+        )
+    ).mappings()
+    fingerprints = {c.key: c.fingerprint for c in claims}
+    return {
+        row["key"]: ClaimedKey(
+            status=row["status"],
+            result=row["result"],
+            attempts=row["attempts"],
+            conflict=row["fingerprint"] != fingerprints[row["key"]],
+        )
+        for row in rows
+    }
+
+
+_RENEW_FAST = _sql(
+    """
+    SELECT m.key, billing_renew_fast(m.key, m.subscription_id, m.period_start, m.period_start_iso,
+                                     CAST(:now AS timestamptz)) AS r
+    FROM unnest(CAST(:keys AS text[]), CAST(:subscription_ids AS text[]),
+                CAST(:period_starts AS timestamptz[]), CAST(:period_start_isos AS text[]))
+         AS m(key, subscription_id, period_start, period_start_iso)
+    """,
+    json_columns=("r",),
+)
+
+
+async def renew_fast_batch(
+    conn: AsyncConnection, messages: list[RenewMessage], now: datetime
+) -> dict[str, dict[str, Any]]:
+    """Apply plain renewals in one statement: the fast path of :func:`apply_renew` (migration 0005).
+
+    Run it on an autocommit connection: the statement is the transaction,
+    so a batch costs one round trip and one commit.  Each message runs in
+    its own subtransaction inside ``billing_renew_fast``, under the same
+    locks as the Python path (key, account, subscription); messages are
+    taken in subscription order so concurrent batches lock in one order.
+    The keys must have been claimed (:func:`claim_keys`) before.
+
+    Parameters:
+      messages: Renewals with distinct idempotency keys.
+      now: The effect's time (UTC).
+
+    Returns:
+      Key -> the stored outcome (``renewed``), the first delivery's outcome
+      with ``"duplicate": True``, or ``{"fallback": why}`` (``not_plain``,
+      ``catch_up``, ``unknown_subscription``, or ``error`` with the
+      ``error``): nothing was written for it, and :func:`apply_renew` in its
+      own transaction is to handle it.
+    """
+    ordered = sorted(messages, key=lambda m: (m.subscription_id, m.idempotency_key))
+    rows = (
+        await conn.execute(
+            _RENEW_FAST,
+            {
+                "keys": [m.idempotency_key for m in ordered],
+                "subscription_ids": [m.subscription_id for m in ordered],
+                "period_starts": [m.period_start for m in ordered],
+                "period_start_isos": [m.period_start.isoformat() for m in ordered],
+                "now": now,
+            },
+        )
+    ).mappings()
+    results: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        r = row["r"]
+        if r["fast"] == "applied":
+            results[row["key"]] = r["result"]
+        elif r["fast"] == "duplicate":
+            results[row["key"]] = {**(r["result"] or {}), "duplicate": True}
+        else:
+            results[row["key"]] = {
+                "fallback": r.get("why"),
+                **({"error": r["error"]} if "error" in r else {}),
+            }
+    return results
 
 
 _LOCK_KEY = _sql(

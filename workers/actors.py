@@ -15,6 +15,7 @@ from typing import Any
 
 import dramatiq
 import structlog
+from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
 
 from db.engine import make_engine
@@ -63,6 +64,8 @@ def get_service() -> BillingService:
             crashpoints=parse_crashpoints(settings.crashpoints),
             exit_on_crash=True,
             signing_keys=signing_keys,
+            renew_fast_path=settings.renew_fast_path,
+            max_batch=settings.max_batch,
         )
     return _service
 
@@ -153,3 +156,13 @@ async def _record_unknown_actor(message: dramatiq.Message[Any]) -> None:
 
 
 broker.add_middleware(UnknownActorRecorder(set(ACTORS), _record_unknown_actor))
+
+
+def _record_undecodable(queue_name: str, redis_id: str, payload: bytes, error: BaseException) -> None:
+    loop = get_event_loop_thread()
+    if loop is None:
+        raise RuntimeError("the AsyncIO event loop thread is not running")
+    loop.run_coroutine(get_service().record_undecodable(queue_name, redis_id, payload, error))
+
+
+broker.undecodable_handler = _record_undecodable

@@ -60,7 +60,7 @@ from .clock import Clock, SystemClock
 from .crash import crashpoint
 from .providers.base import PaymentProvider
 
-__all__ = ["BillingService", "Delivery", "API_KEY_CHANNEL"]
+__all__ = ["BillingService", "Delivery", "RenewalBatcher", "API_KEY_CHANNEL"]
 
 log = structlog.get_logger("billing")
 
@@ -115,9 +115,12 @@ class BillingService:
     crashpoints: dict[str, str] = field(default_factory=dict)
     exit_on_crash: bool = False
     signing_keys: SigningKeys | None = None
+    renew_fast_path: bool = True
+    max_batch: int = 64
 
     def __post_init__(self) -> None:
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._renewals = RenewalBatcher(self, max_batch=self.max_batch)
 
     # ------------------------------------------------------------------ entry point
 
@@ -151,15 +154,24 @@ class BillingService:
         structlog.contextvars.bind_contextvars(idempotency_key=message.idempotency_key, account_id=account_id)
         fingerprint = message.fingerprint()
         try:
-            async with translate_errors(), self.autocommit.connect() as conn:
-                claim = await money.claim_key(
-                    conn,
-                    key=message.idempotency_key,
-                    kind=actor_name,
-                    fingerprint=fingerprint,
-                    account_id=account_id,
-                    message_id=delivery.message_id,
-                )
+            fast: dict[str, Any] | None = None
+            if (
+                isinstance(message, RenewMessage)
+                and self.renew_fast_path
+                # a simulated crash needs the Python path's steps
+                and not any(f in message.idempotency_key for f in self.crashpoints.values())
+            ):
+                claim, fast = await self._renewals.submit(message, fingerprint, delivery.message_id)
+            else:
+                async with translate_errors(), self.autocommit.connect() as conn:
+                    claim = await money.claim_key(
+                        conn,
+                        key=message.idempotency_key,
+                        kind=actor_name,
+                        fingerprint=fingerprint,
+                        account_id=account_id,
+                        message_id=delivery.message_id,
+                    )
             if claim.conflict:
                 metrics.idempotency_conflict(actor_name)
                 raise IdempotencyConflict(
@@ -173,7 +185,12 @@ class BillingService:
                 raise TooManyDeliveries(
                     f"delivered {claim.attempts} times without finishing (limit {self.max_deliveries})"
                 )
-            if isinstance(message, AutoTopUpMessage):
+            if fast is not None:
+                result = fast
+                if not fast.get("duplicate"):
+                    metrics.effect_committed(actor_name, Effect(fast["outcome"], fast))
+                    structlog.contextvars.bind_contextvars(account_id=fast.get("account_id"))
+            elif isinstance(message, AutoTopUpMessage):
                 result = await self._auto_top_up(message)
             else:
                 result = await self._apply(message)
@@ -399,6 +416,164 @@ class BillingService:
                 )
         except BillingError:
             log.error("could_not_record_failure", error=type(exc).__name__)
+
+    async def record_undecodable(
+        self, queue_name: str, redis_id: str, payload: bytes, error: BaseException
+    ) -> None:
+        """Record a Redis payload that is not a Dramatiq message (not JSON, wrong envelope) for operators.
+
+        Stored in ``failed_messages`` as message id ``undecodable:{redis_id}``,
+        actor ``(undecodable)``, error ``message_validation_error`` (never
+        retried; ``billing ops resolve`` it), with the payload's first 2,000
+        characters and its size in bytes.  Nothing else is written.
+
+        Parameters:
+          queue_name: The Redis queue it was fetched from.
+          redis_id: Dramatiq's Redis message id (the key in the queue's ``.msgs`` hash).
+          payload: The raw bytes.
+          error: The decoder's exception.
+
+        Raises:
+          DatabaseUnavailable: It could not be recorded (the caller requeues it).
+        """
+        exc = MessageValidationError(
+            f"undecodable payload ({len(payload):,} bytes): not a Dramatiq message: "
+            f"{type(error).__name__}: {str(error)[:300]}"
+        )
+        metrics.failure_recorded("(undecodable)", exc)
+        async with translate_errors(), self.autocommit.connect() as conn:
+            await money.record_failure(
+                conn,
+                message_id=f"undecodable:{redis_id}",
+                actor_name="(undecodable)",
+                queue_name=queue_name,
+                kwargs={"payload": payload[:2000].decode("utf-8", "replace"), "bytes": len(payload)},
+                idempotency_key=None,
+                account_id=None,
+                error_type=exc.code,
+                error_message=exc.message,
+                traceback=None,
+                attempts=1,
+            )
+        log.error(
+            "undecodable_payload_recorded", queue=queue_name, redis_message_id=redis_id, bytes=len(payload)
+        )
+
+
+class RenewalBatcher:
+    """Group commit for ``renew``: claims, then applies, the renewals that arrive together, in two statements.
+
+    Each of a worker's threads hands its renewal to the process's event
+    loop; while one batch is at PostgreSQL the next ones gather here.  A
+    batch costs two round trips and two commits whatever its size: one
+    autocommit statement claims every key (:func:`db.money.claim_keys`,
+    committed first, so deliveries are counted even if the effect never
+    commits), one applies every plain renewal whose claim allows it
+    (:func:`db.money.renew_fast_batch`, each in its own subtransaction).
+    Every message keeps its own key, outcome and errors: a renewal that is
+    not plain (short funds, past_due, cancel at period end, catch-up) or
+    failed comes back as None and takes the Python path alone; a batch that
+    fails as a whole (PostgreSQL unreachable) fails each of its messages
+    with the same transient error, to be retried.  A key that is already in
+    the forming batch waits for the next one (one statement cannot claim a
+    key twice).  Idle, a renewal goes alone at once: no added latency.
+
+    Parameters:
+      service: The service (engine, clock, max deliveries).
+      max_batch: Most renewals per batch.
+    """
+
+    def __init__(self, service: BillingService, *, max_batch: int = 64) -> None:
+        self.service = service
+        self.max_batch = max(1, max_batch)
+        self._waiting: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
+        self._running = False
+        #: Batches run, the largest one, and renewals applied by the fast path (for tests and profiles).
+        self.batches = 0
+        self.largest_batch = 0
+        self.applied = 0
+        #: Why renewals took the Python path instead: reason -> count.
+        self.fallbacks: dict[str, int] = {}
+
+    async def submit(
+        self, message: RenewMessage, fingerprint: str, message_id: str
+    ) -> tuple[money.ClaimedKey, dict[str, Any] | None]:
+        """Claim ``message``'s key and apply it if plain; returns its claim and its outcome (None: not applied).
+
+        Raises:
+          DatabaseUnavailable: The batch could not reach PostgreSQL (transient).
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append((message, fingerprint, message_id, future))
+        if not self._running:
+            self._running = True
+            asyncio.ensure_future(self._drain())
+        result: tuple[money.ClaimedKey, dict[str, Any] | None] = await future
+        return result
+
+    async def _drain(self) -> None:
+        try:
+            while self._waiting:
+                batch: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
+                later: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
+                keys: set[str] = set()
+                for item in self._waiting:
+                    if len(batch) < self.max_batch and item[0].idempotency_key not in keys:
+                        batch.append(item)
+                        keys.add(item[0].idempotency_key)
+                    else:
+                        later.append(item)
+                self._waiting = later
+                self.batches += 1
+                self.largest_batch = max(self.largest_batch, len(batch))
+                try:
+                    outcomes = await self._run([(m, f, i) for m, f, i, _ in batch])
+                except BaseException as exc:  # noqa: BLE001 - each waiting message gets the batch's error
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for message, _, _, future in batch:
+                    if not future.done():
+                        future.set_result(outcomes[message.idempotency_key])
+        finally:
+            self._running = False
+
+    async def _run(
+        self, batch: list[tuple[RenewMessage, str, str]]
+    ) -> dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]]:
+        service = self.service
+        async with translate_errors(), service.autocommit.connect() as conn:
+            claims = await money.claim_keys(
+                conn,
+                [money.KeyClaim(m.idempotency_key, "renew", f, None, i) for m, f, i in batch],
+            )
+            to_apply = [
+                m
+                for m, _, _ in batch
+                if not (c := claims[m.idempotency_key]).conflict
+                and c.status != "completed"
+                and c.attempts <= service.max_deliveries
+            ]
+            applied = await money.renew_fast_batch(conn, to_apply, service.clock.now()) if to_apply else {}
+        outcomes: dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]] = {}
+        for m, _, _ in batch:
+            result = applied.get(m.idempotency_key)
+            if result is not None and "fallback" in result:
+                self.fallbacks[result["fallback"]] = self.fallbacks.get(result["fallback"], 0) + 1
+                if (
+                    result["fallback"] == "error"
+                ):  # e.g. a deadlock between batches: the Python path retries it
+                    log.info(
+                        "renew_fast_path_fallback", idempotency_key=m.idempotency_key, error=result["error"]
+                    )
+                result = None
+            elif result is not None and not result.get("duplicate"):
+                self.applied += 1
+            outcomes[m.idempotency_key] = (claims[m.idempotency_key], result)
+        return outcomes
 
 
 def _describe(exc: BaseException) -> str:

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     #: redelivery after a worker crash as a retry, so this is what bounds a
     #: message that kills its worker every time.
     max_deliveries: int = Field(10, ge=1)
+    #: Apply plain renewals with the server-side fast path, grouped: the
+    #: renewals that arrive together are claimed in one statement and applied
+    #: in one (migration 0005, ``RenewalBatcher``).  Off: every renewal runs
+    #: the Python path in its own transaction.
+    renew_fast_path: bool = True
+    #: Most renewals per group commit.
+    max_batch: int = Field(64, ge=1, le=10_000)
     #: Retries of transient errors (Dramatiq Retries middleware).
     max_retries: int = Field(8, ge=0)
     #: Backoff of those retries: exponential from min to max, with jitter.
