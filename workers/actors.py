@@ -66,6 +66,7 @@ def get_service() -> BillingService:
             signing_keys=signing_keys,
             renew_fast_path=settings.renew_fast_path,
             max_batch=settings.max_batch,
+            max_batches_in_flight=settings.max_batches_in_flight,
         )
     return _service
 

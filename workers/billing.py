@@ -117,10 +117,13 @@ class BillingService:
     signing_keys: SigningKeys | None = None
     renew_fast_path: bool = True
     max_batch: int = 64
+    max_batches_in_flight: int = 1
 
     def __post_init__(self) -> None:
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._renewals = RenewalBatcher(self, max_batch=self.max_batch)
+        self._renewals = RenewalBatcher(
+            self, max_batch=self.max_batch, max_in_flight=self.max_batches_in_flight
+        )
 
     # ------------------------------------------------------------------ entry point
 
@@ -483,11 +486,12 @@ class RenewalBatcher:
       max_batch: Most renewals per batch.
     """
 
-    def __init__(self, service: BillingService, *, max_batch: int = 64) -> None:
+    def __init__(self, service: BillingService, *, max_batch: int = 64, max_in_flight: int = 1) -> None:
         self.service = service
         self.max_batch = max(1, max_batch)
+        self.max_in_flight = max(1, max_in_flight)
         self._waiting: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
-        self._running = False
+        self._in_flight = 0
         #: Batches run, the largest one, and renewals applied by the fast path (for tests and profiles).
         self.batches = 0
         self.largest_batch = 0
@@ -505,41 +509,44 @@ class RenewalBatcher:
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiting.append((message, fingerprint, message_id, future))
-        if not self._running:
-            self._running = True
-            asyncio.ensure_future(self._drain())
+        self._start_batches()
         result: tuple[money.ClaimedKey, dict[str, Any] | None] = await future
         return result
 
-    async def _drain(self) -> None:
+    def _start_batches(self) -> None:
+        """Send what is waiting, in batches, while fewer than ``max_in_flight`` batches are at PostgreSQL."""
+        while self._waiting and self._in_flight < self.max_in_flight:
+            batch: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
+            later: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
+            keys: set[str] = set()
+            for item in self._waiting:
+                if len(batch) < self.max_batch and item[0].idempotency_key not in keys:
+                    batch.append(item)
+                    keys.add(item[0].idempotency_key)
+                else:
+                    later.append(item)
+            self._waiting = later
+            self._in_flight += 1
+            self.batches += 1
+            self.largest_batch = max(self.largest_batch, len(batch))
+            asyncio.ensure_future(self._send(batch))
+
+    async def _send(self, batch: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]]) -> None:
         try:
-            while self._waiting:
-                batch: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
-                later: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
-                keys: set[str] = set()
-                for item in self._waiting:
-                    if len(batch) < self.max_batch and item[0].idempotency_key not in keys:
-                        batch.append(item)
-                        keys.add(item[0].idempotency_key)
-                    else:
-                        later.append(item)
-                self._waiting = later
-                self.batches += 1
-                self.largest_batch = max(self.largest_batch, len(batch))
-                try:
-                    outcomes = await self._run([(m, f, i) for m, f, i, _ in batch])
-                except BaseException as exc:  # noqa: BLE001 - each waiting message gets the batch's error
-                    for *_, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for message, _, _, future in batch:
-                    if not future.done():
-                        future.set_result(outcomes[message.idempotency_key])
+            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch])
+        except BaseException as exc:  # noqa: BLE001 - each message of the batch gets the batch's error
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            for message, _, _, future in batch:
+                if not future.done():
+                    future.set_result(outcomes[message.idempotency_key])
         finally:
-            self._running = False
+            self._in_flight -= 1
+            self._start_batches()
 
     async def _run(
         self, batch: list[tuple[RenewMessage, str, str]]

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     renew_fast_path: bool = True
     #: Most renewals per group commit.
     max_batch: int = Field(64, ge=1, le=10_000)
+    #: Group commits of one worker process at PostgreSQL at once.
+    max_batches_in_flight: int = Field(1, ge=1, le=64)
     #: Retries of transient errors (Dramatiq Retries middleware).
     max_retries: int = Field(8, ge=0)
     #: Backoff of those retries: exponential from min to max, with jitter.
