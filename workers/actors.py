@@ -54,7 +54,7 @@ def get_service() -> BillingService:
     if _service is None:
         if not settings.database_url:
             raise ConfigurationError("BILLING_DATABASE_URL is not set")
-        engine = make_engine(settings.database_url)
+        engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
         _service = BillingService(
             engine=engine,
             provider=make_provider(settings, engine),

@@ -579,9 +579,9 @@ def publish_revoke_key(
     "-t",
     "threads",
     type=click.IntRange(1, 256),
-    default=8,
+    default=16,
     show_default=True,
-    help="Threads per process.",
+    help="Threads per process (they mostly wait on PostgreSQL; concurrent renewals share a group commit).",
 )
 def worker(processes: int, threads: int) -> None:
     """Run a Dramatiq worker over the billing actors (queues billing and billing.payments)."""
@@ -603,6 +603,8 @@ def worker(processes: int, threads: int) -> None:
         str(threads),
     ]
     env = dict(os.environ)
+    # a connection per thread, plus the outbox sweeper's and a renewal batch's
+    env.setdefault("BILLING_DB_POOL_SIZE", str(threads + 2))
     if settings.metrics_enabled:
         from .metrics import exposition_env
 

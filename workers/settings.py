@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     renew_fast_path: bool = True
     #: Most renewals per group commit.
     max_batch: int = Field(64, ge=1, le=10_000)
+    #: PostgreSQL connections kept open per worker process; ``billing worker``
+    #: sets it to its threads + 2 (each thread may hold one; the outbox sweeper
+    #: and a renewal batch need their own) unless it is set.
+    db_pool_size: int = Field(10, ge=1, le=500)
     #: Group commits of one worker process at PostgreSQL at once.
     max_batches_in_flight: int = Field(1, ge=1, le=64)
     #: Retries of transient errors (Dramatiq Retries middleware).
