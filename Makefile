@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install browser demo test test-unit lint chaos clean
+.PHONY: install browser demo test test-unit lint chaos bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +14,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# the bench's extras (matplotlib, py-spy) on top of dev
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
 
 ## Run the demo: embedded PostgreSQL + in-process Redis unless BILLING_DATABASE_URL / BILLING_REDIS_URL are set;
 ## then six months of renewals, top-ups, dunning and cancels on an accelerated clock (a table per month).
@@ -44,13 +50,22 @@ test-unit: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy tasks db workers
+	$(BIN)/mypy tasks db workers bench
 
 ## Chaos while load flows (docs/reliability.md): its own database and redis-server, SIGKILLed workers, a Redis
 ## restart, terminated PostgreSQL connections, a misbehaving provider, then the audit. CHAOS_SECONDS (120),
 ## CHAOS_SEED (random, printed: replays a run), CHAOS_FAULTS=0 for the soak; writes the figures to docs/reliability.md.
 chaos: $(STAMP)
 	$(BIN)/python -m workers.chaos --write-docs
+
+## Benchmarks (docs/benchmarks.md, docs/benchmarks.png): pgbench running the money path's SQL, a no-op
+## Dramatiq actor, a naive Dramatiq + asyncpg worker and `billing worker`, interleaved over rounds, on its own
+## databases and redis-server (configured PostgreSQL/Redis when BILLING_DATABASE_URL/BILLING_REDIS_URL are set,
+## embedded otherwise); latency, scaling, scheduler, memory. ~15 min; BENCH_QUICK=1 for a ~2 min smoke run
+## (figures under test-artifacts/bench/). Knobs: BENCH_ROUNDS, BENCH_PROCESSES, BENCH_THREADS, BENCH_SECONDS,
+## BENCH_ACCOUNTS, BENCH_LARGE_ACCOUNTS, BENCH_SCALING, BENCH_SCHEDULER_DUE, BENCH_PROFILE=1 (py-spy).
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench --write-docs
 
 clean:
 	rm -rf $(VENV) .billing .pytest_cache

