@@ -51,6 +51,7 @@ __all__ = [
     "validate_message",
     "fingerprint",
     "renewal_key",
+    "renewal_kwargs",
 ]
 
 #: Largest amount accepted anywhere, in micros (SPEC "Money": 10^15 micros is
@@ -250,6 +251,27 @@ def renewal_key(subscription_id: str, period_start: datetime, retry: int = 0) ->
     start = _utc_datetime(period_start).astimezone(UTC)
     key = f"renew:{subscription_id}:{start.strftime('%Y-%m-%dT%H:%M:%S')}{_fraction(start)}Z"
     return key if retry == 0 else f"{key}:retry:{retry}"
+
+
+def renewal_kwargs(subscription_id: str, period_start: datetime, retry: int = 0) -> dict[str, Any]:
+    """The keyword arguments of the scheduler's ``renew`` for one period, without building a model.
+
+    Exactly ``RenewMessage(subscription_id=..., period_start=...,
+    idempotency_key=renewal_key(...)).kwargs()`` (a property test holds them
+    equal), at a fraction of the cost: the scheduler sends 100,000 of them
+    per pass from ids and timestamps it read from its own database.  The
+    worker validates every message it receives anyway.
+
+    Raises:
+      ValueError: ``period_start`` is naive or not UTC, or ``retry`` < 0.
+    """
+    key = renewal_key(subscription_id, period_start, retry)
+    start = period_start.astimezone(UTC)
+    return {
+        "idempotency_key": key,
+        "subscription_id": subscription_id,
+        "period_start": f"{start.strftime('%Y-%m-%dT%H:%M:%S')}{_fraction(start)}Z",
+    }
 
 
 def _fraction(value: datetime) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,8 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import translate_errors
 from db.schedule import DueRenewal, count_due, due_renewals, release_scheduler_lock, try_scheduler_lock
-from tasks.messages import RenewMessage, renewal_key
-from tasks.producer import to_dramatiq_message
+from tasks.messages import RenewMessage, renewal_kwargs
 
 from .clock import Clock, SystemClock
 
@@ -123,13 +123,17 @@ class Scheduler:
             try:
                 if on_total is not None:
                     on_total(await count_due(conn, now=now, horizon=horizon))
+                # one batch goes to Redis (in a thread) while the next one is fetched from PostgreSQL
+                sending: asyncio.Future[None] | None = None
+                sent: list[DueRenewal] = []
                 async for batch in due_renewals(conn, now=now, horizon=horizon, batch_size=self.batch_size):
-                    await asyncio.to_thread(self._enqueue, batch)
-                    batch_retries = sum(1 for due in batch if due.retry)
-                    retries += batch_retries
-                    renewals += len(batch) - batch_retries
-                    if on_batch is not None:
-                        on_batch(len(batch))
+                    if sending is not None:
+                        await sending
+                        renewals, retries = self._count(sent, renewals, retries, on_batch)
+                    sending, sent = asyncio.ensure_future(asyncio.to_thread(self._enqueue, batch)), batch
+                if sending is not None:
+                    await sending
+                    renewals, retries = self._count(sent, renewals, retries, on_batch)
             finally:
                 await conn.rollback()
                 await release_scheduler_lock(conn)
@@ -144,14 +148,24 @@ class Scheduler:
         )
         return report
 
+    @staticmethod
+    def _count(
+        batch: list[DueRenewal], renewals: int, retries: int, on_batch: Callable[[int], None] | None
+    ) -> tuple[int, int]:
+        batch_retries = sum(1 for due in batch if due.retry)
+        if on_batch is not None:
+            on_batch(len(batch))
+        return renewals + len(batch) - batch_retries, retries + batch_retries
+
     def _enqueue(self, batch: list[DueRenewal]) -> None:
-        messages = [
-            to_dramatiq_message(
-                RenewMessage(
-                    subscription_id=due.subscription_id,
-                    period_start=due.period_start,
-                    idempotency_key=renewal_key(due.subscription_id, due.period_start, due.retry),
-                )
+        messages: list[dramatiq.Message[Any]] = [
+            dramatiq.Message(
+                queue_name=RenewMessage.queue_name,
+                actor_name=RenewMessage.actor_name,
+                args=(),
+                kwargs=renewal_kwargs(due.subscription_id, due.period_start, due.retry),
+                options={},
+                message_id=str(uuid.uuid4()),
             )
             for due in batch
         ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tasks.errors import MessageValidationError
@@ -91,3 +91,27 @@ def test_fingerprint_ignores_key_order(kwargs):
     reordered = dict(reversed(list(kwargs.items())))
     assert fingerprint("subscribe", kwargs) == fingerprint("subscribe", reordered)
     assert fingerprint("subscribe", kwargs) != fingerprint("renew", kwargs)
+
+
+@settings(max_examples=300)
+@given(
+    subscription_id=st.text(
+        alphabet=st.characters(codec="utf-8", categories=["L", "N", "P"]), min_size=1, max_size=40
+    ),
+    period_start=st.datetimes(
+        min_value=datetime(1970, 1, 2), max_value=datetime(9999, 1, 1), timezones=st.just(UTC)
+    ),
+    retry=st.integers(0, 5),
+)
+def test_renewal_kwargs_are_exactly_the_renew_messages_kwargs(subscription_id, period_start, retry):
+    from tasks.messages import RenewMessage, renewal_key, renewal_kwargs, validate_message
+
+    expected = RenewMessage(
+        subscription_id=subscription_id,
+        period_start=period_start,
+        idempotency_key=renewal_key(subscription_id, period_start, retry),
+    ).kwargs()
+    assert renewal_kwargs(subscription_id, period_start, retry) == expected
+    assert (
+        validate_message("renew", renewal_kwargs(subscription_id, period_start, retry)).kwargs() == expected
+    )
