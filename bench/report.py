@@ -365,10 +365,16 @@ def _where_time_goes(result: dict[str, Any], f: Figures) -> list[str]:
         c = f.cores.get(setup)
         if not c:
             continue
+        parts = [
+            f"{name} {c.get(key, 0):.2f}"
+            for key, name in (("workers", "workers"), ("postgres", "PostgreSQL"), ("redis", "Redis"),
+                              ("pgbench", "pgbench's client"), ("other", "other"))
+            if c.get(key, 0) >= 0.005
+        ]  # fmt: skip
         lines.append(
             f"- {SETUP_LABELS[setup]}: the machine's {cpus} cores were {c.get('busy', 0):.2f} busy on average: "
-            f"workers {c.get('workers', 0):.2f}, PostgreSQL {c.get('postgres', 0):.2f}, Redis {c.get('redis', 0):.2f}, "
-            f"pgbench client {c.get('pgbench', 0):.2f}, other {c.get('other', 0):.2f}."
+            + ", ".join(parts)
+            + "."
         )
     project = f.throughput["project"]
     c = f.cores.get("project")
@@ -388,7 +394,11 @@ def _where_time_goes(result: dict[str, Any], f: Figures) -> list[str]:
             )
     profile = result.get("profile")
     if profile:
-        lines += ["", "### Profile (py-spy, one worker process, CPU samples only)", ""]
+        lines += [
+            "",
+            "### Profile (py-spy --gil: samples of the thread holding the GIL, one worker process)",
+            "",
+        ]
         if profile.get("rate"):
             lines.append(
                 f"Profiled renew run: {profile['rate']:,.0f} msg/s (not counted in the figures above)."
@@ -423,6 +433,10 @@ def _method(cfg: dict[str, Any]) -> list[str]:
         "- **Naive (3)**: a stock Dramatiq worker with the AsyncIO middleware and an asyncpg pool "
         "(`bench/naive.py`): the renewal in separate statements in one transaction, none of this project's "
         "machinery.",
+        "- The limit models the statement-by-statement renewal of `db.money.apply_renew` (the path every "
+        "renewal takes unless the worker applies it through a faster one, such as the grouped server-side "
+        "`db.money.renew_fast_batch`); when the money path changes, `python -m bench.renewal_script` and "
+        "its `STEPS` follow the constants.",
         "- **This project (4)**: `billing worker` with the default settings except no metrics port and a top-up "
         "limit high enough for the mixed workload; messages published through the producer API "
         "(`tasks.Producer`, pipelined with `BillingRedisBroker.enqueue_many`), signed as docker-compose runs "
@@ -434,7 +448,8 @@ def _method(cfg: dict[str, Any]) -> list[str]:
         "per subscription). The order of the setups rotates from round to round.",
         "- After every setup that writes, `db.audit.run_audit` with the quiescent checks must pass; a failure "
         "fails the setup and the run (exit status 1).",
-        "- Latency: renew messages enqueued at a steady pace of half the project's median throughput; each "
+        "- Latency: after a warm-up batch (not measured; the workers open their connections), renew messages "
+        "enqueued at a steady pace of half the project's median throughput; each "
         "latency is `completed_at` (stamped by the worker in the message's transaction, just before its "
         "commit) minus the enqueue time taken by the bench before the enqueue (one clock: same machine).",
         "- Scheduler: `billing scheduler --once` on a database with that many due subscriptions; seconds as it "

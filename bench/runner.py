@@ -299,7 +299,7 @@ def bench_services(workdir: Path, console: Console) -> Iterator[Services]:
 
 
 @contextmanager
-def bench_database(services: Services, name: str, console: Console, *, keep: bool = False) -> Iterator[str]:
+def bench_database(services: Services, name: str) -> Iterator[str]:
     """A fresh database ``name`` on the run's server, migrated to head; dropped on exit."""
     asyncio.run(_pg_execute(services.server_url, f'CREATE DATABASE "{name}"'))
     url = chaos._with_database(services.server_url, name)
@@ -307,10 +307,7 @@ def bench_database(services: Services, name: str, console: Console, *, keep: boo
         upgrade(url)
         yield url
     finally:
-        if keep and not services.pg_embedded:
-            console.print(f"database kept: {plain_url(url)}")
-        else:
-            asyncio.run(_pg_execute(services.server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(_pg_execute(services.server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 # ============================================================================ Redis helpers
@@ -864,19 +861,25 @@ class Bench:
     def latency(self, db_url: str, rate: float) -> dict[str, Any]:
         """Enqueue-to-commit latency of ``renew`` paced at ``rate`` messages/s for ``seconds``."""
         seconds = max(5.0, self.cfg.seconds)
-        n = max(10, min(self.cfg.accounts, int(rate * seconds)))
-        indices = self.rng.sample(range(self.cfg.accounts), n)
-        billing = self.renewals(db_url, indices)
+        # a warm-up batch first (not measured): the workers open their connection pools
+        warmup = min(self.cfg.accounts // 10, 4 * self.cfg.clients)
+        n = max(10, min(self.cfg.accounts - warmup, int(rate * seconds)))
+        indices = self.rng.sample(range(self.cfg.accounts), n + warmup)
+        warm = [to_dramatiq_message(b) for b in self.renewals(db_url, indices[n:])]
+        billing = self.renewals(db_url, indices[:n])
         messages = [to_dramatiq_message(b) for b in billing]
         keys = [b.idempotency_key for b in billing]
         broker = self.producer.broker
         assert isinstance(broker, BillingRedisBroker)
         group = self.worker_group("project", db_url, self.cfg.processes, "latency")
         sent_at: dict[str, float] = {}
-        out: dict[str, Any] = {"target_rate": rate, "messages": n}
+        out: dict[str, Any] = {"target_rate": rate, "messages": n, "warmup": len(warm)}
         try:
             group.start()
             group.wait_ready(self.redis, self.cfg.processes)
+            broker.enqueue_many(warm)
+            if self.wait_drained(BILLING_QUEUES, 120) is None:
+                raise RuntimeError("latency run: the warm-up was not processed within 120 s")
             start = time.time()
             i = 0
             while i < n:
@@ -971,8 +974,10 @@ class Bench:
             fmt, suffix = ("raw", "txt") if i == 0 else ("flamegraph", "svg")
             path = ARTIFACTS / f"profile-{self.run}-{i}.{suffix}"
             self.profile_files.append(path)
-            argv = [pyspy, "record", "--pid", str(pid), "--rate", "100", "--nonblocking", "--format", fmt,
-                    "--output", str(path)]  # fmt: skip
+            # --gil: only the thread holding the GIL, i.e. where the process's Python CPU time goes
+            # (threads waiting on a socket, a lock or the event loop's selector are left out)
+            argv = [pyspy, "record", "--pid", str(pid), "--rate", "250", "--nonblocking", "--gil",
+                    "--format", fmt, "--output", str(path)]  # fmt: skip
             if fmt == "raw":
                 argv.append("--nolineno")
             log = (self.logs / f"py-spy-{i}.log").open("wb")
@@ -1055,9 +1060,10 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> int:
 def _run(bench: Bench, cfg: BenchConfig, console: Console) -> dict[str, Any]:
     services = bench.services
     results: dict[str, Any] = {"run": bench.run, "config": _config_dict(cfg), "services": asdict(services)}
+    results["load_at_start"] = _loadavg()
     scheduler_runs: list[dict[str, Any]] = []
     due_at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
-    with bench_database(services, f"billing_bench_{bench.run}", console, keep=cfg.keep) as db_url:
+    with bench_database(services, f"billing_bench_{bench.run}") as db_url:
         t = time.monotonic()
         load = asyncio.run(create_bench_data(db_url, cfg.accounts, rounds=cfg.rounds + 1, due_at=due_at))
         console.print(
@@ -1115,13 +1121,13 @@ def _run(bench: Bench, cfg: BenchConfig, console: Console) -> dict[str, Any]:
     for due in cfg.scheduler_due:
         if due == cfg.accounts:
             continue
-        with bench_database(services, f"billing_bench_{bench.run}_s{due}", console) as sched_url:
+        with bench_database(services, f"billing_bench_{bench.run}_s{due}") as sched_url:
             asyncio.run(create_bench_data(sched_url, due, rounds=1, due_at=due_at))
             console.print(f"scheduler: {due:,} due renewals")
             scheduler_runs.append(bench.scheduler(sched_url, due))
 
     if cfg.large_accounts:
-        with bench_database(services, f"billing_bench_{bench.run}_large", console) as large_url:
+        with bench_database(services, f"billing_bench_{bench.run}_large") as large_url:
             console.print(f"large database: {cfg.large_accounts:,} accounts (bulk SQL)")
             t = time.monotonic()
             load = asyncio.run(create_bench_data(large_url, cfg.large_accounts, rounds=1, due_at=due_at))
@@ -1141,6 +1147,9 @@ def _run(bench: Bench, cfg: BenchConfig, console: Console) -> dict[str, Any]:
     results["measurements"] = [asdict(m) | {"ok": m.ok} for m in bench.measurements]
     results["failures"] = bench.failures
     results["machine"] = _machine(services)
+    results["machine"]["load average (1/5/15 min) at start, at end"] = (
+        f"{results['load_at_start']}; {_loadavg()}"
+    )
     results["finished_at"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return results
 
@@ -1183,6 +1192,14 @@ def _machine(services: Services) -> dict[str, str]:
     machine["postgresql settings"] = ", ".join(f"{k}={v}" for k, v in services.pg_settings.items())
     machine["pgbench"] = _pgbench_version(services.pgbench)
     return machine
+
+
+def _loadavg() -> str:
+    """This machine's load averages (1, 5, 15 min): other work competing with the run shows here."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
 
 
 def _pgbench_version(path: str | None) -> str:
@@ -1251,7 +1268,7 @@ def config_from_args(argv: list[str] | None, environ: dict[str, str] | None = No
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON to this file")
     parser.add_argument(
-        "--keep", action="store_true", help="keep the logs (and a configured server's databases)"
+        "--keep", action="store_true", help="keep the workers' logs (the databases are always dropped)"
     )
     args = parser.parse_args(argv)
     quick = bool(args.quick)

@@ -35,5 +35,7 @@ def test_cpu_accounting_counts_this_process() -> None:
     after = cpu_snapshot({os.getpid()})
     assert after["workers"] > before["workers"]
     cores = cpu_cores(before, after, 1.0)
-    assert cores["busy"] >= cores["workers"] > 0
+    assert (
+        cores["workers"] > 0 and cores["busy"] > 0
+    )  # two clocks (/proc/stat, the process's ticks): no exact order
     assert cores["other"] >= 0
