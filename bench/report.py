@@ -500,18 +500,18 @@ def chart(result: dict[str, Any], path: Path) -> Path:
     )
     labels: list[str] = []
     bars: list[float] = []
+    bar_colors: list[str] = []
     for processes, rate in f.scaling:
         labels.append(f"renew\n{processes} proc")
         bars.append(rate or 0.0)
+        bar_colors.append(colors["project"])
     for setup, pair in f.large.items():
         name = "limit" if setup == "limit" else "renew"
-        labels += [
-            f"{name}\n{cfg['accounts'] // 1000:,}k acc",
-            f"{name}\n{cfg['large_accounts'] // 1000:,}k acc",
-        ]
+        labels += [f"{name}\n{_count(cfg['accounts'])} acc", f"{name}\n{_count(cfg['large_accounts'])} acc"]
         bars += [pair["small"] or 0.0, pair["large"] or 0.0]
+        bar_colors += [colors[setup]] * 2
     if bars:
-        right.bar(range(len(bars)), bars, color="#55a868")
+        right.bar(range(len(bars)), bars, color=bar_colors)
         right.set_xticks(range(len(bars)), labels, fontsize=8)
         right.set_ylabel("messages per second")
         right.set_title("scaling: worker processes; 10k vs 1M accounts", fontsize=10)
@@ -528,6 +528,10 @@ def chart(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:g}M" if n >= 1_000_000 else f"{n / 1000:g}k"
 
 
 def write_docs(result: dict[str, Any], *, quick: bool = False) -> list[Path]:
