@@ -53,7 +53,7 @@ async def _get_pool() -> asyncpg.Pool:
         async with _pool_lock:
             if _pool is None:
                 url = os.environ["BENCH_DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://", 1)
-                threads = int(os.environ.get("BENCH_THREADS", "8"))
+                threads = int(os.environ.get("BENCH_THREADS", "16"))
                 _pool = await asyncpg.create_pool(url, min_size=1, max_size=threads)
     return _pool
 

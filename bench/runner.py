@@ -1,7 +1,7 @@
 """``make bench`` (``python -m bench``): the project against the limit, the broker and a naive worker.
 
 A run, on one machine, everything measured at the same worker concurrency
-(``BENCH_PROCESSES`` x ``BENCH_THREADS``, 2 x 8):
+(``BENCH_PROCESSES`` x ``BENCH_THREADS``, 2 x 16, the default of `billing worker`):
 
 1. **Services.**  PostgreSQL: the server of ``BILLING_DATABASE_URL``, else an
    EMBEDDED one (``workers.local.embedded_postgres``), marked as such in the
@@ -151,7 +151,7 @@ class BenchConfig:
 
     rounds: int = 3
     processes: int = 2
-    threads: int = 8
+    threads: int = 16
     seconds: float = 10.0
     accounts: int = 10_000
     large_accounts: int = 1_000_000
@@ -1246,8 +1246,8 @@ def config_from_args(argv: list[str] | None, environ: dict[str, str] | None = No
     )
     parser.add_argument("--processes", type=int, default=int(get("BENCH_PROCESSES", "2")),
                         help="worker processes (BENCH_PROCESSES, 2)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=int(get("BENCH_THREADS", "8")),
-                        help="threads per worker process (BENCH_THREADS, 8)")  # fmt: skip
+    parser.add_argument("--threads", type=int, default=int(get("BENCH_THREADS", "16")),
+                        help="threads per worker process (BENCH_THREADS, 16: billing worker's default)")  # fmt: skip
     parser.add_argument("--seconds", type=float, default=None,
                         help="length of each measurement (BENCH_SECONDS, 10; quick 5)")  # fmt: skip
     parser.add_argument("--accounts", type=int, default=int(get("BENCH_ACCOUNTS", "10000")),
