@@ -378,6 +378,14 @@ def _where_time_goes(result: dict[str, Any], f: Figures) -> list[str]:
         )
     project = f.throughput["project"]
     c = f.cores.get("project")
+    per_message: dict[str, tuple[float, float]] = {}
+    for setup in ("noop", "naive", "project"):
+        sc, st = f.cores.get(setup), f.throughput.get(setup)
+        if sc and st is not None and st.n and st.median:
+            per_message[setup] = (
+                1000 * sc.get("workers", 0) / st.median,
+                1000 * sc.get("postgres", 0) / st.median,
+            )
     if c and project.n and project.median:
         per_msg_ms = 1000 * c.get("workers", 0) / project.median
         pg_ms = 1000 * c.get("postgres", 0) / project.median
@@ -385,6 +393,12 @@ def _where_time_goes(result: dict[str, Any], f: Figures) -> list[str]:
             f"- Per renew message, the project's worker processes spent {per_msg_ms:.2f} ms of CPU and PostgreSQL "
             f"{pg_ms:.2f} ms."
         )
+        if "noop" in per_message and "naive" in per_message:
+            noop_ms, naive_ms = per_message["noop"][0], per_message["naive"]
+            lines.append(
+                f"- For comparison, per message: stock Dramatiq with a no-op actor {noop_ms:.2f} ms of worker CPU; "
+                f"the naive worker {naive_ms[0]:.2f} ms of worker CPU and {naive_ms[1]:.2f} ms of PostgreSQL."
+            )
         limit = f.throughput["limit"]
         lc = f.cores.get("limit")
         if lc and limit.n and limit.median:
