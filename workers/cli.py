@@ -583,8 +583,23 @@ def publish_revoke_key(
     show_default=True,
     help="Threads per process (they mostly wait on PostgreSQL; concurrent renewals share a group commit).",
 )
-def worker(processes: int, threads: int) -> None:
-    """Run a Dramatiq worker over the billing actors (queues billing and billing.payments)."""
+@click.option(
+    "--poll-ms",
+    "poll_ms",
+    type=click.IntRange(10, 10_000),
+    default=100,
+    show_default=True,
+    help="Longest pause of a queue's consumer between two polls (Dramatiq's worker timeout, stock 1000).",
+)
+def worker(processes: int, threads: int, poll_ms: int) -> None:
+    """Run a Dramatiq worker over the billing actors (queues billing and billing.payments).
+
+    A consumer that finds nothing to fetch (its queue empty, or its
+    prefetch full while the threads are busy) backs off exponentially up to
+    Dramatiq's worker timeout before it polls again; at the stock 1000 ms a
+    message arriving then waits up to a second.  ``--poll-ms`` (100) bounds
+    that wait, for the price of a few idle polls a second.
+    """
     from .settings import get_settings
 
     settings = get_settings()
@@ -605,6 +620,7 @@ def worker(processes: int, threads: int) -> None:
     env = dict(os.environ)
     # a connection per thread, plus the outbox sweeper's and a renewal batch's
     env.setdefault("BILLING_DB_POOL_SIZE", str(threads + 2))
+    env["dramatiq_worker_timeout"] = str(poll_ms)  # read by dramatiq.worker at import
     if settings.metrics_enabled:
         from .metrics import exposition_env
 
