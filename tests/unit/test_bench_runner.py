@@ -9,7 +9,7 @@ from bench.runner import config_from_args, cpu_cores, cpu_snapshot
 
 def test_defaults_and_quick_mode() -> None:
     full = config_from_args([], {})
-    assert (full.rounds, full.processes, full.threads, full.seconds) == (3, 2, 8, 10.0)
+    assert (full.rounds, full.processes, full.threads, full.seconds) == (3, 2, 16, 10.0)
     assert (full.accounts, full.large_accounts, full.scaling, full.clients) == (
         10_000,
         1_000_000,
