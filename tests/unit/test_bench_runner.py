@@ -14,7 +14,7 @@ def test_defaults_and_quick_mode() -> None:
         10_000,
         1_000_000,
         (1, 2, 4),
-        16,
+        32,
     )
     quick = config_from_args([], {"BENCH_QUICK": "1"})
     assert (quick.rounds, quick.seconds, quick.large_accounts, quick.scaling) == (1, 5.0, 0, ())
