@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import op
 
-__all__ = ["execute_script"]
+__all__ = ["execute_all", "execute_script"]
 
 
 def execute_script(script: str) -> None:
@@ -12,3 +12,9 @@ def execute_script(script: str) -> None:
     for statement in (s.strip() for s in script.split(";\n")):
         if statement:
             op.execute(statement)
+
+
+def execute_all(statements: list[str]) -> None:
+    """Run each statement of a list (for statements that contain ``;``, e.g. PL/pgSQL bodies)."""
+    for statement in statements:
+        op.execute(statement)

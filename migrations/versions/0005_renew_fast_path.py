@@ -24,7 +24,7 @@ Create Date: 2026-11-23
 
 from __future__ import annotations
 
-from alembic import op
+from migrations.sql import execute_all
 
 revision = "0005"
 down_revision = "0004"
@@ -140,10 +140,8 @@ DOWNGRADE = [
 
 
 def upgrade() -> None:
-    for statement in UPGRADE:
-        op.execute(statement)
+    execute_all(UPGRADE)
 
 
 def downgrade() -> None:
-    for statement in DOWNGRADE:
-        op.execute(statement)
+    execute_all(DOWNGRADE)
