@@ -89,6 +89,16 @@ CHECKS: dict[str, tuple[str, str]] = {
                                         AND next_retry_at IS NOT NULL AND next_retry_at <= grace_ends_at)
         """,
     ),
+    # owner: the consumer of the subscriber's private key (`billing keys fetch`,
+    # examples/key_consumer.py); deadline: deliver_by, BILLING_KEY_DELIVERY_DEADLINE_MS
+    # after the key was issued (written with the row, from the money path's clock)
+    "api_key_delivery_acknowledged": (
+        "every sealed API key delivery is acknowledged by its consumer before its deadline",
+        """
+        SELECT id AS delivery_id, key_id, account_id, reason, created_at, deliver_by
+        FROM api_key_deliveries WHERE status = 'pending' AND deliver_by < now()
+        """,
+    ),
 }
 
 #: Checks that only hold once the queues are drained (work still in flight otherwise).

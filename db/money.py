@@ -34,7 +34,10 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tasks.errors import (
+    ConfigurationError,
     CurrencyMismatch,
+    IdempotencyConflict,
+    PermanentError,
     UnknownAccount,
     UnknownApiKey,
     UnknownPlan,
@@ -49,6 +52,7 @@ from tasks.messages import (
     renewal_key,
 )
 
+from . import key_delivery
 from .periods import period_bounds, top_up_period
 
 __all__ = [
@@ -82,6 +86,8 @@ __all__ = [
     "delete_outbox",
     "claim_stale_outbox",
     "hash_api_key",
+    "KeyNotReissuable",
+    "reissue_managed_key",
 ]
 
 # --------------------------------------------------------------------------- values
@@ -108,6 +114,14 @@ class BillingPolicy:
     disable_after_declines: int = 3
     grace_period: timedelta = timedelta(days=3)
     dunning_schedule: tuple[timedelta, ...] = (timedelta(days=1), timedelta(days=2), timedelta(days=3))
+
+    #: The X25519 public key (base64) issued managed keys are sealed to when
+    #: the account has none of its own (``api_key_recipients``); None: no
+    #: durable delivery, the old pub/sub (see ``db/key_delivery.py``).
+    key_delivery_public_key: str | None = None
+    #: How long a sealed key delivery may wait for the consumer's acknowledgement
+    #: before ``billing audit`` flags it.
+    key_delivery_deadline: timedelta = timedelta(hours=24)
 
     def retry_offsets(self) -> list[timedelta]:
         """Dunning retry offsets within grace, ending with the end of grace (sorted, distinct)."""
@@ -137,7 +151,12 @@ class OutboxMessage:
 
 @dataclass(frozen=True)
 class IssuedKey:
-    """The plaintext of a newly issued API key; it leaves the worker once and is never stored."""
+    """The plaintext of a newly issued API key; it leaves the worker once and is never stored.
+
+    An :class:`Effect` carries one only when no public key is configured for
+    the account (the old pub/sub delivery); otherwise the key was sealed in
+    the transaction (``db/key_delivery.py``) and the plaintext is gone.
+    """
 
     key_id: str
     account_id: str
@@ -862,6 +881,18 @@ async def apply_subscribe(
             "now": now,
         },
     )
+    # sealed to the subscriber's public key and queued in this transaction: durable
+    delivery_id = await key_delivery.record_delivery(
+        conn,
+        key_id=key_id,
+        account_id=account["id"],
+        subscription_id=subscription_id,
+        prefix=prefix,
+        plaintext=plaintext,
+        now=now,
+        default_public_key=policy.key_delivery_public_key,
+        deadline=policy.key_delivery_deadline,
+    )
     await _project_entitlement(
         conn,
         account_id=account["id"],
@@ -881,9 +912,14 @@ async def apply_subscribe(
             "charged_micros": price,
             "balance_micros": balance,
             "current_period_end": end.isoformat(),
+            **({"key_delivery_id": delivery_id} if delivery_id is not None else {}),
         },
         outbox=outbox,
-        issued_key=IssuedKey(key_id, account["id"], subscription_id, prefix, plaintext),
+        issued_key=(
+            IssuedKey(key_id, account["id"], subscription_id, prefix, plaintext)
+            if delivery_id is None
+            else None
+        ),
     )
 
 
@@ -1683,3 +1719,126 @@ async def claim_stale_outbox(
         (await conn.execute(_STALE_OUTBOX, {"older_than_s": older_than_s, "limit": limit})).mappings().all()
     )
     return [OutboxMessage(r["queue_name"], r["actor_name"], r["kwargs"], r["message_id"]) for r in rows]
+
+
+# --------------------------------------------------------------------------- reissue a managed key (operators)
+
+
+class KeyNotReissuable(PermanentError):
+    """Only an active managed key of a live subscription can be reissued."""
+
+
+_REISSUE_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended('reissue_key:' || :key, 0))")
+_KEY_PLACE = text("SELECT account_id, subscription_id FROM api_keys WHERE id = :key_id")
+_KEY_FOR_REISSUE = text(
+    "SELECT id, account_id, subscription_id, source, status FROM api_keys WHERE id = :key_id FOR UPDATE"
+)
+_LOCK_SUBSCRIPTION_STATUS = text("SELECT status FROM subscriptions WHERE id = :subscription_id FOR UPDATE")
+
+
+async def reissue_managed_key(
+    conn: AsyncConnection,
+    *,
+    key_id: str,
+    idempotency_key: str,
+    now: datetime,
+    policy: BillingPolicy,
+    reason: str = "reissued",
+) -> dict[str, Any]:
+    """Revoke an active managed key and issue its replacement, sealed and queued for delivery, in one transaction.
+
+    Exactly once per ``idempotency_key``: a repeat with the same ``key_id``
+    returns the first outcome (``"repeat": True``) and changes nothing.  The
+    replacement belongs to the same account and subscription; the old key's
+    pending delivery, if any, is superseded.  Locks: the idempotency key
+    (advisory), the account, the subscription, the key.
+
+    Returns:
+      ``{"outcome": "reissued", "old_key_id", "key_id", "key_prefix", "delivery_id",
+      "account_id", "subscription_id", "repeat"}``.
+
+    Raises:
+      UnknownApiKey: No such key.
+      IdempotencyConflict: ``idempotency_key`` already reissued another key.
+      KeyNotReissuable: A user key, a revoked key, or its subscription is canceled.
+      tasks.errors.ConfigurationError: No public key to seal to (neither the account's nor the deployment's).
+    """
+    await conn.execute(_REISSUE_LOCK, {"key": idempotency_key})
+    done = await key_delivery.reissue_of(conn, idempotency_key)
+    if done is not None:
+        if done["replaces_key_id"] != key_id:
+            raise IdempotencyConflict(
+                f"idempotency key {idempotency_key!r} already reissued key {done['replaces_key_id']!r}, not {key_id!r}"
+            )
+        return {
+            "outcome": "reissued",
+            "old_key_id": key_id,
+            "key_id": done["key_id"],
+            "key_prefix": done["prefix"],
+            "delivery_id": done["delivery_id"],
+            "account_id": done["account_id"],
+            "subscription_id": done["subscription_id"],
+            "repeat": True,
+        }
+    place = await _one(conn, _KEY_PLACE, key_id=key_id)
+    if place is None:
+        raise UnknownApiKey(f"unknown API key {key_id!r}")
+    await _lock_account(conn, place["account_id"])
+    sub = None
+    if place["subscription_id"] is not None:
+        sub = await _one(conn, _LOCK_SUBSCRIPTION_STATUS, subscription_id=place["subscription_id"])
+    old = await _one(conn, _KEY_FOR_REISSUE, key_id=key_id)
+    assert old is not None  # keys are never deleted
+    if old["source"] != "managed":
+        raise KeyNotReissuable(f"key {key_id!r} is a user key; only managed keys are reissued")
+    if old["status"] != "active":
+        raise KeyNotReissuable(f"key {key_id!r} is {old['status']}; only an active key is reissued")
+    if sub is None or sub["status"] == "canceled":
+        raise KeyNotReissuable(f"key {key_id!r} belongs to a canceled subscription")
+    new_key_id = "key_" + uuid.uuid4().hex
+    prefix, plaintext = _new_api_key()
+    await conn.execute(
+        _REVOKE_ONE, {"key_id": key_id, "now": now, "reason": f"{reason}: replaced by {new_key_id}"}
+    )
+    await key_delivery.supersede_pending(conn, key_id)
+    await conn.execute(
+        _INSERT_API_KEY,
+        {
+            "id": new_key_id,
+            "account_id": old["account_id"],
+            "subscription_id": old["subscription_id"],
+            "source": "managed",
+            "prefix": prefix,
+            "key_hash": hash_api_key(plaintext),
+            "now": now,
+        },
+    )
+    delivery_id = await key_delivery.record_delivery(
+        conn,
+        key_id=new_key_id,
+        account_id=old["account_id"],
+        subscription_id=old["subscription_id"],
+        prefix=prefix,
+        plaintext=plaintext,
+        now=now,
+        default_public_key=policy.key_delivery_public_key,
+        deadline=policy.key_delivery_deadline,
+        reason="reissued",
+        replaces_key_id=key_id,
+        reissue_idempotency_key=idempotency_key,
+    )
+    if delivery_id is None:
+        raise ConfigurationError(
+            f"no public key to seal the new key of account {old['account_id']!r} to: set "
+            "BILLING_KEY_DELIVERY_PUBLIC_KEY (or the account's, `billing keys set-recipient`)"
+        )
+    return {
+        "outcome": "reissued",
+        "old_key_id": key_id,
+        "key_id": new_key_id,
+        "key_prefix": prefix,
+        "delivery_id": delivery_id,
+        "account_id": old["account_id"],
+        "subscription_id": old["subscription_id"],
+        "repeat": False,
+    }

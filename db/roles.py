@@ -36,6 +36,10 @@ WORKER_GRANTS: dict[str, str] = {
     "failed_messages": "SELECT, INSERT, UPDATE",
     "operator_actions": "SELECT, INSERT",
     "fake_provider_charges": "SELECT, INSERT, UPDATE",
+    # sealed API key deliveries (migration 0007): written with the key, acknowledged by
+    # the consumer (UPDATE drops the ciphertext); never deleted
+    "api_key_deliveries": "SELECT, INSERT, UPDATE",
+    "api_key_recipients": "SELECT, INSERT, UPDATE, DELETE",
     "alembic_version": "SELECT",
 }
 

@@ -45,6 +45,18 @@ if signing_keys is None:
         reason="BILLING_SIGNING_KEYS is not set: anyone who can write to Redis can enqueue billing messages",
     )
 
+if settings.key_delivery_public_key:
+    from tasks.key_sealing import parse_public_key
+
+    # refuse a bad key at start-up, not at the first subscribe
+    parse_public_key(settings.key_delivery_public_key, "BILLING_KEY_DELIVERY_PUBLIC_KEY")
+else:
+    structlog.get_logger("billing").warning(
+        "api_key_delivery_not_durable",
+        reason="BILLING_KEY_DELIVERY_PUBLIC_KEY is not set: issued API keys go out once on Redis pub/sub "
+        "and are lost if nobody is listening (accounts with their own recipient key excepted)",
+    )
+
 _service: BillingService | None = None
 
 

@@ -849,6 +849,15 @@ def _register_dashboard() -> None:
 _register_dashboard()
 
 
+def _register_keys() -> None:
+    from .keys_cli import register
+
+    register(app)
+
+
+_register_keys()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``billing`` console script."""
     command = app

@@ -141,6 +141,16 @@ class Settings(BaseSettings):
     #: temporary directory for each start.
     metrics_dir: str | None = None
 
+    #: The subscriber's X25519 public key (standard base64 of 32 bytes; ``billing keys
+    #: generate-keypair``) that issued API keys are sealed to and kept in
+    #: PostgreSQL until acknowledged (README "API key delivery").  Unset: the
+    #: old pub/sub delivery, which loses a key nobody is listening for; the
+    #: worker warns loudly at start-up.
+    key_delivery_public_key: str | None = None
+    #: A sealed key delivery not acknowledged this long after it was written
+    #: is flagged by ``billing audit`` (24 hours).
+    key_delivery_deadline_ms: int = Field(86_400_000, ge=60_000)
+
     def billing_policy(self) -> BillingPolicy:
         """The money path's rules (:class:`db.money.BillingPolicy`) from these settings."""
         return BillingPolicy(
@@ -148,6 +158,8 @@ class Settings(BaseSettings):
             disable_after_declines=self.top_up_disable_after_declines,
             grace_period=timedelta(milliseconds=self.grace_period_ms),
             dunning_schedule=tuple(timedelta(milliseconds=ms) for ms in self.dunning_schedule_ms),
+            key_delivery_public_key=self.key_delivery_public_key or None,
+            key_delivery_deadline=timedelta(milliseconds=self.key_delivery_deadline_ms),
         )
 
 

@@ -3,13 +3,15 @@
 A real worker process logs at INFO in JSON to a file; afterwards every
 table of the database (each row as JSON text), every key of Redis (dumped
 whole) and the log are searched for each issued key's plaintext.  The
-search is shown to work by finding each key's public prefix.
+search is shown to work by finding each key's public prefix.  Issued keys
+are sealed to a public key (``BILLING_KEY_DELIVERY_PUBLIC_KEY``) and stay in
+``api_key_deliveries`` while the search runs: their ciphertexts are at rest,
+their plaintexts nowhere.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -68,19 +70,21 @@ def _redis_text(url: str) -> str:
                 parts.append(repr(client.smembers(key)))
             elif kind == "zset":
                 parts.append(repr(client.zrange(key, 0, -1)))
+            elif kind == "stream":
+                parts.append(repr(client.xrange(key)))
             parts.append(repr(key))
         return "\n".join(parts)
     finally:
         client.close()
 
 
-def test_issued_key_plaintexts_appear_nowhere_but_the_delivery_channel(setup, services, db, tmp_path):
+def test_issued_key_plaintexts_appear_nowhere_only_their_sealed_deliveries(setup, services, db, tmp_path):
     from dramatiq.brokers.redis import RedisBroker
 
     from db import money
     from db.engine import make_engine, transaction
+    from tasks.key_sealing import generate_keypair, open_api_key, parse_private_key
     from tasks.producer import Producer
-    from workers.billing import API_KEY_CHANNEL
     from workers.clock import SystemClock
 
     setup(
@@ -88,12 +92,12 @@ def test_issued_key_plaintexts_appear_nowhere_but_the_delivery_channel(setup, se
         plans=[{"plan_id": "pro", "price_micros": 10 * USD}],
     )
     redis_url = services.redis_db(1)
-    listener = redis.Redis.from_url(redis_url).pubsub()
-    listener.subscribe(API_KEY_CHANNEL)
+    public, private = generate_keypair()
     log_path = tmp_path / "worker.log"
     env = {
         **os.environ,
         "BILLING_REDIS_URL": redis_url,
+        "BILLING_KEY_DELIVERY_PUBLIC_KEY": public,
         "BILLING_LOG_FORMAT": "json",
         "BILLING_LOG_LEVEL": "DEBUG",
         "BILLING_METRICS_ENABLED": "false",
@@ -113,18 +117,15 @@ def test_issued_key_plaintexts_appear_nowhere_but_the_delivery_channel(setup, se
             plaintexts: dict[str, str] = {}
 
             def read_keys() -> bool:
-                # pub/sub is server-wide: keep only this database's keys
-                ours = {r["prefix"] for r in db("SELECT prefix FROM api_keys")}
-                while (m := listener.get_message(timeout=0.05)) is not None:
-                    if m["type"] == "message":
-                        issued = json.loads(m["data"])
-                        plaintexts[issued["prefix"]] = issued["api_key"]
-                for prefix in set(plaintexts) - ours:
-                    if len(ours) == 3:
-                        del plaintexts[prefix]
-                return set(plaintexts) == ours and len(ours) == 3
+                # opened as the consumer would, but not acknowledged: the ciphertexts stay at rest
+                for row in db("SELECT key_id, sealed_box FROM api_key_deliveries WHERE status = 'pending'"):
+                    opened = open_api_key(
+                        parse_private_key(private), row["sealed_box"], expect_key_id=row["key_id"]
+                    )
+                    plaintexts[opened.prefix] = opened.api_key
+                return len(plaintexts) == 3
 
-            _wait_for(read_keys, 60, "three issued keys on the delivery channel")
+            _wait_for(read_keys, 60, "three sealed key deliveries")
             # the flows after issue: a renewal short of funds, a revocation, a user key
             subs = db("SELECT id, current_period_end FROM subscriptions ORDER BY account_id")
             producer.renew(
@@ -154,12 +155,12 @@ def test_issued_key_plaintexts_appear_nowhere_but_the_delivery_channel(setup, se
         finally:
             worker.terminate()
             worker.wait(timeout=30)
-            listener.close()
 
     logs = log_path.read_text()
     database = _database_text(services.database_url)
     redis_dump = _redis_text(redis_url)
     assert "message_processed" in logs  # the worker did log its work
+    assert db("SELECT count(*) AS n FROM api_key_deliveries WHERE sealed_box IS NOT NULL") == [{"n": 3}]
     for prefix, plaintext in plaintexts.items():
         secret_part = plaintext.split(".", 1)[1]
         assert prefix in database  # the search works: the public prefix is stored
