@@ -23,7 +23,7 @@ import click
 
 from tasks.errors import ConfigurationError
 
-__all__ = ["keys_app"]
+__all__ = ["keys_app", "reissue_key_command", "register"]
 
 
 def _now() -> datetime:
