@@ -170,3 +170,46 @@ def test_billing_keys_generate_keypair_prints_a_usable_pair():
         pair["public_key"], key_id="k", account_id="a", subscription_id=None, prefix="p", api_key="s"
     )
     assert open_api_key(parse_private_key(pair["private_key"]), box).api_key == "s"
+
+
+def test_the_example_consumer_listening_gets_a_new_key_at_once_through_notify(
+    setup, services, db, spawn_worker
+):
+    public, private = generate_keypair()
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 30 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
+    consumer = subprocess.Popen(
+        # a poll far longer than the test: only the NOTIFY sent on commit can wake it in time
+        [
+            sys.executable,
+            "examples/key_consumer.py",
+            "--poll-s",
+            "600",
+            "--database-url",
+            services.database_url,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "KEY_CONSUMER_PRIVATE_KEY": private},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1)  # LISTEN is set up, and the first (empty) pass is done
+        spawn_worker(BILLING_KEY_DELIVERY_PUBLIC_KEY=public)
+        _producer(services).subscribe(account_id="a1", plan_id="pro", idempotency_key="signup-1")
+        assert consumer.stdout is not None
+        delivered = json.loads(consumer.stdout.readline())
+        # handed over first, acknowledged at its commit just after
+        _wait_for(
+            lambda: db("SELECT status FROM api_key_deliveries") == [{"status": "acknowledged"}],
+            20,
+            "the acknowledgement",
+        )
+    finally:
+        consumer.terminate()
+        consumer.wait(timeout=10)
+    key_hash = db("SELECT key_hash FROM api_keys")[0]["key_hash"]
+    assert hashlib.sha256(delivered["api_key"].encode()).hexdigest() == key_hash
