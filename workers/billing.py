@@ -65,8 +65,12 @@ __all__ = ["BillingService", "Delivery", "RenewalBatcher", "API_KEY_CHANNEL"]
 log = structlog.get_logger("billing")
 
 #: Redis pub/sub channel on which a newly issued API key's plaintext is
-#: published once, after commit.  Pub/sub keeps nothing: the plaintext is
-#: never stored, in PostgreSQL or in Redis, and never logged.
+#: published once, after commit, **only when no public key is configured**
+#: for its account (the old, lossy delivery; the worker warns at start-up).
+#: With one, the key is sealed and kept in ``api_key_deliveries`` until the
+#: consumer acknowledges it (``db/key_delivery.py``), and nothing is published.
+#: Pub/sub keeps nothing: the plaintext is never stored, in PostgreSQL or in
+#: Redis, and never logged.
 API_KEY_CHANNEL = "billing:api-keys:issued"
 
 
@@ -353,6 +357,7 @@ class BillingService:
         return len(stale)
 
     async def _deliver_key(self, issued: IssuedKey) -> None:
+        """Publish an unsealed key on :data:`API_KEY_CHANNEL` (no public key configured: best effort, lossy)."""
         if self.broker is None or not hasattr(self.broker, "client"):
             return
         payload = json.dumps(
