@@ -12,16 +12,33 @@ from contextlib import asynccontextmanager
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from tasks.errors import DatabaseUnavailable
+from tasks.errors import BillingError, DatabaseMisconfigured, DatabaseUnavailable
 
 from .config import asyncpg_url
 
-__all__ = ["make_engine", "TRANSIENT_SQLSTATES", "is_transient", "translate_errors", "transaction"]
+__all__ = [
+    "make_engine",
+    "TRANSIENT_SQLSTATES",
+    "MISCONFIGURED_SQLSTATES",
+    "SCHEMA_SQLSTATES",
+    "is_transient",
+    "database_error",
+    "translate_errors",
+    "transaction",
+]
 
 #: SQLSTATEs worth a retry: serialization failure, deadlock, lock timeout,
 #: admin shutdown / terminated backend, crash shutdown, cannot connect now,
 #: too many connections and the whole connection-exception class (08xxx).
 TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
+
+#: SQLSTATEs that say the configured connection is wrong and will stay wrong:
+#: no such database, no such role (or pg_hba refuses it), a wrong password.
+MISCONFIGURED_SQLSTATES = {"3D000", "28000", "28P01"}
+
+#: SQLSTATEs that say the schema is older than the code: undefined table,
+#: column or schema (``billing db upgrade`` has not run).
+SCHEMA_SQLSTATES = {"42P01", "42703", "3F000"}
 
 
 def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 5, echo: bool = False) -> AsyncEngine:
@@ -72,14 +89,63 @@ def is_transient(error: BaseException) -> bool:
     return name in {"ConnectionDoesNotExistError", "InterfaceError", "ConnectionFailureError"}
 
 
+def _driver_message(error: BaseException) -> str:
+    """The driver's own message, first line only, without SQLAlchemy's SQL and background link."""
+    orig = getattr(error, "orig", None)
+    text = str(orig if orig is not None else error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def database_error(error: BaseException) -> BillingError | None:
+    """The :mod:`tasks.errors` form of a driver error, or None when it is not one.
+
+    Parameters:
+      error: Anything raised while connecting to or talking to PostgreSQL
+        (SQLAlchemy's ``DBAPIError``, asyncpg's errors, ``OSError``...).
+
+    Returns:
+      :class:`DatabaseMisconfigured` for a connection that cannot work as
+      configured (unknown database or role, wrong password, a schema older
+      than the code); :class:`DatabaseUnavailable` for a transient failure
+      (server down or unreachable, connection lost, deadlock...); None for
+      anything else (a bug, a constraint violation), which callers re-raise.
+    """
+    if isinstance(error, BillingError):
+        return error
+    code = _sqlstate(error) if isinstance(error, sa_exc.DBAPIError) else getattr(error, "sqlstate", None)
+    if code in MISCONFIGURED_SQLSTATES:
+        return DatabaseMisconfigured(
+            f"PostgreSQL refused the connection: {_driver_message(error)} (check BILLING_DATABASE_URL)"
+        )
+    if code in SCHEMA_SQLSTATES:
+        return DatabaseMisconfigured(
+            f"the database schema is older than this code ({_driver_message(error)}):"
+            " run `billing db upgrade` first"
+        )
+    if isinstance(error, OverflowError):  # asyncpg's socket refuses a port outside 0..65535
+        return DatabaseMisconfigured(f"BILLING_DATABASE_URL: {error}")
+    if isinstance(error, (sa_exc.DBAPIError, ConnectionError, OSError, TimeoutError)) and is_transient(error):
+        return DatabaseUnavailable(
+            f"PostgreSQL is unreachable: {type(getattr(error, 'orig', None) or error).__name__}:"
+            f" {_driver_message(error)}"
+        )
+    return None
+
+
 @asynccontextmanager
 async def translate_errors() -> AsyncIterator[None]:
-    """Re-raise transient driver errors as :class:`DatabaseUnavailable` (``raise ... from``)."""
+    """Re-raise driver errors in the :mod:`tasks.errors` hierarchy (``raise ... from``).
+
+    Transient ones become :class:`DatabaseUnavailable` (retried), a
+    connection that cannot work as configured :class:`DatabaseMisconfigured`
+    (see :func:`database_error`); anything else is re-raised as it is.
+    """
     try:
         yield
     except (sa_exc.DBAPIError, ConnectionError, OSError, TimeoutError) as exc:
-        if is_transient(exc):
-            raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+        translated = database_error(exc)
+        if translated is not None:
+            raise translated from exc
         raise
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "key_record",
     "prepare_retry",
     "resolve_failure",
+    "failure_counts",
     "record_action",
     "list_actions",
     "account_timeline",
@@ -195,6 +196,25 @@ async def resolve_failure(conn: AsyncConnection, message_id: str, *, operator: s
         _RESOLVE, {"id": message_id, "operator": operator, "resolution": resolution[:2000]}
     )
     return row.one_or_none() is not None
+
+
+async def failure_counts(conn: AsyncConnection) -> list[dict[str, Any]]:
+    """Failures recorded in PostgreSQL, per queue: ``queue``, ``dead``, ``retried``, ``resolved``.
+
+    Read by the dashboard's Queues page, which shows it even when Redis is down.
+    """
+    rows = await conn.execute(
+        text(
+            """
+            SELECT queue_name AS queue,
+                   count(*) FILTER (WHERE status = 'dead') AS dead,
+                   count(*) FILTER (WHERE status = 'retried') AS retried,
+                   count(*) FILTER (WHERE status = 'resolved') AS resolved
+            FROM failed_messages GROUP BY queue_name ORDER BY queue_name
+            """
+        )
+    )
+    return [_plain(r) for r in rows.mappings().all()]
 
 
 _RECORD_ACTION = text(

@@ -10,6 +10,11 @@ style).  Two branches decide the retry policy by type alone:
   provider timeout.  Dramatiq retries it with exponential backoff.
 
 Business outcomes such as insufficient funds are *results*, not errors.
+
+The ``billing`` CLI exits with :attr:`BillingError.exit_code`: 2 for bad
+input (every :class:`PermanentError`: a malformed option, an unknown id, an
+idempotency conflict), 1 for a dependency that is down or misconfigured
+(:class:`TransientError`, :class:`ConfigurationError`).
 """
 
 from __future__ import annotations
@@ -32,11 +37,19 @@ __all__ = [
     "ProviderTimeout",
     "ProviderRejected",
     "ConfigurationError",
+    "DatabaseMisconfigured",
+    "BrokerUnavailable",
+    "BrokerMisconfigured",
+    "AlreadyReplayed",
 ]
 
 
 class BillingError(Exception):
     """A billing operation failed."""
+
+    #: The ``billing`` CLI's exit status for this error: 1 (a dependency is
+    #: down or misconfigured) unless a subclass says otherwise.
+    exit_code: int = 1
 
     def __init__(self, message: str | None = None) -> None:
         self.message = message or (self.__doc__ or type(self).__name__).strip().splitlines()[0]
@@ -52,6 +65,9 @@ class BillingError(Exception):
 class PermanentError(BillingError):
     """The message can never succeed as sent; it is recorded and not retried."""
 
+    #: Bad input: the CLI exits 2.
+    exit_code = 2
+
 
 class TransientError(BillingError):
     """A temporary failure; the message is retried with backoff."""
@@ -59,6 +75,18 @@ class TransientError(BillingError):
 
 class ConfigurationError(BillingError):
     """The service is misconfigured."""
+
+
+class DatabaseMisconfigured(ConfigurationError):
+    """PostgreSQL refused the configured connection (no such database or role, a wrong password, no schema)."""
+
+
+class BrokerUnavailable(TransientError):
+    """Redis could not be reached."""
+
+
+class BrokerMisconfigured(ConfigurationError):
+    """Redis refused the configured connection (a bad URL or database number)."""
 
 
 class MessageValidationError(PermanentError):
@@ -111,3 +139,7 @@ class ProviderTimeout(ProviderError):
 
 class ProviderRejected(PermanentError):
     """The payment provider cannot accept the charge as sent (request, credentials or amount); it is not retried."""
+
+
+class AlreadyReplayed(PermanentError):
+    """This failed message was replayed before; a failure is replayed once."""

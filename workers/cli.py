@@ -1,7 +1,12 @@
 """The ``billing`` console script (Click).
 
-Bad input on any command prints one line on stderr (``billing: error: ...``)
-and exits with status 2, having written nothing.
+Every error prints one line on stderr (``billing: error: ...``), never a
+traceback, and exits non-zero: 2 for bad input (a malformed option, an
+unknown id, an idempotency conflict: nothing was written), 1 for a
+dependency that is down or misconfigured (PostgreSQL, Redis, settings).
+:func:`main` is the one place that translates errors
+(:func:`workers.dependencies.dependency_error`,
+:attr:`tasks.errors.BillingError.exit_code`).
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from tasks.errors import BillingError, ConfigurationError, MessageValidationError
+from tasks.errors import ConfigurationError
 from tasks.messages import MAX_AMOUNT_MICROS, renewal_key, validate_message
+
+from .dependencies import dependency_error, one_line
 
 __all__ = ["app", "main"]
 
@@ -111,16 +118,9 @@ def _run_db(fn: Any) -> Any:
             finally:
                 await engine.dispose()
 
-        from sqlalchemy.exc import ProgrammingError
-
-        try:
-            return asyncio.run(go())
-        except ProgrammingError as exc:
-            if "UndefinedTableError" in str(exc) or "does not exist" in str(exc):
-                raise ConfigurationError(
-                    "the database has no billing schema yet: run `billing db upgrade` first"
-                ) from exc
-            raise
+        # driver errors (no such database, no schema yet, server down...) reach
+        # main(), which says what they mean in one line
+        return asyncio.run(go())
 
 
 def _now() -> datetime:
@@ -859,7 +859,16 @@ _register_keys()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``billing`` console script."""
+    """Entry point of the ``billing`` console script.
+
+    Exit status: 0 on success; 2 for bad input (click's usage errors and
+    every :class:`~tasks.errors.PermanentError`); 1 for a dependency that is
+    down or misconfigured (:class:`~tasks.errors.TransientError`,
+    :class:`~tasks.errors.ConfigurationError`, and the driver errors
+    :func:`workers.dependencies.dependency_error` translates) and for an
+    unexpected error (``BILLING_DEBUG=1`` re-raises it with its traceback).
+    Whatever the error, stderr gets exactly one ``billing: error: ...`` line.
+    """
     command = app
     try:
         result = command.main(args=argv, prog_name="billing", standalone_mode=False)
@@ -868,20 +877,27 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         print("billing: aborted", file=sys.stderr)
         sys.exit(1)
-    except click.UsageError as exc:
-        print(f"billing: error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    except click.ClickException as exc:
-        print(f"billing: error: {exc.format_message()}", file=sys.stderr)
-        sys.exit(2)
-    except (MessageValidationError, ConfigurationError) as exc:
-        print(f"billing: error: {exc.message}", file=sys.stderr)
-        sys.exit(2)
-    except BillingError as exc:
-        print(f"billing: error: {exc.message}", file=sys.stderr)
-        sys.exit(1)
+    except click.ClickException as exc:  # usage errors and bad parameters: bad input
+        _fail(exc.format_message(), 2)
+    except Exception as exc:  # noqa: BLE001 - every error ends here, as one line
+        error = dependency_error(exc)
+        if error is None:
+            if os.environ.get("BILLING_DEBUG"):
+                raise
+            _fail(
+                f"unexpected {type(exc).__name__}: {exc} (set BILLING_DEBUG=1 to see the traceback)",
+                1,
+            )
+        else:
+            _fail(error.message, error.exit_code)
     if isinstance(result, int):
         sys.exit(result)
+def _fail(message: str, code: int) -> NoReturn:
+    """Print ``billing: error: {message}`` as one line on stderr and exit with ``code``."""
+    print(f"billing: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
 
 
 if __name__ == "__main__":

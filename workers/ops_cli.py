@@ -287,7 +287,10 @@ def retry(
         for mid, why in report.skipped.items():
             click.echo(f"  skipped {mid}: {why}")
     if report.skipped and not report.retried:
-        sys.exit(1)
+        # nothing could be retried as asked (unknown ids, malformed messages, conflicts): bad input
+        first, why = next(iter(report.skipped.items()))
+        more = f" (and {len(report.skipped) - 1} more)" if len(report.skipped) > 1 else ""
+        raise click.UsageError(f"nothing retried: {first}: {why}{more}")
 
 
 @ops_app.command("replay")

@@ -165,7 +165,7 @@ def test_cancel_at_period_end_credit_and_auto_top_up_settings_from_the_shell(
     assert db("SELECT cancel_at_period_end FROM subscriptions") == [{"cancel_at_period_end": True}]
     assert billing("subscription", "cancel", sub_id, "--undo").returncode == 0
     assert db("SELECT cancel_at_period_end FROM subscriptions") == [{"cancel_at_period_end": False}]
-    assert billing("subscription", "cancel", "sub_missing").returncode == 1
+    assert billing("subscription", "cancel", "sub_missing").returncode == 2  # an unknown id is bad input
 
     for _ in range(2):  # the same payment reference credits once
         out = billing("account", "credit", "a1", "--amount-micros", "5000000", "--idempotency-key", "wire-7")

@@ -285,3 +285,34 @@ def test_dev_mode_needs_no_login_shows_a_banner_and_answers_only_to_loopback_nam
         ]
     with TestClient(app, base_url="http://evil.example") as client:
         assert client.get("/").status_code == 400  # DNS rebinding: not a loopback Host
+
+
+def test_the_queues_page_with_redis_down_says_so_and_still_shows_postgres(
+    services, db, setup, producer, drain
+):
+    import socket
+
+    from workers.broker import make_broker
+    from workers.dashboard.app import create_app
+    from workers.settings import Settings
+
+    fail_a_subscribe(setup, producer, drain)  # one dead failure, recorded in PostgreSQL
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(
+        database_url=services.database_url, redis_url=f"redis://127.0.0.1:{port}/0", dashboard_token=TOKEN
+    )
+    broker = make_broker(settings)
+    try:
+        with TestClient(create_app(settings, broker=broker), base_url="http://127.0.0.1") as client:
+            login(client)
+            page = client.get("/")
+            assert page.status_code == 503, page.text
+            assert "Redis is unreachable" in page.text
+            assert "Internal Server Error" not in page.text
+            assert 'href="/static/dashboard.css"' in page.text  # the styled layout, not a bare error
+            assert 'id="pg-dead-billing">1<' in page.text  # the failures PostgreSQL holds
+            assert client.get("/failures").status_code == 200  # the PostgreSQL pages still work
+    finally:
+        broker.close()

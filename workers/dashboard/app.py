@@ -50,8 +50,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from db import ops as sql
 from db.ops import NOT_RETRYABLE, FailureFilter
 from db.queries import account_snapshot
-from tasks.errors import ConfigurationError, MessageValidationError
+from tasks.errors import (
+    BrokerMisconfigured,
+    BrokerUnavailable,
+    ConfigurationError,
+    MessageValidationError,
+)
 from workers import ops
+from workers.dependencies import dependency_error
 from workers.settings import Settings
 
 __all__ = ["create_app", "session_secret", "MIN_TOKEN_LENGTH", "SECURITY_HEADERS"]
@@ -230,22 +236,36 @@ Page = Callable[[Request, str], Awaitable[Response]]
 Action = Callable[[Request, str, FormData], Awaitable[Response]]
 
 
+async def _unless_a_dependency_fails(request: Request, call: Awaitable[Response]) -> Response:
+    """``await call``; a dependency down or misconfigured (PostgreSQL, Redis) is a styled 503 page saying which."""
+    try:
+        return await call
+    except Exception as exc:
+        error = dependency_error(exc)
+        if error is None or error.exit_code != 1:  # not a dependency's: a bug, shown as one
+            raise
+        return _render(request, "error.html", status_code=503, status=503, detail=error.message)
+
+
 def page(fn: Page) -> Callable[[Request], Awaitable[Response]]:
-    """A GET page: redirects to the login page unless logged in."""
+    """A GET page: redirects to the login page unless logged in; a dependency down is a 503 page."""
 
     async def endpoint(request: Request) -> Response:
         operator = _operator(request)
         if operator is None:
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
-        return await fn(request, operator)
+        return await _unless_a_dependency_fails(request, fn(request, operator))
 
     endpoint.__doc__ = fn.__doc__
     return endpoint
 
 
 def action(fn: Action) -> Callable[[Request], Awaitable[Response]]:
-    """A state-changing POST: 403 unless logged in and the form carries the session's CSRF token."""
+    """A state-changing POST: 403 unless logged in and the form carries the session's CSRF token.
+
+    A dependency down or misconfigured (PostgreSQL, Redis) is a 503 page saying which.
+    """
 
     async def endpoint(request: Request) -> Response:
         operator = _operator(request)
@@ -254,7 +274,7 @@ def action(fn: Action) -> Callable[[Request], Awaitable[Response]]:
         form = await request.form()
         if not _csrf_ok(request, form):
             raise HTTPException(403, "missing or wrong CSRF token")
-        return await fn(request, operator, form)
+        return await _unless_a_dependency_fails(request, fn(request, operator, form))
 
     endpoint.__doc__ = fn.__doc__
     return endpoint
@@ -338,12 +358,32 @@ async def logout(request: Request, operator: str, form: FormData) -> Response:
 
 @page
 async def queues_page(request: Request, operator: str) -> Response:
-    """Per queue: ready, delayed, in flight, dead, oldest age; the workers seen."""
+    """Per queue: ready, delayed, in flight, dead, oldest age; the workers seen; the failures PostgreSQL holds.
+
+    Redis down or misconfigured: a 503 page that says so, with the
+    PostgreSQL part (the failures recorded per queue) still shown.
+    """
+    async with _engine(request).connect() as conn:
+        recorded = await sql.failure_counts(conn)
     client = getattr(_broker(request), "client", None)
-    stats, workers = await asyncio.to_thread(
-        ops.queue_overview, client, heartbeat_timeout_ms=request.app.state.settings.heartbeat_timeout_ms
-    )
-    return _render(request, "queues.html", stats=stats, workers=workers)
+    try:
+        stats, workers = await asyncio.to_thread(
+            ops.queue_overview, client, heartbeat_timeout_ms=request.app.state.settings.heartbeat_timeout_ms
+        )
+    except Exception as exc:
+        error = dependency_error(exc)
+        if not isinstance(error, (BrokerUnavailable, BrokerMisconfigured)):
+            raise
+        return _render(
+            request,
+            "queues.html",
+            status_code=503,
+            stats=[],
+            workers=[],
+            recorded=recorded,
+            redis_error=error.message,
+        )
+    return _render(request, "queues.html", stats=stats, workers=workers, recorded=recorded, redis_error=None)
 
 
 def _since(value: str) -> datetime:
