@@ -1526,7 +1526,7 @@ async def create_user_key(conn: AsyncConnection, *, account_id: str, now: dateti
     return IssuedKey(key_id, account_id, "", prefix, plaintext)
 
 
-_CREDIT_EXISTS = text("SELECT amount_micros FROM ledger_entries WHERE idempotency_key = :key")
+_CREDIT_EXISTS = text("SELECT account_id, amount_micros FROM ledger_entries WHERE idempotency_key = :key")
 
 
 async def credit_account(
@@ -1535,9 +1535,10 @@ async def credit_account(
     """An operator's manual credit (a payment received outside the provider): an ``adjustment`` ledger entry.
 
     Idempotent by ``idempotency_key`` (stored as ``credit:{key}``): a repeat
-    changes nothing.  Messages waiting for funds on the account are not
-    resumed by a credit; the scheduler's next dunning retry picks up a
-    past_due renewal.
+    with the same account and amount changes nothing; the same key with
+    another account or amount is an idempotency conflict and changes nothing
+    either.  Messages waiting for funds on the account are not resumed by a
+    credit; the scheduler's next dunning retry picks up a past_due renewal.
 
     Parameters:
       amount_micros: Positive amount in micros of the account's currency.
@@ -1553,7 +1554,14 @@ async def credit_account(
         raise ValueError("amount_micros must be between 1 and 10**15")
     account = await _lock_account(conn, account_id)
     key = f"credit:{idempotency_key}"
-    if await _one(conn, _CREDIT_EXISTS, key=key) is not None:
+    before = await _one(conn, _CREDIT_EXISTS, key=key)
+    if before is not None:
+        if (before["account_id"], int(before["amount_micros"])) != (account_id, amount_micros):
+            raise IdempotencyConflict(
+                f"idempotency conflict: credit key {idempotency_key!r} already credited"
+                f" {int(before['amount_micros'])} micros to account {before['account_id']!r};"
+                f" nothing changed (this request: {amount_micros} micros to {account_id!r})"
+            )
         return False, int(account["balance_micros"])
     balance = await _post_ledger_entry(
         conn,
@@ -1817,6 +1825,7 @@ async def reissue_managed_key(
         conn,
         key_id=new_key_id,
         account_id=old["account_id"],
+      IdempotencyConflict: The key credited another account or amount before.
         subscription_id=old["subscription_id"],
         prefix=prefix,
         plaintext=plaintext,

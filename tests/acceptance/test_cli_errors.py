@@ -128,3 +128,24 @@ def test_an_unknown_id_is_bad_input_exit_2(services, db, args):
     # an operator's attempt may be audit-logged, but it acted on nothing
     assert db("SELECT coalesce(sum(count), 0) AS n FROM operator_actions") == [{"n": 0}]
 
+
+def test_a_credit_key_reused_with_another_amount_or_account_is_a_conflict(services, db, setup):
+    setup(accounts=[{"account_id": "a1", "balance_micros": 0}, {"account_id": "a2", "balance_micros": 0}])
+    first = billing("account", "credit", "a1", "--amount-micros", "100", "--idempotency-key", "c1")
+    assert first.returncode == 0, first.stderr
+    same = billing("account", "credit", "a1", "--amount-micros", "100", "--idempotency-key", "c1")
+    assert same.returncode == 0 and "already credited" in same.stdout, same.stderr
+
+    other_amount = billing("account", "credit", "a1", "--amount-micros", "200", "--idempotency-key", "c1")
+    line = _one_error_line(other_amount, 2)
+    assert "c1" in line and "100" in line and "200" in line and "conflict" in line, line
+    other_account = billing("account", "credit", "a2", "--amount-micros", "100", "--idempotency-key", "c1")
+    line = _one_error_line(other_account, 2)
+    assert "a1" in line and "conflict" in line, line
+
+    assert other_amount.stdout == "" and other_account.stdout == ""
+    assert db("SELECT id, balance_micros FROM accounts ORDER BY id") == [
+        {"id": "a1", "balance_micros": 100},
+        {"id": "a2", "balance_micros": 0},
+    ]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE idempotency_key = 'credit:c1'") == [{"n": 1}]
