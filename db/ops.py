@@ -26,6 +26,7 @@ __all__ = [
     "key_record",
     "prepare_retry",
     "resolve_failure",
+    "claim_replay",
     "failure_counts",
     "record_action",
     "list_actions",
@@ -86,7 +87,8 @@ class FailureFilter:
 _FAILURE_COLUMNS = """
     f.message_id, f.actor_name, f.queue_name, f.kwargs, f.idempotency_key, f.account_id, f.error_type,
     f.error_message, f.attempts, f.status, f.first_seen_at, f.last_seen_at, f.retry_count, f.last_retried_at,
-    f.last_retried_by, f.resolved_at, f.resolved_by, f.resolution, k.status AS key_status
+    f.last_retried_by, f.resolved_at, f.resolved_by, f.resolution, f.replayed_at, f.replayed_by, f.replay_key,
+    f.replay_message_id, k.status AS key_status
 """
 
 
@@ -194,6 +196,37 @@ async def resolve_failure(conn: AsyncConnection, message_id: str, *, operator: s
     """Mark a failure ``resolved`` (handled without a retry, or replayed). Returns False if unknown or resolved."""
     row = await conn.execute(
         _RESOLVE, {"id": message_id, "operator": operator, "resolution": resolution[:2000]}
+    )
+    return row.one_or_none() is not None
+
+
+_CLAIM_REPLAY = text(
+    """
+    UPDATE failed_messages SET replayed_at = now(), replayed_by = :operator, replay_key = :new_key,
+        replay_message_id = :new_message_id
+    WHERE message_id = :id AND replayed_at IS NULL
+    RETURNING message_id
+    """
+)
+
+
+async def claim_replay(
+    conn: AsyncConnection, message_id: str, *, operator: str, new_key: str, new_message_id: str
+) -> bool:
+    """In the caller's transaction: record that ``message_id`` is replayed, unless it was already.
+
+    One conditional UPDATE (``WHERE replayed_at IS NULL``): of two replays
+    that race, the second blocks on the row until the first commits, then
+    matches nothing.  The caller enqueues the new message only when this
+    returns True, before committing.
+
+    Returns:
+      True when this call recorded the replay; False when the failure is
+      unknown or was replayed before (see :func:`get_failure` for by whom).
+    """
+    row = await conn.execute(
+        _CLAIM_REPLAY,
+        {"id": message_id, "operator": operator, "new_key": new_key, "new_message_id": new_message_id},
     )
     return row.one_or_none() is not None
 

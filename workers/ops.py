@@ -43,6 +43,7 @@ from db import ops as sql
 from db.engine import transaction
 from db.ops import NOT_RETRYABLE, FailureFilter
 from db.queries import account_snapshot
+from tasks.errors import AlreadyReplayed
 from tasks.messages import BILLING_QUEUE, PAYMENTS_QUEUE, validate_message
 
 __all__ = [
@@ -348,26 +349,38 @@ async def replay_with_new_key(
     """Publish a failed message's arguments again under a **new** idempotency key: a new request.
 
     Unlike a retry this can charge again (it is not the same request), so the
-    CLI asks for confirmation.  The failure is marked ``resolved`` with the
-    new key, and the action is audit-logged.
+    CLI asks for confirmation, and a failure is replayed **once**: the replay
+    (who, when, the new key and message id) is recorded on the failure by a
+    conditional UPDATE in the transaction that enqueues the new message, so
+    a second replay, even one racing this one, is refused.  The failure is
+    marked ``resolved`` with the new key, and the action is audit-logged.
 
     Returns:
       The new Dramatiq message id.
 
     Raises:
       LookupError: No such failed message.
+      tasks.errors.AlreadyReplayed: The failure was replayed before (nothing is enqueued).
       tasks.errors.MessageValidationError: The arguments with the new key break the contract.
     """
     async with engine.connect() as conn:
         failure = await sql.get_failure(conn, message_id)
     if failure is None:
         raise LookupError(f"no failed message {message_id!r}")
+    if failure["replayed_at"] is not None:
+        raise _already_replayed(failure)
     kwargs = {**(failure["kwargs"] or {}), "idempotency_key": new_key}
     validated = validate_message(failure["actor_name"], kwargs)
     from tasks.producer import to_dramatiq_message
 
     message = to_dramatiq_message(validated)
     async with transaction(engine) as conn:
+        claimed = await sql.claim_replay(
+            conn, message_id, operator=operator, new_key=new_key, new_message_id=message.message_id
+        )
+        if not claimed:  # another replay committed first: its record is visible to this statement
+            winner = await sql.get_failure(conn, message_id)
+            raise _already_replayed(winner or failure)
         await sql.resolve_failure(
             conn, message_id, operator=operator, resolution=f"replayed with new key {new_key}"
         )
@@ -386,6 +399,16 @@ async def replay_with_new_key(
         )
         await asyncio.to_thread(broker.enqueue, message)
     return message.message_id
+
+
+def _already_replayed(failure: dict[str, Any]) -> AlreadyReplayed:
+    when = failure["replayed_at"]
+    at = when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if isinstance(when, datetime) else when
+    return AlreadyReplayed(
+        f"message {failure['message_id']} was already replayed at {at} by {failure['replayed_by']}"
+        f" with key {failure['replay_key']} (as message {failure['replay_message_id']});"
+        " a failure is replayed once"
+    )
 
 
 async def resolve(engine: AsyncEngine, message_id: str, *, operator: str, via: str, resolution: str) -> bool:

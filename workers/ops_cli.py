@@ -222,6 +222,11 @@ def show(message_id: str, as_json: bool) -> None:
     )
     click.echo(f"args    {json.dumps(f['kwargs'])}")
     click.echo(f"key     {json.dumps(detail['idempotency_key'], default=str)}")
+    if f.get("replayed_at") is not None:
+        click.echo(
+            f"replay  {f['replayed_at']} by {f['replayed_by']} with key {f['replay_key']}"
+            f" as message {f['replay_message_id']}"
+        )
     if detail["account"] is not None:
         a = detail["account"]["account"]
         click.echo(f"account {a['id']}  balance {a['balance_micros']:,} micros {a['currency']}")

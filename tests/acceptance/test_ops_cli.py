@@ -232,3 +232,99 @@ def test_a_message_for_an_unknown_actor_is_recorded_for_operators(services, db, 
         (message.message_id, "charge_everyone", "message_validation_error")
     ]
     assert "unknown actor" in db("SELECT error_message FROM failed_messages")[0]["error_message"]
+
+
+def _one_error_line(result, code):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("billing: error: "), result.stderr
+    return lines[0]
+
+
+def test_a_failure_is_replayed_once_and_a_second_replay_is_refused(services, db, setup, producer, drain):
+    _fail_a_subscribe(setup, producer, drain)
+    setup(accounts=[{"account_id": "late", "balance_micros": 30 * USD}])
+    message_id = db("SELECT message_id FROM failed_messages")[0]["message_id"]
+    first = billing("ops", "replay", message_id, "--new-key", "k2", "--yes", env=OPERATOR)
+    assert first.returncode == 0, first.stderr
+    drain()
+    second = billing("ops", "replay", message_id, "--new-key", "k3", "--yes")
+    line = _one_error_line(second, 2)
+    assert "already replayed" in line and "k2" in line and "alice@ops" in line, line
+    drain()
+    assert db("SELECT key FROM idempotency_keys WHERE key IN ('k2', 'k3')") == [{"key": "k2"}]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'subscription_charge'") == [{"n": 1}]
+    assert db("SELECT action FROM operator_actions") == [{"action": "replay"}]
+    assert db("SELECT replayed_by, replay_key FROM failed_messages") == [
+        {"replayed_by": "alice@ops", "replay_key": "k2"}
+    ]
+    shown = json.loads(billing("ops", "show", message_id, "--json").stdout)
+    assert shown["failure"]["replay_key"] == "k2"
+
+
+def test_two_concurrent_replays_of_one_failure_enqueue_one_message(services, db, setup, producer, drain):
+    """Two real ``billing ops replay`` processes race on one failure: one wins, the other is refused."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import asyncpg
+
+    from db.config import plain_url
+    from tests.conftest import ROOT
+
+    _fail_a_subscribe(setup, producer, drain)
+    setup(accounts=[{"account_id": "late", "balance_micros": 30 * USD}])
+    message_id = db("SELECT message_id FROM failed_messages")[0]["message_id"]
+
+    async def race():
+        holder = await asyncpg.connect(plain_url(services.database_url))
+        # pg_stat_activity is read once per transaction: watch it from another connection
+        watcher = await asyncpg.connect(plain_url(services.database_url))
+        tx = holder.transaction()
+        await tx.start()
+        # hold the failure's row so that both replays reach their write before either commits
+        await holder.execute("SELECT 1 FROM failed_messages WHERE message_id = $1 FOR UPDATE", message_id)
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "workers.cli", "ops", "replay", message_id, "--new-key", key, "--yes"],
+                cwd=ROOT,
+                env=os.environ.copy(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for key in ("k2", "k3")
+        ]
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                waiting = await watcher.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+                if waiting >= 2:
+                    break
+                if time.monotonic() > deadline:
+                    for p in procs:
+                        p.kill()
+                    raise AssertionError([p.communicate() for p in procs])
+                assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+                await asyncio.sleep(0.05)
+        finally:
+            await tx.rollback()
+            await holder.close()
+            await watcher.close()
+        return [(p.wait(timeout=60), *p.communicate()) for p in procs]
+
+    results = asyncio.run(race())
+    assert sorted(code for code, _, _ in results) == [0, 2], results
+    (loser,) = [r for r in results if r[0] == 2]
+    lines = loser[2].strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("billing: error: ") and "already replayed" in lines[0]
+    drain()
+    assert db("SELECT count(*) AS n FROM idempotency_keys WHERE key IN ('k2', 'k3')") == [{"n": 1}]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'subscription_charge'") == [{"n": 1}]
+    assert db("SELECT count(*) AS n FROM operator_actions WHERE action = 'replay'") == [{"n": 1}]

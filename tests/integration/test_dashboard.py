@@ -287,6 +287,26 @@ def test_dev_mode_needs_no_login_shows_a_banner_and_answers_only_to_loopback_nam
         assert client.get("/").status_code == 400  # DNS rebinding: not a loopback Host
 
 
+def test_a_second_replay_of_one_failure_is_refused(services, db, setup, producer, drain, dashboard):
+    fail_a_subscribe(setup, producer, drain)
+    message_id = db("SELECT message_id FROM failed_messages")[0]["message_id"]
+    setup(accounts=[{"account_id": "late", "balance_micros": 30 * USD}])
+    login(dashboard, operator="bob")
+    csrf = csrf_of(dashboard.get(f"/messages/{message_id}").text)
+    form = {"csrf": csrf, "confirm": "yes"}
+    first = dashboard.post(f"/messages/{message_id}/replay", data={**form, "new_key": "k2"})
+    assert f"Replayed message {message_id}" in first.text
+    drain()
+    page = dashboard.get(f"/messages/{message_id}").text
+    assert "Replayed by bob" in page and "k2" in page
+    second = dashboard.post(f"/messages/{message_id}/replay", data={**form, "new_key": "k3"})
+    assert "Not replayed: message" in second.text and "already replayed" in second.text
+    drain()
+    assert db("SELECT key FROM idempotency_keys WHERE key IN ('k2', 'k3')") == [{"key": "k2"}]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'subscription_charge'") == [{"n": 1}]
+    assert db("SELECT count(*) AS n FROM operator_actions") == [{"n": 1}]
+
+
 def test_the_queues_page_with_redis_down_says_so_and_still_shows_postgres(
     services, db, setup, producer, drain
 ):

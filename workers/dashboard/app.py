@@ -51,6 +51,7 @@ from db import ops as sql
 from db.ops import NOT_RETRYABLE, FailureFilter
 from db.queries import account_snapshot
 from tasks.errors import (
+    AlreadyReplayed,
     BrokerMisconfigured,
     BrokerUnavailable,
     ConfigurationError,
@@ -577,7 +578,7 @@ async def replay(request: Request, operator: str, form: FormData) -> Response:
             operator=operator,
             via="dashboard",
         )
-    except (LookupError, MessageValidationError) as exc:
+    except (LookupError, MessageValidationError, AlreadyReplayed) as exc:
         _flash(request, "error", f"Not replayed: {exc}")
     else:
         _flash(request, "ok", f"Replayed message {message_id} as {new_id} with the new key {new_key}.")
