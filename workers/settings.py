@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 from functools import lru_cache
+from typing import Any, Self
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from db.config import check_url
 from db.money import BillingPolicy
+from tasks.errors import ConfigurationError
 
 __all__ = ["Settings", "get_settings"]
 
@@ -165,5 +170,109 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process's settings (read once)."""
-    return Settings()
+    """The process's settings, read once and checked (:meth:`Settings.checked`).
+
+    Each of :meth:`Settings.notices` is printed once on stderr as
+    ``billing: warning: ...``.
+
+    Raises:
+      ConfigurationError: A setting, or a combination of settings, that cannot work.
+    """
+    settings = Settings.checked()
+    for notice in settings.notices():
+        print(f"billing: warning: {notice}", file=sys.stderr)
+    return settings
+    # ----------------------------------------------------------------- checks at start-up
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_can_work(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                check_url(value)
+            except ConfigurationError as exc:
+                raise ValueError(exc.message) from None
+        return value or None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_can_work(cls, value: str | None) -> str | None:
+        if value:
+            parts = urlsplit(value)
+            if parts.scheme not in _REDIS_SCHEMES:
+                raise ValueError(
+                    f"BILLING_REDIS_URL must be a redis://, rediss:// or unix:// URL (got scheme {parts.scheme!r})"
+                )
+            if parts.scheme != "unix":
+                try:
+                    port = parts.port
+                except ValueError:
+                    port = -1
+                if port is not None and not 1 <= port <= 65_535:
+                    raise ValueError("BILLING_REDIS_URL: the port must be a number from 1 to 65535")
+                db = parts.path.strip("/")
+                if db and not db.isdigit():
+                    raise ValueError(f"BILLING_REDIS_URL: the database must be a number (got {db!r})")
+        return value or None
+
+    @model_validator(mode="after")
+    def _combinations_can_work(self) -> Self:
+        if self.min_backoff_ms > self.max_backoff_ms:
+            raise ValueError(
+                f"BILLING_MIN_BACKOFF_MS ({self.min_backoff_ms}) is above BILLING_MAX_BACKOFF_MS"
+                f" ({self.max_backoff_ms}): retries cannot back off"
+            )
+        not_positive = [ms for ms in self.dunning_schedule_ms if ms <= 0]
+        if not_positive:
+            raise ValueError(
+                "BILLING_DUNNING_SCHEDULE_MS: each retry comes after the failed renewal, so offsets are"
+                f" positive (got {', '.join(map(str, not_positive))})"
+            )
+        if self.log_format not in ("json", "console"):
+            raise ValueError(f"BILLING_LOG_FORMAT must be json or console (got {self.log_format!r})")
+        return self
+
+    def notices(self) -> list[str]:
+        """Settings that work but do not do what they seem to: one sentence each (empty when none).
+
+        Today: dunning offsets beyond the grace period, which are never used
+        (the end of grace is always the last retry); with a zero grace
+        period an unpaid renewal cancels at once and no offset is used.
+        """
+        beyond = [ms for ms in self.dunning_schedule_ms if ms > self.grace_period_ms]
+        if not beyond:
+            return []
+        listed = ", ".join(map(str, beyond))
+        if self.grace_period_ms == 0:
+            return [
+                "BILLING_GRACE_PERIOD_MS is 0: an unpaid renewal cancels the subscription at once"
+                f" (canceled_unpaid), and the BILLING_DUNNING_SCHEDULE_MS offsets are ignored ({listed})"
+            ]
+        return [
+            f"BILLING_DUNNING_SCHEDULE_MS offsets beyond BILLING_GRACE_PERIOD_MS ({self.grace_period_ms})"
+            f" are ignored: {listed} (the end of grace is always the last retry)"
+        ]
+
+    @classmethod
+    def checked(cls, **values: Any) -> Settings:
+        """Read the settings (the environment, then ``values``) and check them against each other.
+
+        Raises:
+          ConfigurationError: One line naming the first ``BILLING_*`` variable
+            that cannot work, alone or with another one (``and N more`` when
+            several are wrong).
+        """
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            errors = exc.errors()
+            first = errors[0]
+            message = str(first["msg"]).removeprefix("Value error, ")
+            if first["loc"] and not message.startswith("BILLING_"):
+                message = f"BILLING_{str(first['loc'][0]).upper()}: {message}"
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            raise ConfigurationError(message + more) from None
+
+
+_REDIS_SCHEMES = {"redis", "rediss", "unix"}
+
