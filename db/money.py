@@ -21,6 +21,8 @@ CHECK constraint is the last line of defence, not the mechanism.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import re
 import secrets
 import uuid
@@ -513,8 +515,10 @@ SECRET_ARGUMENT = re.compile(
 def redact(value: Any) -> Any:
     """A copy of ``value`` (JSON-like) with every secret-looking key's value replaced by ``[redacted]``.
 
-    NUL characters, which PostgreSQL cannot store in text or jsonb, are
-    written as the four characters ``\\x00`` (a malformed message may carry them).
+    Code points PostgreSQL cannot store in text or jsonb are escaped (see
+    :func:`_no_nul`), and the numbers jsonb has no form for (``NaN``,
+    ``Infinity``, which Python's JSON decoder accepts) are written as those
+    words: a malformed message may carry either.
     """
     if isinstance(value, dict):
         return {
@@ -525,11 +529,19 @@ def redact(value: Any) -> Any:
         return [redact(v) for v in value]
     if isinstance(value, str):
         return _no_nul(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)  # "NaN", "Infinity" or "-Infinity"
     return value
 
 
+#: What PostgreSQL text and jsonb cannot hold: NUL, and UTF-16 surrogates
+#: (a lone one decodes from JSON's ``"\\ud83c"``, which JavaScript writes for half an emoji).
+_NOT_STORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def _no_nul(text: str) -> str:
-    return text.replace("\x00", "\\x00")
+    """``text`` with NUL written as the four characters ``\\x00`` and a surrogate as the six ``\\udXXX``."""
+    return _NOT_STORABLE.sub(lambda m: "\\x00" if m.group() == "\x00" else f"\\u{ord(m.group()):04x}", text)
 
 
 async def record_failure(
@@ -995,14 +1007,17 @@ async def _dunning(
     catch-up) still gets the whole grace period.  Retries are due at
     ``past_due_since + offset`` for each offset of
     :meth:`BillingPolicy.retry_offsets`; a failed attempt at or after the end
-    of grace cancels the subscription and revokes its managed keys.  With a
-    zero grace period that is the first failed attempt: the subscription
-    cancels at once (``canceled_unpaid``), never ``past_due``.
+    of grace cancels the subscription and revokes its managed keys.
     """
+    if sub["status"] == "past_due" and now >= sub["grace_ends_at"]:
+        outbox = await _cancel(conn, sub, now, "unpaid_after_grace")
+        return Effect(
+            "canceled_unpaid", {**base, "past_due_since": sub["past_due_since"].isoformat()}, outbox=outbox
+        )
     since = sub["past_due_since"] if sub["status"] == "past_due" else now
     grace_ends_at = since + policy.grace_period
     attempts = sub["dunning_attempts"] + 1 if sub["status"] == "past_due" else 0
-    next_retry_at = next((since + o for o in policy.retry_offsets() if since + o > now), ends)
+    next_retry_at = next(since + o for o in policy.retry_offsets() if since + o > now)
     await conn.execute(
         _MARK_PAST_DUE,
         {
@@ -1100,11 +1115,6 @@ async def apply_renew(
         effect.outbox[:0] = outbox
         return effect
 
-    # a past_due subscription keeps the end of grace it was given
-    ends = sub["grace_ends_at"] if sub["status"] == "past_due" else grace_ends_at
-    if now >= ends:
-        outbox = await _cancel(conn, sub, now, "unpaid_after_grace")
-        return Effect("canceled_unpaid", {**base, "past_due_since": since.isoformat()}, outbox=outbox)
     index = sub["period_index"] + 1
     start, end = period_bounds(sub["billing_anchor"], sub["interval"], sub["interval_count"], index)
     balance = await _post_ledger_entry(

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar
 
@@ -49,6 +51,7 @@ __all__ = [
     "MESSAGE_MODELS",
     "QUEUE_OF_ACTOR",
     "validate_message",
+    "check_json_text",
     "fingerprint",
     "renewal_key",
     "renewal_kwargs",
@@ -203,6 +206,57 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+#: Code points that no JSON text can carry as a character (RFC 8259 texts are
+#: Unicode: a UTF-16 surrogate is not a character, yet ``"\\ud83c"`` decodes to
+#: one, as JavaScript's ``JSON.stringify`` writes half an emoji) or that
+#: PostgreSQL text and jsonb cannot hold (NUL).  Neither has a canonical form.
+_NOT_TEXT = re.compile("[\x00\ud800-\udfff]")
+
+
+def check_json_text(actor_name: str, kwargs: Any) -> None:
+    """Refuse arguments that hold what no JSON text (RFC 8259) or PostgreSQL jsonb can: bad text, or no number.
+
+    Looks at keys and values at any depth for a code point of
+    :data:`_NOT_TEXT` (a lone UTF-16 surrogate, NUL) and for the non-finite
+    numbers ``NaN`` and ``Infinity`` that Python's JSON decoder (and so
+    Dramatiq's) accepts.  Runs before the signature check and the model:
+    such a message has no canonical form to sign or to store.
+
+    Parameters:
+      actor_name: For the message only.
+      kwargs: The decoded arguments (any JSON value).
+
+    Raises:
+      MessageValidationError: Names the first offending field and what it holds,
+        e.g. ``account_id: a lone UTF-16 surrogate U+D83C``.
+    """
+    stack: list[tuple[str, Any]] = [("", kwargs)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str) and (bad := _NOT_TEXT.search(key)):
+                    _refuse(actor_name, f"a field name ({ascii(key)[:60]})", _describe_char(bad.group()))
+                stack.append((f"{path}.{key}" if path else str(key), item))
+        elif isinstance(value, list):
+            stack.extend((f"{path}[{i}]", item) for i, item in enumerate(value))
+        elif isinstance(value, str) and (bad := _NOT_TEXT.search(value)):
+            _refuse(actor_name, path, _describe_char(bad.group()))
+        elif isinstance(value, float) and not math.isfinite(value):
+            _refuse(actor_name, path, f"{value}, which is not a JSON number")
+
+
+def _describe_char(char: str) -> str:
+    if char == "\x00":
+        return "U+0000 (NUL), which PostgreSQL text cannot hold"
+    return f"a lone UTF-16 surrogate U+{ord(char):04X} (send a surrogate pair's two halves together)"
+
+
+def _refuse(actor_name: str, path: str, what: str) -> None:
+    where = ascii(path)[1:-1][:100] or "message"
+    raise MessageValidationError(f"invalid {ascii(actor_name)[1:-1][:100]} message: {where}: {what}")
+
+
 def validate_message(actor_name: str, kwargs: Any) -> BillingMessage:
     """Validate keyword arguments against the contract of ``actor_name``.
 
@@ -222,6 +276,7 @@ def validate_message(actor_name: str, kwargs: Any) -> BillingMessage:
         raise MessageValidationError(f"unknown actor {actor_name!r}")
     if not isinstance(kwargs, dict):
         raise MessageValidationError("message arguments must be keyword arguments (a JSON object)")
+    check_json_text(actor_name, kwargs)
     try:
         return model.model_validate(kwargs)
     except ValidationError as exc:

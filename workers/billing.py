@@ -51,6 +51,7 @@ from tasks.messages import (
     RenewMessage,
     RevokeKeyMessage,
     SubscribeMessage,
+    check_json_text,
     validate_message,
 )
 from tasks.signing import SigningKeys
@@ -58,6 +59,7 @@ from tasks.signing import SigningKeys
 from . import metrics
 from .clock import Clock, SystemClock
 from .crash import crashpoint
+from .logging import mark_logged
 from .providers.base import PaymentProvider
 
 __all__ = ["BillingService", "Delivery", "RenewalBatcher", "API_KEY_CHANNEL"]
@@ -143,18 +145,16 @@ class BillingService:
           TransientError: To be retried with backoff (recorded once retries are exhausted).
         """
         structlog.contextvars.bind_contextvars(message_id=delivery.message_id, actor=actor_name)
-        if self.signing_keys is not None:
-            problem = self.signing_keys.verify(actor_name, delivery.message_id, kwargs, delivery.signature)
-            if problem is not None:
-                error = MessageAuthenticationFailed(problem)
-                await self._record_failure(
-                    actor_name, kwargs, None, delivery, error, attempts=delivery.retries + 1
-                )
-                log.warning("message_failed", error=error.code, reason=error.message)
-                raise error
         try:
+            # what no JSON text can hold (a lone surrogate, NaN) first: it has no canonical form
+            check_json_text(actor_name, kwargs)
+            if self.signing_keys is not None:
+                problem = self.signing_keys.verify(actor_name, delivery.message_id, kwargs, delivery.signature)
+                if problem is not None:
+                    raise MessageAuthenticationFailed(problem)
             message = validate_message(actor_name, kwargs)
-        except MessageValidationError as exc:
+        except (MessageValidationError, MessageAuthenticationFailed) as exc:
+            # recorded and logged (one message_failed line) by _record_failure
             await self._record_failure(actor_name, kwargs, None, delivery, exc, attempts=delivery.retries + 1)
             raise
         account_id = getattr(message, "account_id", None)
@@ -208,23 +208,35 @@ class BillingService:
             await self._record_failure(
                 actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1
             )
-            log.warning("message_failed", error=exc.code, reason=exc.message)
             raise
         except Exception as exc:
             if delivery.retries >= delivery.max_retries:
                 await self._mark_key(message, fingerprint, "failed", exc)
                 await self._record_failure(
-                    actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1
+                    actor_name,
+                    kwargs,
+                    message,
+                    delivery,
+                    exc,
+                    attempts=delivery.retries + 1,
+                    event="retries_exhausted",
                 )
-                log.error("retries_exhausted", error=type(exc).__name__, reason=str(exc))
             else:
+                # one line; a traceback only for an exception we did not classify
                 log.warning(
-                    "transient_error", error=type(exc).__name__, reason=str(exc), retries=delivery.retries
+                    "transient_error",
+                    error=type(exc).__name__,
+                    reason=str(exc),
+                    retries=delivery.retries,
+                    exc_info=None if isinstance(exc, BillingError) else exc,
                 )
+                mark_logged(exc)
             raise
         if result.get("duplicate"):  # completed by a concurrent delivery (seen under the key's lock)
             metrics.duplicate_suppressed(actor_name)
-        log.info("message_processed", outcome=result.get("outcome"))
+            log.info("duplicate_suppressed", outcome=result.get("outcome"))
+        else:
+            log.info("message_processed", outcome=result.get("outcome"))
         return result
 
     # ------------------------------------------------------------------ effects
@@ -399,8 +411,29 @@ class BillingService:
         exc: BaseException,
         *,
         attempts: int,
+        event: str = "message_failed",
     ) -> None:
+        """Record a failure in ``failed_messages`` and log it: one line, ``event``, whatever happens.
+
+        The line (``message_failed`` at WARNING; ``retries_exhausted`` at
+        ERROR) carries the error's code and reason, and a traceback only for
+        an exception that is not a :class:`BillingError` (an unexpected one).
+        Dramatiq does not log ``exc`` again (:func:`workers.logging.mark_logged`).
+        A failure that cannot be recorded (PostgreSQL down) is logged as such.
+
+        Parameters:
+          kwargs: The arguments as received (any JSON value); stored escaped and redacted.
+          message: The validated message, None when validation did not get that far.
+          attempts: Deliveries so far (Dramatiq's retries + 1).
+          event: ``message_failed`` or ``retries_exhausted``.
+        """
         metrics.failure_recorded(actor_name, exc)
+        code = exc.code if isinstance(exc, BillingError) else type(exc).__name__
+        reason = exc.message if isinstance(exc, BillingError) else str(exc)
+        (log.error if event == "retries_exhausted" else log.warning)(
+            event, error=code, reason=reason, exc_info=None if isinstance(exc, BillingError) else exc
+        )
+        mark_logged(exc)
         try:
             stored_kwargs = json.loads(json.dumps(kwargs, default=repr))
         except (TypeError, ValueError):

@@ -26,10 +26,18 @@ from workers.billing import BillingService, Delivery
 USD = 1_000_000
 ACTORS = ["subscribe", "renew", "auto_top_up", "revoke_key"]
 
+#: Code points no JSON text or PostgreSQL text can carry as characters: lone UTF-16 surrogates
+#: (JavaScript's ``JSON.stringify`` writes half an emoji as ``"\\ud83c"``) and NUL.
+not_text = st.one_of(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), st.just("\x00"))
 ids = st.one_of(
     st.sampled_from(["a1", "pro", "sub_x", "key_x"]),
     st.text(min_size=0, max_size=300),
     st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=20),
+    # a valid-looking id with a lone surrogate (or NUL) inside
+    st.builds(
+        lambda a, bad, b: a + bad + b, st.sampled_from(["a1", "pro", "k"]), not_text, st.text(max_size=3)
+    ),
+    st.text(alphabet=not_text, min_size=1, max_size=3),
 )
 amounts = st.one_of(
     st.integers(min_value=-(10**16), max_value=10**16),
@@ -43,19 +51,23 @@ values = st.one_of(
     amounts,
     st.lists(st.integers(), max_size=3),
     st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),
+    st.dictionaries(st.text(alphabet=not_text, min_size=1, max_size=2), ids, max_size=2),
 )
-fields = st.sampled_from(
-    [
-        "account_id",
-        "plan_id",
-        "idempotency_key",
-        "subscription_id",
-        "period_start",
-        "amount_micros",
-        "reason",
-        "key_id",
-        "extra",
-    ]
+fields = st.one_of(
+    st.sampled_from(
+        [
+            "account_id",
+            "plan_id",
+            "idempotency_key",
+            "subscription_id",
+            "period_start",
+            "amount_micros",
+            "reason",
+            "key_id",
+            "extra",
+        ]
+    ),
+    st.builds(lambda bad: "account_id" + bad, not_text),  # a field name with a lone surrogate
 )
 kwargs_strategy = st.dictionaries(fields, values, max_size=6)
 actor_names = st.one_of(st.sampled_from(ACTORS), st.text(max_size=20))

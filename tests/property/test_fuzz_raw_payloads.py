@@ -54,8 +54,21 @@ mutations = st.one_of(
     ),
     st.tuples(st.just("no_redis_id"), st.none(), st.none()),
 )
+#: Bytes that are not UTF-8: a surrogate encoded as UTF-8 (CESU-8, what some encoders write for a
+#: lone JavaScript surrogate), an overlong NUL, a stray continuation byte, a truncated sequence.
+NOT_UTF8 = [b"\xed\xa0\xbc", b"\xed\xbf\xbf", b"\xc0\x80", b"\x80", b"\xf0\x9f\x8e"]
 payload_specs = st.one_of(
     st.tuples(st.just("bytes"), st.binary(max_size=300)),
+    st.tuples(
+        st.just("bytes"),
+        st.builds(
+            lambda bad, at: (
+                b'{"queue_name": "billing", "actor_name": "renew", "x": "' + bad + b'"}'[:at] + bad
+            ),
+            st.sampled_from(NOT_UTF8),
+            st.integers(0, 60),
+        ),
+    ),
     st.tuples(st.just("json"), json_values.filter(lambda v: not isinstance(v, dict))),
     st.tuples(st.just("envelope"), mutations),
 )
@@ -151,6 +164,76 @@ def test_raw_payloads_that_are_not_messages_are_recorded_and_dead_lettered(broke
     payload = _payload(spec, redis_id)
     push_raw(broker, payload, redis_id=redis_id)  # an envelope names its own Redis id
     _assert_rejected(broker, db, redis_id, payload)
+    assert db("SELECT count(*) AS n FROM ledger_entries")[0]["n"] == 0
+
+
+#: Text no JSON text or PostgreSQL text can hold as a character: lone UTF-16 surrogates (JavaScript's
+#: ``JSON.stringify`` writes half an emoji as ``"\\ud83c"``), a reversed pair, and NUL.
+bad_text = st.one_of(
+    st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+    st.just("\udc3c\ud83c"),
+    st.just("\x00"),
+)
+texts_with_bad = st.builds(
+    lambda before, bad, after: before + bad + after, st.text(max_size=8), bad_text, st.text(max_size=8)
+)
+
+
+@st.composite
+def envelopes_with_bad_text(draw: Any) -> tuple[str, dict[str, Any]]:
+    """A well-formed Dramatiq envelope whose arguments hold bad text in a value, a key or a nested value."""
+    actor = draw(st.sampled_from(["subscribe", "renew", "auto_top_up", "revoke_key"]))
+    kwargs: dict[str, Any] = {"idempotency_key": "k", "account_id": "a1", "plan_id": "pro"}
+    where = draw(st.sampled_from(["value", "key", "nested", "number"]))
+    bad = draw(texts_with_bad)
+    if where == "number":  # the tokens NaN and Infinity: Python's JSON decoder takes them, JSON has none
+        kwargs[draw(st.sampled_from(["amount_micros", "account_id"]))] = draw(
+            st.sampled_from([float("nan"), float("inf"), float("-inf")])
+        )
+    elif where == "value":
+        kwargs[draw(st.sampled_from(sorted(kwargs)))] = bad
+    elif where == "key":
+        kwargs[bad] = "x"
+    else:
+        kwargs["extra"] = {"list": [1, bad]}
+    return actor, kwargs
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(spec=envelopes_with_bad_text())
+def test_a_message_json_cannot_carry_is_recorded_once_as_invalid(broker, worker, db, spec):
+    """A lone surrogate (as a JavaScript producer writes it), NUL or NaN: a validation failure, recorded once."""
+    actor, kwargs = spec
+    redis_id, message_id = str(uuid.uuid4()), str(uuid.uuid4())
+    envelope = {
+        "queue_name": "billing.payments" if actor == "auto_top_up" else "billing",
+        "actor_name": actor,
+        "args": [],
+        "kwargs": kwargs,
+        "options": {"redis_message_id": redis_id},
+        "message_id": message_id,
+        "message_timestamp": current_millis(),
+    }
+    payload = json.dumps(envelope).encode()  # ASCII escapes, "\ud83c", as JSON.stringify writes them
+    push_raw(broker, payload, queue=envelope["queue_name"], redis_id=redis_id)
+    rows = _wait_for(
+        lambda: db("SELECT * FROM failed_messages WHERE message_id = $1", message_id),
+        f"the failure record of {payload[:80]!r}",
+    )
+    (failure,) = rows
+    assert failure["error_type"] == "message_validation_error", failure["error_message"]
+    assert any(w in failure["error_message"] for w in ("surrogate", "NUL", "not a JSON number"))
+    assert failure["attempts"] == 1 and failure["status"] == "dead"
+    stored = json.loads(failure["kwargs"])  # escaped, so that jsonb holds it
+    assert any(w in json.dumps(stored) for w in ("\\u", "\\x00", "NaN", "Infinity"))
+    client, ns = broker.client, broker.namespace
+    queue = envelope["queue_name"]
+    _wait_for(lambda: client.zscore(f"{ns}:{queue}.XQ", redis_id) is not None, "the dead-letter entry")
+    assert db("SELECT count(*) AS n FROM idempotency_keys")[0]["n"] == 0
     assert db("SELECT count(*) AS n FROM ledger_entries")[0]["n"] == 0
 
 
