@@ -1007,17 +1007,14 @@ async def _dunning(
     catch-up) still gets the whole grace period.  Retries are due at
     ``past_due_since + offset`` for each offset of
     :meth:`BillingPolicy.retry_offsets`; a failed attempt at or after the end
-    of grace cancels the subscription and revokes its managed keys.
+    of grace cancels the subscription and revokes its managed keys.  With a
+    zero grace period that is the first failed attempt: the subscription
+    cancels at once (``canceled_unpaid``), never ``past_due``.
     """
-    if sub["status"] == "past_due" and now >= sub["grace_ends_at"]:
-        outbox = await _cancel(conn, sub, now, "unpaid_after_grace")
-        return Effect(
-            "canceled_unpaid", {**base, "past_due_since": sub["past_due_since"].isoformat()}, outbox=outbox
-        )
     since = sub["past_due_since"] if sub["status"] == "past_due" else now
     grace_ends_at = since + policy.grace_period
     attempts = sub["dunning_attempts"] + 1 if sub["status"] == "past_due" else 0
-    next_retry_at = next(since + o for o in policy.retry_offsets() if since + o > now)
+    next_retry_at = next((since + o for o in policy.retry_offsets() if since + o > now), ends)
     await conn.execute(
         _MARK_PAST_DUE,
         {
@@ -1115,6 +1112,11 @@ async def apply_renew(
         effect.outbox[:0] = outbox
         return effect
 
+    # a past_due subscription keeps the end of grace it was given
+    ends = sub["grace_ends_at"] if sub["status"] == "past_due" else grace_ends_at
+    if now >= ends:
+        outbox = await _cancel(conn, sub, now, "unpaid_after_grace")
+        return Effect("canceled_unpaid", {**base, "past_due_since": since.isoformat()}, outbox=outbox)
     index = sub["period_index"] + 1
     start, end = period_bounds(sub["billing_anchor"], sub["interval"], sub["interval_count"], index)
     balance = await _post_ledger_entry(
