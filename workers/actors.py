@@ -29,6 +29,7 @@ from .crash import parse_crashpoints
 from .logging import configure_logging
 from .metrics import PrometheusMetrics
 from .middleware import OutboxSweeper, UnknownActorRecorder
+from .middleware.shutdown import ShutdownDeadline, shutdown_timeout_ms_from_env
 from .providers import make_provider
 from .settings import get_settings
 
@@ -92,6 +93,9 @@ broker.add_middleware(
         _sweep, interval_ms=settings.outbox_sweep_interval_ms, older_than_ms=settings.outbox_sweep_after_ms
     )
 )
+
+# a worker process exits within BILLING_WORKER_SHUTDOWN_TIMEOUT_MS + 2 s of a stop signal, however sent
+broker.add_middleware(ShutdownDeadline(shutdown_timeout_ms_from_env()))
 
 if settings.metrics_enabled:
     # Dramatiq's Prometheus middleware (started at process boot) and the billing metrics

@@ -591,7 +591,16 @@ def publish_revoke_key(
     show_default=True,
     help="Longest pause of a queue's consumer between two polls (Dramatiq's worker timeout, stock 1000).",
 )
-def worker(processes: int, threads: int, poll_ms: int) -> None:
+@click.option(
+    "--shutdown-timeout-ms",
+    "shutdown_timeout_ms",
+    type=click.IntRange(100, 600_000),
+    envvar="BILLING_WORKER_SHUTDOWN_TIMEOUT_MS",
+    default=20_000,
+    show_default=True,
+    help="Time in-flight messages get to finish once stopped; every process exits within it + 5 s.",
+)
+def worker(processes: int, threads: int, poll_ms: int, shutdown_timeout_ms: int) -> None:
     """Run a Dramatiq worker over the billing actors (queues billing and billing.payments).
 
     A consumer that finds nothing to fetch (its queue empty, or its
@@ -599,6 +608,12 @@ def worker(processes: int, threads: int, poll_ms: int) -> None:
     Dramatiq's worker timeout before it polls again; at the stock 1000 ms a
     message arriving then waits up to a second.  ``--poll-ms`` (100) bounds
     that wait, for the price of a few idle polls a second.
+
+    Stopping: the first SIGTERM/SIGINT (to the main pid or the whole process
+    group) lets in-flight messages finish for up to ``--shutdown-timeout-ms``;
+    signals within 1 s of it are the same request.  A later signal, or the
+    deadline (the timeout + 2 s), ends each worker process at once, leaving
+    what is still running unacked for redelivery (``ShutdownDeadline``).
     """
     from .settings import get_settings
 
@@ -616,8 +631,12 @@ def worker(processes: int, threads: int, poll_ms: int) -> None:
         str(processes),
         "--threads",
         str(threads),
+        "--worker-shutdown-timeout",
+        str(shutdown_timeout_ms),
     ]
     env = dict(os.environ)
+    # read by workers.actors' ShutdownDeadline in every worker process
+    env["BILLING_WORKER_SHUTDOWN_TIMEOUT_MS"] = str(shutdown_timeout_ms)
     # a connection per thread, plus the outbox sweeper's and a renewal batch's
     env.setdefault("BILLING_DB_POOL_SIZE", str(threads + 2))
     env["dramatiq_worker_timeout"] = str(poll_ms)  # read by dramatiq.worker at import
