@@ -1013,6 +1013,11 @@ async def _dunning(
     """
     since = sub["past_due_since"] if sub["status"] == "past_due" else now
     grace_ends_at = since + policy.grace_period
+    # a past_due subscription keeps the end of grace it was given
+    ends = sub["grace_ends_at"] if sub["status"] == "past_due" else grace_ends_at
+    if now >= ends:
+        outbox = await _cancel(conn, sub, now, "unpaid_after_grace")
+        return Effect("canceled_unpaid", {**base, "past_due_since": since.isoformat()}, outbox=outbox)
     attempts = sub["dunning_attempts"] + 1 if sub["status"] == "past_due" else 0
     next_retry_at = next((since + o for o in policy.retry_offsets() if since + o > now), ends)
     await conn.execute(
@@ -1112,11 +1117,6 @@ async def apply_renew(
         effect.outbox[:0] = outbox
         return effect
 
-    # a past_due subscription keeps the end of grace it was given
-    ends = sub["grace_ends_at"] if sub["status"] == "past_due" else grace_ends_at
-    if now >= ends:
-        outbox = await _cancel(conn, sub, now, "unpaid_after_grace")
-        return Effect("canceled_unpaid", {**base, "past_due_since": since.isoformat()}, outbox=outbox)
     index = sub["period_index"] + 1
     start, end = period_bounds(sub["billing_anchor"], sub["interval"], sub["interval_count"], index)
     balance = await _post_ledger_entry(
@@ -1562,6 +1562,7 @@ async def credit_account(
 
     Raises:
       UnknownAccount: No such account.
+      IdempotencyConflict: The key credited another account or amount before.
       ValueError: Amount not in 1..10**15.
     """
     if not 0 < amount_micros <= 10**15:
@@ -1839,7 +1840,6 @@ async def reissue_managed_key(
         conn,
         key_id=new_key_id,
         account_id=old["account_id"],
-      IdempotencyConflict: The key credited another account or amount before.
         subscription_id=old["subscription_id"],
         prefix=prefix,
         plaintext=plaintext,

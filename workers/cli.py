@@ -877,6 +877,12 @@ def _register_keys() -> None:
 _register_keys()
 
 
+def _fail(message: str, code: int) -> NoReturn:
+    """Print ``billing: error: {message}`` as one line on stderr and exit with ``code``."""
+    print(f"billing: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``billing`` console script.
 
@@ -911,12 +917,6 @@ def main(argv: list[str] | None = None) -> None:
             _fail(error.message, error.exit_code)
     if isinstance(result, int):
         sys.exit(result)
-def _fail(message: str, code: int) -> NoReturn:
-    """Print ``billing: error: {message}`` as one line on stderr and exit with ``code``."""
-    print(f"billing: error: {one_line(message)}", file=sys.stderr)
-    sys.exit(code)
-
-
 
 
 if __name__ == "__main__":

@@ -167,21 +167,6 @@ class Settings(BaseSettings):
             key_delivery_deadline=timedelta(milliseconds=self.key_delivery_deadline_ms),
         )
 
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process's settings, read once and checked (:meth:`Settings.checked`).
-
-    Each of :meth:`Settings.notices` is printed once on stderr as
-    ``billing: warning: ...``.
-
-    Raises:
-      ConfigurationError: A setting, or a combination of settings, that cannot work.
-    """
-    settings = Settings.checked()
-    for notice in settings.notices():
-        print(f"billing: warning: {notice}", file=sys.stderr)
-    return settings
     # ----------------------------------------------------------------- checks at start-up
 
     @field_validator("database_url")
@@ -276,3 +261,18 @@ def get_settings() -> Settings:
 
 _REDIS_SCHEMES = {"redis", "rediss", "unix"}
 
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once and checked (:meth:`Settings.checked`).
+
+    Each of :meth:`Settings.notices` is printed once on stderr as
+    ``billing: warning: ...``.
+
+    Raises:
+      ConfigurationError: A setting, or a combination of settings, that cannot work.
+    """
+    settings = Settings.checked()
+    for notice in settings.notices():
+        print(f"billing: warning: {notice}", file=sys.stderr)
+    return settings
