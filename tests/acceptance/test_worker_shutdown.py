@@ -165,6 +165,8 @@ def _signal(worker: BillingWorker, how: str) -> None:
         os.kill(worker.proc.pid, signal.SIGINT)
     elif how == "group-sigterm":
         os.killpg(worker.pgid, signal.SIGTERM)
+    elif how == "group-sigint":  # Ctrl-C in a terminal
+        os.killpg(worker.pgid, signal.SIGINT)
     elif how == "group-sigterm-twice":
         os.killpg(worker.pgid, signal.SIGTERM)
         time.sleep(1.2)  # past the 1 s in which signals count as one stop request
@@ -174,7 +176,9 @@ def _signal(worker: BillingWorker, how: str) -> None:
         raise AssertionError(how)
 
 
-@pytest.mark.parametrize("how", ["main-sigterm", "main-sigint", "group-sigterm", "group-sigterm-twice"])
+@pytest.mark.parametrize(
+    "how", ["main-sigterm", "main-sigint", "group-sigterm", "group-sigint", "group-sigterm-twice"]
+)
 def test_the_worker_stops_within_the_bound_with_redis_up(start_worker, how):
     worker = start_worker()
     worker.wait_ready()
