@@ -39,6 +39,8 @@ __all__ = [
 NOT_RETRYABLE = {
     "message_validation_error": "the message is malformed; it would be rejected again",
     "idempotency_conflict": "the key was used before with other arguments; replay it with a new key",
+    # a retry would sign what nobody signed: the producer must send it again, signed
+    "message_authentication_failed": "the message is not signed by a known key; the producer must send it again, signed",
 }
 
 

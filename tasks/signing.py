@@ -31,6 +31,9 @@ import hashlib
 import hmac
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +48,7 @@ __all__ = [
     "canonical_form",
     "signing_keys_from_env",
     "SigningMiddleware",
+    "forwarding",
 ]
 
 #: The Dramatiq message option that carries the signature.
@@ -149,11 +153,36 @@ def signing_keys_from_env(environ: dict[str, str] | None = None) -> SigningKeys 
     return SigningKeys(secrets=secrets, signing_key_id=key_id)
 
 
-class SigningMiddleware(Middleware):
-    """Signs every message a broker enqueues (``before_enqueue``), so no enqueue path can forget to.
+#: True while this thread (or task) re-enqueues a message it fetched from Redis (see :func:`forwarding`).
+_FORWARDING: ContextVar[bool] = ContextVar("billing_signing_forwarding", default=False)
 
-    Producers, the outbox relay, the scheduler and operator retries all
-    enqueue through a broker carrying this middleware.
+
+@contextmanager
+def forwarding() -> Iterator[None]:
+    """Within this block, :class:`SigningMiddleware` signs nothing: messages keep the signature they carry.
+
+    For enqueues that move a message somebody else created: Dramatiq's worker
+    moving a delayed message from ``billing.DQ`` to ``billing``, its Retries
+    middleware re-enqueueing a failed one, an operator retrying a dead-lettered
+    copy.  :class:`workers.broker.BillingRedisBroker` enters it for every
+    message that came from Redis (it carries ``options.redis_message_id``).
+    """
+    token = _FORWARDING.set(True)
+    try:
+        yield
+    finally:
+        _FORWARDING.reset(token)
+
+
+class SigningMiddleware(Middleware):
+    """Signs every message a process *creates* (``before_enqueue``), so no enqueue path can forget to.
+
+    Producers, the outbox relay, the scheduler and operator retries from
+    PostgreSQL all enqueue new messages through a broker carrying this
+    middleware.  A message that only moves (from a delay queue to its queue,
+    a Dramatiq retry, a dead-lettered copy sent back) is enqueued under
+    :func:`forwarding` and keeps its original signature, which the worker
+    verifies again: a worker never signs what somebody wrote into Redis.
     """
 
     def __init__(self, keys: SigningKeys) -> None:
@@ -162,7 +191,9 @@ class SigningMiddleware(Middleware):
     def before_enqueue(
         self, broker: dramatiq.Broker, message: dramatiq.Message[Any], delay: int | None
     ) -> None:
-        """Add (or replace) the signature in ``message.options``."""
+        """Add (or replace) the signature in ``message.options``; leave it as it is while :func:`forwarding`."""
+        if _FORWARDING.get():
+            return
         message.options[SIGNATURE_OPTION] = self.keys.sign(
             message.actor_name, message.message_id, message.kwargs
         )

@@ -22,7 +22,7 @@ from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.middleware import AsyncIO, CurrentMessage
 
 from tasks.errors import ConfigurationError
-from tasks.signing import SigningMiddleware, signing_keys_from_env
+from tasks.signing import SigningMiddleware, forwarding, signing_keys_from_env
 
 from .settings import Settings
 
@@ -276,13 +276,22 @@ class BillingRedisBroker(RedisBroker):
         Redis but lost its reply is sent twice: harmless, the consumer
         dedupes by idempotency key.
 
+        A message that came from Redis (it carries ``options.redis_message_id``:
+        Dramatiq moving a delayed message to its queue, or retrying one) is
+        enqueued under :func:`tasks.signing.forwarding`: it keeps the
+        signature it came with, and is never signed with this process's key.
+
         Raises:
           redis.ConnectionError / redis.TimeoutError: Redis stayed unreachable for ``enqueue_patience_s``.
         """
         deadline = time.monotonic() + self.enqueue_patience_s
         pause = 0.05
+        fetched = "redis_message_id" in message.options
         while True:
             try:
+                if fetched:
+                    with forwarding():
+                        return super().enqueue(message, delay=delay)
                 return super().enqueue(message, delay=delay)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if time.monotonic() + pause > deadline:
@@ -303,7 +312,8 @@ class BillingRedisBroker(RedisBroker):
         ``MULTI``/``EXEC``: every body is stored before its id can be popped,
         and Redis runs two commands instead of a thousand scripts.  Each
         message gets a fresh ``redis_message_id`` and goes through the
-        enqueue middleware hooks (signing) like :meth:`enqueue`.  No delay
+        enqueue middleware hooks (signing, or not for one that came from
+        Redis) like :meth:`enqueue`.  No delay
         is supported.  Unlike the script, this writes no heartbeat: a
         producer is not a worker.
 
@@ -322,7 +332,11 @@ class BillingRedisBroker(RedisBroker):
         bodies: dict[str, dict[str, bytes]] = {}
         for original in messages:
             message = original.copy(options={"redis_message_id": str(uuid4())})
-            self.emit_before("enqueue", message, None)
+            if "redis_message_id" in original.options:  # came from Redis: keeps its signature
+                with forwarding():
+                    self.emit_before("enqueue", message, None)
+            else:
+                self.emit_before("enqueue", message, None)
             bodies.setdefault(message.queue_name, {})[message.options["redis_message_id"]] = message.encode()
             enqueued.append(message)
         if bodies:

@@ -227,10 +227,10 @@ def _message_of(
     found = dead.get(failure["message_id"])
     if found is not None and found[1] is not None:
         original = found[1]
-        # a fresh start for Dramatiq's own retry count; same id, queue, actor and arguments
-        options = {
-            k: v for k, v in original.options.items() if k not in ("retries", "redis_message_id", "traceback")
-        }
+        # a fresh start for Dramatiq's own retry count; same id, queue, actor and arguments.
+        # redis_message_id stays: a copy read from Redis (which producers can write) keeps the
+        # signature it came with, never this process's (BillingRedisBroker.enqueue)
+        options = {k: v for k, v in original.options.items() if k not in ("retries", "traceback")}
         return dramatiq.Message(
             queue_name=original.queue_name.removesuffix(".DQ"),
             actor_name=original.actor_name,
