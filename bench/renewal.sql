@@ -4,12 +4,19 @@
 \set n :client_id + :clients * random(0, :subscriptions / :clients - 1)
 \set seq :seq + 1
 -- db.money._CLAIM_KEY
-INSERT INTO idempotency_keys AS k (key, kind, fingerprint, status, attempts, account_id, message_id)
-VALUES (('pgbench:' || CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text)), 'renew', 'pgbench-renewal', 'processing', 1, NULL, ('pgbench:' || CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text)))
+INSERT INTO idempotency_keys AS k (key, kind, fingerprint, status, attempts, account_id, message_id,
+    lease_expires_at, request)
+VALUES (('pgbench:' || CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text)), 'renew', 'pgbench-renewal', 'processing', 1, NULL, ('pgbench:' || CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text)), now() + interval '15 minutes', '{"actor_name": "renew"}'::jsonb)
 ON CONFLICT (key) DO UPDATE SET
     attempts = k.attempts + CASE
-        WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status NOT IN ('completed') THEN 1 ELSE 0 END,
-    message_id = CASE WHEN k.fingerprint = EXCLUDED.fingerprint THEN EXCLUDED.message_id ELSE k.message_id END,
+        WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status NOT IN ('completed', 'waiting_for_funds')
+        THEN 1 ELSE 0 END,
+    message_id = CASE WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status <> 'waiting_for_funds'
+        THEN EXCLUDED.message_id ELSE k.message_id END,
+    lease_expires_at = CASE WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status = 'processing'
+        THEN EXCLUDED.lease_expires_at ELSE k.lease_expires_at END,
+    request = CASE WHEN k.fingerprint = EXCLUDED.fingerprint THEN COALESCE(EXCLUDED.request, k.request)
+        ELSE k.request END,
     updated_at = now()
 RETURNING k.status, k.fingerprint, k.result, k.attempts;
 BEGIN;

@@ -87,6 +87,8 @@ STEPS: list[tuple[str, dict[str, str]]] = [
             "fingerprint": "'pgbench-renewal'",
             "account_id": "NULL",  # a renew message names no account
             "message_id": _KEY,
+            "lease_expires_at": "now() + interval '15 minutes'",
+            "request": '\'{"actor_name": "renew"}\'::jsonb',
         },
     ),
     ("BEGIN", {}),

@@ -6,12 +6,15 @@ Safe to run in production (SELECTs only, no locks beyond a snapshot).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["AuditReport", "run_audit", "CHECKS"]
+from .deadlines import LIVE_TOP_UP
+
+__all__ = ["AuditDeadlines", "AuditReport", "run_audit", "CHECKS", "QUIESCENT_CHECKS"]
 
 #: name -> (description, SQL returning one row per violation)
 CHECKS: dict[str, tuple[str, str]] = {
@@ -96,7 +99,66 @@ CHECKS: dict[str, tuple[str, str]] = {
         "every sealed API key delivery is acknowledged by its consumer before its deadline",
         """
         SELECT id AS delivery_id, key_id, account_id, reason, created_at, deliver_by
-        FROM api_key_deliveries WHERE status = 'pending' AND deliver_by < now()
+        FROM api_key_deliveries WHERE status = 'pending' AND deliver_by < CAST(:now AS timestamptz)
+        """,
+    ),
+    # -- every state that waits has an owner and a deadline (README "States that wait");
+    # -- past its deadline (plus :slack, one owner's pass) the state is flagged, whatever
+    # -- failed_messages says: a failure row is not an answer for the customer.
+    # owner: the scheduler's due scan and the renew actor; deadline: period end + :renewal_deadline
+    "no_unpaid_entitled_period": (
+        "no subscription is entitled past its period end without paying for the period it is in "
+        "(active past period end + the renewal deadline, or past_due past the end of its grace)",
+        """
+        SELECT s.id AS subscription_id, s.account_id, s.status, s.current_period_end, s.grace_ends_at,
+               e.entitled
+        FROM subscriptions s LEFT JOIN entitlements e ON e.subscription_id = s.id
+        CROSS JOIN (SELECT CAST(:now AS timestamptz) - CAST(:renewal_deadline AS interval) AS t) late
+        WHERE (s.status = 'active' AND s.current_period_end < late.t)
+           OR (s.status = 'past_due' AND s.grace_ends_at < late.t)
+        """,
+    ),
+    # owner: the top-up message, then the reconciler; deadline: reconcile_after (+ :slack);
+    # processing at the provider: :processing_deadline after the attempt
+    "top_up_within_deadline": (
+        "no top-up attempt is pending past its deadline (the reconciler looks at each by reconcile_after; "
+        "one still processing at the provider after the processing deadline needs an operator)",
+        """
+        SELECT id AS attempt_id, account_id, created_at, reconcile_after, provider_status
+        FROM top_up_attempts
+        WHERE status = 'pending'
+          AND (reconcile_after IS NULL OR reconcile_after < CAST(:now AS timestamptz) - CAST(:slack AS interval)
+               OR created_at < CAST(:now AS timestamptz) - CAST(:processing_deadline AS interval))
+        """,
+    ),
+    # owner: the top-up the wait is for, then the completer
+    "waits_have_a_live_top_up": (
+        "every message waiting for funds has a top-up still coming (and a wait row that resumes it)",
+        f"""
+        SELECT k.key, k.kind, k.account_id, 'key' AS what FROM idempotency_keys k
+        WHERE k.status = 'waiting_for_funds'
+          AND (NOT {LIVE_TOP_UP.format(account="k.account_id")}
+               OR NOT EXISTS (SELECT 1 FROM funds_waits w WHERE w.idempotency_key = k.key))
+        UNION ALL
+        SELECT w.idempotency_key, w.actor_name, w.account_id, 'funds_waits' FROM funds_waits w
+        WHERE NOT {LIVE_TOP_UP.format(account="w.account_id")}
+        """,
+    ),
+    # owner: the delivery that claimed the key, then the completer; deadline: lease_expires_at
+    "processing_keys_within_lease": (
+        "no key is processing past its lease (the completer re-sends or ends it)",
+        """
+        SELECT key, kind, account_id, lease_expires_at, redrives FROM idempotency_keys
+        WHERE status = 'processing'
+          AND (lease_expires_at IS NULL OR lease_expires_at < CAST(:now AS timestamptz) - CAST(:slack AS interval))
+        """,
+    ),
+    # owner: the committing worker, then every worker's sweeper (which runs on PostgreSQL's clock)
+    "outbox_within_deadline": (
+        "no outbox row is older than the outbox deadline (every worker's sweeper relays what a dead one left)",
+        """
+        SELECT message_id, actor_name, created_at FROM outbox
+        WHERE created_at < now() - CAST(:outbox_deadline AS interval)
         """,
     ),
 }
@@ -113,18 +175,17 @@ QUIESCENT_CHECKS: dict[str, tuple[str, str]] = {
         """,
     ),
     "no_pending_top_up": (
-        "no top-up attempt is left pending (answer recorded, or its failure visible to operators)",
+        "no top-up attempt is left pending, except one the provider is still processing "
+        "(the reconciler settles the others)",
         """
-        SELECT id AS attempt_id, account_id FROM top_up_attempts t WHERE status = 'pending'
-          AND NOT EXISTS (SELECT 1 FROM failed_messages f WHERE f.idempotency_key = t.message_idempotency_key)
+        SELECT id AS attempt_id, account_id, provider_status FROM top_up_attempts
+        WHERE status = 'pending' AND provider_status IS DISTINCT FROM 'processing'
         """,
     ),
     "no_unfinished_keys": (
-        "every message key is finished (completed, or failed/dead and visible to operators)",
+        "every message key is finished: completed, or failed/dead (no key left processing or waiting)",
         """
-        SELECT key, kind, status FROM idempotency_keys k
-        WHERE status IN ('processing', 'waiting_for_funds')
-          AND NOT EXISTS (SELECT 1 FROM failed_messages f WHERE f.idempotency_key = k.key)
+        SELECT key, kind, status FROM idempotency_keys WHERE status IN ('processing', 'waiting_for_funds')
         """,
     ),
     "outbox_relayed": ("the outbox is empty", "SELECT message_id, actor_name FROM outbox"),
@@ -143,23 +204,67 @@ class AuditReport:
         return not any(self.violations.values())
 
 
-async def run_audit(engine: AsyncEngine, *, quiescent: bool = False, limit: int = 20) -> AuditReport:
+@dataclass(frozen=True)
+class AuditDeadlines:
+    """How long past its owner's deadline a waiting state may be before the audit flags it.
+
+    Attributes:
+      renewal_deadline: An active subscription may be past its period end
+        this long before its renewal must have charged it or sent it
+        past_due (one hour: the scheduler runs every minute, a top-up is
+        reconciled after 10 minutes); a past_due one this long past the
+        end of its grace.
+      slack: One owner's pass: the completer and the reconciler run in
+        every scheduler pass (60 s by default).
+      processing_deadline: A top-up the provider still calls processing
+        after this long needs an operator (bank debits settle within days;
+        Stripe's SEPA debits within 14 days).
+      outbox_deadline: Every worker's sweeper relays outbox rows older than
+        ``BILLING_OUTBOX_SWEEP_AFTER_MS`` (10 s) every 5 s.
+    """
+
+    renewal_deadline: timedelta = timedelta(hours=1)
+    slack: timedelta = timedelta(minutes=5)
+    processing_deadline: timedelta = timedelta(days=14)
+    outbox_deadline: timedelta = timedelta(minutes=5)
+
+
+async def run_audit(
+    engine: AsyncEngine,
+    *,
+    quiescent: bool = False,
+    limit: int = 20,
+    now: datetime | None = None,
+    deadlines: AuditDeadlines | None = None,
+) -> AuditReport:
     """Run every check in one REPEATABLE READ snapshot.
 
     Parameters:
       quiescent: Also run the checks that need drained queues.
       limit: Violations listed per check (at most).
+      now: The money path's "now" (UTC) the deadlines are measured from;
+        None: PostgreSQL's clock.  A run on an injected clock passes its own.
+      deadlines: Tolerances past the owners' deadlines (:class:`AuditDeadlines`).
     """
     report = AuditReport()
     checks = {**CHECKS, **(QUIESCENT_CHECKS if quiescent else {})}
+    d = deadlines or AuditDeadlines()
+    params = {
+        "renewal_deadline": d.renewal_deadline,
+        "slack": d.slack,
+        "processing_deadline": d.processing_deadline,
+        "outbox_deadline": d.outbox_deadline,
+    }
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="REPEATABLE READ")
         async with conn.begin():
             await conn.execute(text("SET TRANSACTION READ ONLY"))
+            if now is None:
+                now = (await conn.execute(text("SELECT now()"))).scalar_one()
             for name, (description, sql) in checks.items():
-                rows = (
-                    (await conn.execute(text(f"SELECT * FROM ({sql}) v LIMIT {int(limit)}"))).mappings().all()
-                )
+                statement = text(f"SELECT * FROM ({sql}) v LIMIT {int(limit)}")
+                used = {k: v for k, v in {**params, "now": now}.items() if f":{k}" in sql}
+                rows = (await conn.execute(statement, used)).mappings().all()
                 report.violations[name] = [{k: _plain(v) for k, v in r.items()} for r in rows]
                 report.descriptions[name] = description
     return report

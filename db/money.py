@@ -78,6 +78,9 @@ __all__ = [
     "apply_revoke_key",
     "begin_top_up",
     "finish_top_up",
+    "resume_waiting",
+    "take_charge_lease",
+    "TOP_UP_STATES",
     "create_account",
     "create_plan",
     "create_user_key",
@@ -116,7 +119,24 @@ class BillingPolicy:
     disable_after_declines: int = 3
     grace_period: timedelta = timedelta(days=3)
     dunning_schedule: tuple[timedelta, ...] = (timedelta(days=1), timedelta(days=2), timedelta(days=3))
-
+    #: A key in ``processing`` belongs to the delivery that claimed it for
+    #: this long; past it the completer re-drives or ends it.  15 minutes:
+    #: longer than a message's whole retry schedule (8 retries, backoff up to
+    #: 60 s) plus a dead worker's redelivery (heartbeat 30 s).
+    key_lease: timedelta = timedelta(minutes=15)
+    #: Times the completer re-sends a key whose lease ran out before it ends it as failed.
+    max_redrives: int = 3
+    #: A top-up attempt still pending this long after it was recorded is
+    #: looked up at the provider by the reconciler (its message's retries are
+    #: over by then).
+    top_up_deadline: timedelta = timedelta(minutes=10)
+    #: How often the reconciler looks again at an attempt the provider calls
+    #: ``processing`` (bank debits take days).
+    processing_poll: timedelta = timedelta(hours=1)
+    #: Held before each charge request: the reconciler never settles an
+    #: attempt as failed while a charge may still be on its way (longer than
+    #: any provider call's timeout, 20 s for Stripe).
+    charge_lease: timedelta = timedelta(minutes=2)
     #: The X25519 public key (base64) issued managed keys are sealed to when
     #: the account has none of its own (``api_key_recipients``); None: no
     #: durable delivery, the old pub/sub (see ``db/key_delivery.py``).
@@ -150,6 +170,10 @@ class OutboxMessage:
         """The outbox form of a validated message."""
         return cls(message.queue_name, message.actor_name, message.kwargs())
 
+    def request(self) -> dict[str, Any]:
+        """The form kept in ``idempotency_keys.request``, from which the completer re-sends a lost message."""
+        return {"actor_name": self.actor_name, "queue_name": self.queue_name, "kwargs": self.kwargs}
+
 
 @dataclass(frozen=True)
 class IssuedKey:
@@ -174,7 +198,10 @@ class Effect:
     Attributes:
       outcome: A business outcome (``subscribed``, ``insufficient_funds``...).
       result: JSON-ready details stored with the idempotency key.
-      key_status: ``completed`` or ``waiting_for_funds`` (re-run when resumed).
+      key_status: ``completed``; ``waiting_for_funds`` (re-run when the
+        top-up resumes it); or ``forgotten``: nothing was decided yet (a
+        renewal asked before it can be decided), the key row is deleted so
+        the same key asked again later is decided then.
       outbox: Messages written in the same transaction, relayed after commit.
       issued_key: A new API key to deliver after commit, if any.
     """
@@ -242,29 +269,57 @@ async def _one(conn: AsyncConnection, clause: Any, **params: Any) -> RowMapping 
 
 # --------------------------------------------------------------------------- idempotency keys
 
+# A key that waits for funds is not delivered again by a re-send: the
+# scheduler re-sends a due renewal every pass, and counting those as
+# deliveries killed renewals that waited on a slow top-up.  Only the wait's
+# owner (the top-up settling, or the completer) moves it on.
 _CLAIM_KEY = _sql(
     """
-    INSERT INTO idempotency_keys AS k (key, kind, fingerprint, status, attempts, account_id, message_id)
-    VALUES (:key, :kind, :fingerprint, 'processing', 1, :account_id, :message_id)
+    INSERT INTO idempotency_keys AS k (key, kind, fingerprint, status, attempts, account_id, message_id,
+        lease_expires_at, request)
+    VALUES (:key, :kind, :fingerprint, 'processing', 1, :account_id, :message_id, :lease_expires_at, :request)
     ON CONFLICT (key) DO UPDATE SET
         attempts = k.attempts + CASE
-            WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status NOT IN ('completed') THEN 1 ELSE 0 END,
-        message_id = CASE WHEN k.fingerprint = EXCLUDED.fingerprint THEN EXCLUDED.message_id ELSE k.message_id END,
+            WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status NOT IN ('completed', 'waiting_for_funds')
+            THEN 1 ELSE 0 END,
+        message_id = CASE WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status <> 'waiting_for_funds'
+            THEN EXCLUDED.message_id ELSE k.message_id END,
+        lease_expires_at = CASE WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status = 'processing'
+            THEN EXCLUDED.lease_expires_at ELSE k.lease_expires_at END,
+        request = CASE WHEN k.fingerprint = EXCLUDED.fingerprint THEN COALESCE(EXCLUDED.request, k.request)
+            ELSE k.request END,
         updated_at = now()
     RETURNING k.status, k.fingerprint, k.result, k.attempts
     """,
+    json_params=("request",),
     json_columns=("result",),
 )
 
 
 async def claim_key(
-    conn: AsyncConnection, *, key: str, kind: str, fingerprint: str, account_id: str | None, message_id: str
+    conn: AsyncConnection,
+    *,
+    key: str,
+    kind: str,
+    fingerprint: str,
+    account_id: str | None,
+    message_id: str,
+    lease_expires_at: datetime,
+    request: dict[str, Any] | None = None,
 ) -> ClaimedKey:
     """Record one delivery of a message under its idempotency key (autocommit, before the effect).
 
     Counting deliveries in a statement committed *before* the effect is what
     bounds a poison message: a worker killed mid-transaction loses its
-    effect, not the count.  A repeated key returns the stored outcome.
+    effect, not the count.  A repeated key returns the stored outcome.  A
+    key ``waiting_for_funds`` is not counted and keeps waiting (the caller
+    treats the delivery as a no-op).
+
+    Parameters:
+      lease_expires_at: Until when this delivery owns a ``processing`` key
+        (UTC); past it the completer re-drives or ends the key.
+      request: The message (``{"actor_name", "queue_name", "kwargs"}``) the
+        completer re-sends if the delivery is lost.
 
     Returns:
       ClaimedKey: ``conflict`` is true when the key was used with other arguments.
@@ -277,6 +332,8 @@ async def claim_key(
         fingerprint=fingerprint,
         account_id=account_id,
         message_id=message_id,
+        lease_expires_at=lease_expires_at,
+        request=request,
     )
     assert row is not None
     return ClaimedKey(
@@ -289,16 +346,21 @@ async def claim_key(
 
 _CLAIM_KEYS = _sql(
     """
-    INSERT INTO idempotency_keys AS k (key, kind, fingerprint, status, attempts, account_id, message_id)
-    SELECT m.key, m.kind, m.fingerprint, 'processing', 1, m.account_id, m.message_id
+    INSERT INTO idempotency_keys AS k (key, kind, fingerprint, status, attempts, account_id, message_id,
+        lease_expires_at)
+    SELECT m.key, m.kind, m.fingerprint, 'processing', 1, m.account_id, m.message_id, :lease_expires_at
     FROM unnest(CAST(:keys AS text[]), CAST(:kinds AS text[]), CAST(:fingerprints AS text[]),
                 CAST(:account_ids AS text[]), CAST(:message_ids AS text[]))
          AS m(key, kind, fingerprint, account_id, message_id)
     ORDER BY m.key
     ON CONFLICT (key) DO UPDATE SET
         attempts = k.attempts + CASE
-            WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status NOT IN ('completed') THEN 1 ELSE 0 END,
-        message_id = CASE WHEN k.fingerprint = EXCLUDED.fingerprint THEN EXCLUDED.message_id ELSE k.message_id END,
+            WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status NOT IN ('completed', 'waiting_for_funds')
+            THEN 1 ELSE 0 END,
+        message_id = CASE WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status <> 'waiting_for_funds'
+            THEN EXCLUDED.message_id ELSE k.message_id END,
+        lease_expires_at = CASE WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status = 'processing'
+            THEN EXCLUDED.lease_expires_at ELSE k.lease_expires_at END,
         updated_at = now()
     RETURNING k.key, k.status, k.fingerprint, k.result, k.attempts
     """,
@@ -325,15 +387,19 @@ class KeyClaim:
     message_id: str
 
 
-async def claim_keys(conn: AsyncConnection, claims: list[KeyClaim]) -> dict[str, ClaimedKey]:
+async def claim_keys(
+    conn: AsyncConnection, claims: list[KeyClaim], *, lease_expires_at: datetime
+) -> dict[str, ClaimedKey]:
     """:func:`claim_key` for several deliveries in one statement (autocommit; group commit of claims).
 
     Rows are written in key order, so concurrent batches never wait on each
-    other in a cycle.
+    other in a cycle.  No request is stored: these are renewals, which the
+    scheduler sends again while their period is due.
 
     Parameters:
       claims: Deliveries with distinct keys (a key twice in one statement is
         refused by PostgreSQL's ON CONFLICT; the caller splits such batches).
+      lease_expires_at: As for :func:`claim_key`.
 
     Returns:
       Key -> its claim, as :func:`claim_key` returns it.
@@ -347,6 +413,7 @@ async def claim_keys(conn: AsyncConnection, claims: list[KeyClaim]) -> dict[str,
                 "fingerprints": [c.fingerprint for c in claims],
                 "account_ids": [c.account_id for c in claims],
                 "message_ids": [c.message_id for c in claims],
+                "lease_expires_at": lease_expires_at,
             },
         )
     ).mappings()
@@ -434,12 +501,16 @@ async def lock_key(conn: AsyncConnection, key: str) -> dict[str, Any] | None:
     """Lock the key row for this transaction (serializes concurrent deliveries of one key).
 
     Returns:
-      The stored outcome, marked ``duplicate``, when another delivery completed
-      the key meanwhile; None when this transaction is to apply the effect.
+      The stored outcome, marked ``duplicate``, when another delivery
+      completed the key meanwhile, or marked ``waiting`` when another
+      delivery left it waiting for funds (the top-up resumes it); None when
+      this transaction is to apply the effect.
     """
     row = await _one(conn, _LOCK_KEY, key=key)
     if row is not None and row["status"] == "completed":
         return {**(row["result"] or {}), "duplicate": True}
+    if row is not None and row["status"] == "waiting_for_funds":
+        return {**(row["result"] or {}), "waiting": True}
     return None
 
 
@@ -452,6 +523,7 @@ _COMPLETE_KEY = _sql(
     """,
     json_params=("result",),
 )
+_FORGET_KEY = text("DELETE FROM idempotency_keys WHERE key = :key")
 
 
 async def record_effect(conn: AsyncConnection, key: str, effect: Effect, now: datetime) -> None:
@@ -464,6 +536,11 @@ async def record_effect(conn: AsyncConnection, key: str, effect: Effect, now: da
     name it (``renew``, ``revoke_key``), so operators can find it by account.
     """
     await insert_outbox(conn, effect.outbox)
+    if effect.key_status == "forgotten":
+        # asked too early (not due yet, cancel before period end): nothing was
+        # decided, so the same key asked again later is decided then
+        await conn.execute(_FORGET_KEY, {"key": key})
+        return
     await conn.execute(
         _COMPLETE_KEY,
         {
@@ -697,17 +774,19 @@ async def _project_entitlement(
 _PERIOD_TOP_UPS = text(
     """
     SELECT count(*) AS attempts, count(*) FILTER (WHERE status = 'pending') AS pending,
+           count(*) FILTER (WHERE status = 'pending' AND provider_status = 'processing') AS processing,
            COALESCE(sum(amount_micros) FILTER (WHERE status IN ('pending', 'succeeded')), 0)::bigint AS committed_micros
     FROM top_up_attempts WHERE account_id = :account_id AND billing_period = :period
     """
 )
 _KEY_STATUS = text("SELECT status FROM idempotency_keys WHERE key = :key")
-_RESERVE_KEY = text(
+_RESERVE_KEY = _sql(
     """
-    INSERT INTO idempotency_keys (key, kind, fingerprint, status, attempts, account_id)
-    VALUES (:key, :kind, :fingerprint, 'processing', 0, :account_id)
+    INSERT INTO idempotency_keys (key, kind, fingerprint, status, attempts, account_id, lease_expires_at, request)
+    VALUES (:key, :kind, :fingerprint, 'processing', 0, :account_id, :lease_expires_at, :request)
     ON CONFLICT (key) DO NOTHING
-    """
+    """,
+    json_params=("request",),
 )
 _REGISTER_WAIT = _sql(
     """
@@ -733,13 +812,17 @@ async def _trigger_top_up(
     Returns (waiting registered, outbox messages).  At most
     ``policy.top_ups_per_period`` per top-up period: the message key
     ``auto_top_up:{account}:{period}:{n}`` makes every trigger of one slot the
-    same message, and a pending attempt counts.
+    same message, and a pending attempt counts.  Nothing waits on an
+    attempt the provider reported ``processing`` (a bank debit can take
+    days): the caller goes on to past_due and its grace period instead.
     """
     if not account["auto_top_up_enabled"]:
         return False, []
     period = top_up_period(now)
     counts = await _one(conn, _PERIOD_TOP_UPS, account_id=account["id"], period=period)
     assert counts is not None
+    if counts["processing"]:
+        return False, []
     outbox: list[OutboxMessage] = []
     if counts["pending"] == 0:
         if counts["attempts"] >= policy.top_ups_per_period:
@@ -756,6 +839,7 @@ async def _trigger_top_up(
             top_up = AutoTopUpMessage(account_id=account["id"], idempotency_key=key, reason="low_balance")
             # reserve the slot's key with the message, so a trigger that runs
             # before the top-up is processed does not send it again
+            relayed = OutboxMessage.of(top_up)
             await conn.execute(
                 _RESERVE_KEY,
                 {
@@ -763,9 +847,12 @@ async def _trigger_top_up(
                     "kind": top_up.actor_name,
                     "fingerprint": top_up.fingerprint(),
                     "account_id": account["id"],
+                    # the completer re-sends the slot's message from here if it is lost
+                    "lease_expires_at": now + policy.key_lease,
+                    "request": relayed.request(),
                 },
             )
-            outbox.append(OutboxMessage.of(top_up))
+            outbox.append(relayed)
     if waiting is not None:
         await conn.execute(
             _REGISTER_WAIT,
@@ -997,6 +1084,14 @@ async def _cancel(
     return [OutboxMessage.of(revoke)]
 
 
+_TOP_UP_PROCESSING = text(
+    """
+    SELECT id FROM top_up_attempts
+    WHERE account_id = :account_id AND status = 'pending' AND provider_status = 'processing' LIMIT 1
+    """
+)
+
+
 async def _dunning(
     conn: AsyncConnection, sub: RowMapping, now: datetime, policy: BillingPolicy, base: dict[str, Any]
 ) -> Effect:
@@ -1009,17 +1104,25 @@ async def _dunning(
     :meth:`BillingPolicy.retry_offsets`; a failed attempt at or after the end
     of grace cancels the subscription and revokes its managed keys.  With a
     zero grace period that is the first failed attempt: the subscription
-    cancels at once (``canceled_unpaid``), never ``past_due``.
+    cancels at once (``canceled_unpaid``), never ``past_due``.  While a
+    top-up of the account is ``processing`` at the provider, the end of
+    grace is held open (``policy.processing_poll`` at a time): the
+    subscription stays past_due and entitled until the top-up settles.
     """
     since = sub["past_due_since"] if sub["status"] == "past_due" else now
-    grace_ends_at = since + policy.grace_period
     # a past_due subscription keeps the end of grace it was given
-    ends = sub["grace_ends_at"] if sub["status"] == "past_due" else grace_ends_at
-    if now >= ends:
-        outbox = await _cancel(conn, sub, now, "unpaid_after_grace")
-        return Effect("canceled_unpaid", {**base, "past_due_since": since.isoformat()}, outbox=outbox)
+    grace_ends_at = sub["grace_ends_at"] if sub["status"] == "past_due" else since + policy.grace_period
+    if now >= grace_ends_at:
+        if await _one(conn, _TOP_UP_PROCESSING, account_id=sub["account_id"]) is None:
+            outbox = await _cancel(conn, sub, now, "unpaid_after_grace")
+            return Effect("canceled_unpaid", {**base, "past_due_since": since.isoformat()}, outbox=outbox)
+        # a top-up the provider is still processing (a bank debit) holds grace
+        # open: entitled and past_due, retried each poll, until it settles
+        grace_ends_at = now + policy.processing_poll
     attempts = sub["dunning_attempts"] + 1 if sub["status"] == "past_due" else 0
-    next_retry_at = next((since + o for o in policy.retry_offsets() if since + o > now), ends)
+    next_retry_at = next(
+        (since + o for o in policy.retry_offsets() if now < since + o < grace_ends_at), grace_ends_at
+    )
     await conn.execute(
         _MARK_PAST_DUE,
         {
@@ -1064,9 +1167,12 @@ async def apply_renew(
 
     Outcomes: ``renewed`` (also restores ``active`` for a past_due
     subscription, paying the unpaid period); ``already_paid`` (that period
-    is paid); ``not_due`` (the period does not follow the paid one);
-    ``already_canceled``; ``canceled`` (cancel at period end: keys revoked
-    through ``revoke_key``); ``awaiting_top_up`` (short balance, an
+    is paid); ``not_due`` (the period does not follow the paid one; the
+    key is forgotten, so the same key sent when it is due charges then);
+    ``already_canceled``; ``canceled`` (cancel at period end, at or after
+    ``current_period_end``: keys revoked through ``revoke_key``);
+    ``cancel_at_period_end_pending`` (the same, asked before period end:
+    nothing happens and the key is forgotten); ``awaiting_top_up`` (short balance, an
     auto-top-up was requested and this message resumes after it);
     ``past_due`` (short balance, no top-up possible or it was declined: grace
     period with dunning retries); ``canceled_unpaid`` (still short at the
@@ -1096,8 +1202,21 @@ async def apply_renew(
     if period_start < sub["current_period_end"]:
         return Effect("already_paid", {**base, "current_period_end": sub["current_period_end"].isoformat()})
     if period_start > sub["current_period_end"]:
-        return Effect("not_due", {**base, "current_period_end": sub["current_period_end"].isoformat()})
+        return Effect(
+            "not_due",
+            {**base, "current_period_end": sub["current_period_end"].isoformat()},
+            key_status="forgotten",
+        )
     if sub["cancel_at_period_end"]:
+        if now < sub["current_period_end"]:
+            # a cancel at period end happens at period end, never before: an
+            # early renewal (lead time, or a producer ahead of time) decides
+            # nothing, and the scheduler's due scan sends it again then
+            return Effect(
+                "cancel_at_period_end_pending",
+                {**base, "current_period_end": sub["current_period_end"].isoformat()},
+                key_status="forgotten",
+            )
         return Effect("canceled", base, outbox=await _cancel(conn, sub, now, "canceled_at_period_end"))
 
     price = int(sub["price_micros"])
@@ -1226,20 +1345,50 @@ _ATTEMPT_OF_MESSAGE = text(
 _INSERT_ATTEMPT = text(
     """
     INSERT INTO top_up_attempts (id, account_id, message_idempotency_key, provider_idempotency_key, amount_micros,
-        currency, payment_method_ref, billing_period, status, recovery_point, reason, created_at, updated_at)
+        currency, payment_method_ref, billing_period, status, recovery_point, reason, created_at, updated_at,
+        reconcile_after)
     VALUES (:id, :account_id, :key, :provider_key, :amount_micros, :currency, :payment_method_ref, :period,
-        'pending', 'started', :reason, :now, :now)
+        'pending', 'started', :reason, :now, :now, :reconcile_after)
     """
 )
+# The waits end and their keys go back to ``processing`` in one statement:
+# the re-sent message (and only it, or a re-send that arrives after it) runs
+# the effect; until then a re-send of a waiting key is a no-op.
 _WAITS = _sql(
-    "DELETE FROM funds_waits WHERE account_id = :account_id RETURNING idempotency_key, actor_name, queue_name, kwargs",
+    """
+    WITH w AS (
+        DELETE FROM funds_waits WHERE account_id = :account_id
+        RETURNING idempotency_key, actor_name, queue_name, kwargs
+    ), k AS (
+        UPDATE idempotency_keys k SET status = 'processing', lease_expires_at = :lease_expires_at,
+            request = jsonb_build_object('actor_name', w.actor_name, 'queue_name', w.queue_name, 'kwargs', w.kwargs),
+            updated_at = :now
+        FROM w WHERE k.key = w.idempotency_key AND k.status = 'waiting_for_funds'
+    )
+    SELECT idempotency_key, actor_name, queue_name, kwargs FROM w ORDER BY idempotency_key
+    """,
     json_columns=("kwargs",),
 )
 
 
-async def _resume_waiting(conn: AsyncConnection, account_id: str) -> list[OutboxMessage]:
-    """Re-send, with their own keys, the messages that waited for this account's top-up."""
-    rows = (await conn.execute(_WAITS, {"account_id": account_id})).mappings().all()
+async def resume_waiting(
+    conn: AsyncConnection, account_id: str, now: datetime, policy: BillingPolicy
+) -> list[OutboxMessage]:
+    """Re-send, with their own keys, the messages that waited for this account's top-up (outbox rows to relay).
+
+    Called in the transaction that settles the top-up (or, by the
+    completer, for waits whose top-up is gone), under the account's lock.
+    """
+    rows = (
+        (
+            await conn.execute(
+                _WAITS,
+                {"account_id": account_id, "now": now, "lease_expires_at": now + policy.key_lease},
+            )
+        )
+        .mappings()
+        .all()
+    )
     return [OutboxMessage(r["queue_name"], r["actor_name"], r["kwargs"]) for r in rows]
 
 
@@ -1280,7 +1429,7 @@ async def begin_top_up(
         return Effect(
             "auto_top_up_disabled" if disabled else "not_configured",
             {"account_id": account["id"], **({"reason": disabled} if disabled else {})},
-            outbox=await _resume_waiting(conn, account["id"]),
+            outbox=await resume_waiting(conn, account["id"], now, policy),
         )
     period = top_up_period(now)
     counts = await _one(conn, _PERIOD_TOP_UPS, account_id=account["id"], period=period)
@@ -1289,7 +1438,7 @@ async def begin_top_up(
         return Effect(
             "limit_reached",
             {"account_id": account["id"], "period": period, "attempts": int(counts["attempts"])},
-            outbox=await _resume_waiting(conn, account["id"]),
+            outbox=await resume_waiting(conn, account["id"], now, policy),
         )
     amount = message.amount_micros or int(account["auto_top_up_amount_micros"])
     cap = account["auto_top_up_monthly_cap_micros"]
@@ -1303,7 +1452,7 @@ async def begin_top_up(
                 "topped_up_micros": int(counts["committed_micros"]),
                 "amount_micros": amount,
             },
-            outbox=await _resume_waiting(conn, account["id"]),
+            outbox=await resume_waiting(conn, account["id"], now, policy),
         )
     attempt_id = "tua_" + uuid.uuid4().hex
     row = {
@@ -1319,6 +1468,8 @@ async def begin_top_up(
         "period": period,
         "reason": message.reason,
         "now": now,
+        # the reconciler's deadline: past it the provider is asked what became of the charge
+        "reconcile_after": now + policy.top_up_deadline,
     }
     await conn.execute(_INSERT_ATTEMPT, row)
     return TopUpIntent(
@@ -1333,18 +1484,30 @@ async def begin_top_up(
 
 
 _LOCK_ATTEMPT = text(
-    "SELECT id, status, provider_charge_id, amount_micros FROM top_up_attempts WHERE id = :id FOR UPDATE"
+    """
+    SELECT id, status, provider_charge_id, amount_micros, provider_status, charge_lease_until
+    FROM top_up_attempts WHERE id = :id FOR UPDATE
+    """
 )
 _ATTEMPT_SUCCEEDED = text(
     """
     UPDATE top_up_attempts SET status = 'succeeded', recovery_point = 'finished', provider_charge_id = :charge_id,
-        updated_at = :now WHERE id = :id
+        provider_status = NULL, reconcile_after = NULL, updated_at = :now WHERE id = :id
     """
 )
 _ATTEMPT_DECLINED = text(
     """
-    UPDATE top_up_attempts SET status = 'declined', recovery_point = 'finished', decline_reason = :reason,
-        updated_at = :now WHERE id = :id
+    UPDATE top_up_attempts SET status = :status, recovery_point = 'finished', decline_reason = :reason,
+        provider_charge_id = COALESCE(provider_charge_id, :charge_id), last_error = :error,
+        provider_status = NULL, reconcile_after = NULL, updated_at = :now WHERE id = :id
+    """
+)
+# still pending: the provider has the charge but has not finished it; the
+# reconciler looks again at reconcile_after
+_ATTEMPT_PROCESSING = text(
+    """
+    UPDATE top_up_attempts SET provider_status = 'processing', reconcile_after = :reconcile_after,
+        provider_charge_id = COALESCE(provider_charge_id, :charge_id), updated_at = :now WHERE id = :id
     """
 )
 _DECLINES_RESET = text("UPDATE accounts SET auto_top_up_consecutive_declines = 0 WHERE id = :id")
@@ -1365,39 +1528,76 @@ _DECLINES_ADD = text(
     RETURNING auto_top_up_consecutive_declines AS declines, NOT auto_top_up_enabled AS disabled
     """
 )
+#: The provider's answers :func:`finish_top_up` records (``unknown``: no answer, nothing to record).
+TOP_UP_STATES = ("succeeded", "declined", "processing", "failed", "unknown")
 
 
 async def finish_top_up(
     conn: AsyncConnection,
     intent: TopUpIntent,
     *,
-    succeeded: bool,
+    state: str,
     charge_id: str | None,
-    decline_reason: str | None,
+    reason: str | None,
     now: datetime,
     policy: BillingPolicy,
-) -> Effect:
-    """Phase 3 of an auto-top-up: record the provider's answer and credit the ledger once.
+    unless_charged_since: datetime | None = None,
+) -> Effect | None:
+    """Phase 3 of an auto-top-up (or the reconciler's settlement): record the provider's answer once.
 
     The ledger entry's key is derived from the attempt id, and the attempt
     row is locked, so a repeated phase 3 is a no-op that returns the stored
-    state.  Waiting messages are resumed in the same transaction.
+    state.  Waiting messages are resumed in the same transaction whatever
+    the answer: after a success they re-run with the credited balance,
+    otherwise they follow the past_due / grace rules.
+
+    Parameters:
+      state: ``succeeded`` (credit the ledger once), ``declined`` (the
+        provider refused the card: counts towards switching auto-top-up
+        off), ``failed`` (nothing was charged and nothing will be: the
+        provider rejected the request, or reconciliation found no charge;
+        not counted as a decline), or ``processing`` (the provider has the
+        charge but not its result: the attempt stays pending, owned by the
+        reconciler, and the waits are released so renewals follow the
+        past_due / grace rules meanwhile); or ``unknown`` (no answer: the
+        stored state of a settled attempt, else ``top_up_reconciling``, the
+        reconciler's turn, writing nothing).
+      charge_id: The provider's id of the charge, when it gave one.
+      reason: The decline code or the failure's reason.
+      unless_charged_since: Reconciler only: do nothing (return None) if a
+        charge request was sent at or after this time (a charge lease was
+        taken after the provider was asked), since the answer may be stale.
 
     A decline adds one to the account's consecutive declines (a success
     resets them); at ``policy.disable_after_declines`` auto-top-up switches
     itself off, with the reason and time in the account's record.
 
-    Outcomes: ``topped_up``, ``declined``, or those again for a repeat.
+    Returns:
+      Effect: ``topped_up``, ``declined``, ``top_up_failed``,
+      ``top_up_processing`` or ``top_up_reconciling`` (those again for a
+      repeat); None when skipped (``unless_charged_since``).
+
+    Raises:
+      ValueError: An unknown ``state``.
     """
+    if state not in TOP_UP_STATES:
+        raise ValueError(f"unknown top-up state {state!r}")
     await _lock_account(conn, intent.account_id)
     attempt = await _one(conn, _LOCK_ATTEMPT, id=intent.attempt_id)
     assert attempt is not None
     base = {"attempt_id": intent.attempt_id, "amount_micros": intent.amount_micros}
     if attempt["status"] == "succeeded":
         return Effect("topped_up", {**base, "charge_id": attempt["provider_charge_id"]})
-    if attempt["status"] in ("declined", "failed"):
+    if attempt["status"] == "declined":
         return Effect("declined", base)
-    if succeeded:
+    if attempt["status"] == "failed":
+        return Effect("top_up_failed", base)
+    if state == "unknown":
+        return Effect("top_up_reconciling", {**base, "provider_status": attempt["provider_status"]})
+    lease = attempt["charge_lease_until"]
+    if unless_charged_since is not None and lease is not None and lease > unless_charged_since:
+        return None
+    if state == "succeeded":
         balance = await _post_ledger_entry(
             conn,
             account_id=intent.account_id,
@@ -1409,24 +1609,96 @@ async def finish_top_up(
         )
         await conn.execute(_ATTEMPT_SUCCEEDED, {"id": intent.attempt_id, "charge_id": charge_id, "now": now})
         await conn.execute(_DECLINES_RESET, {"id": intent.account_id})
-        outbox = await _resume_waiting(conn, intent.account_id)
+        outbox = await resume_waiting(conn, intent.account_id, now, policy)
         return Effect("topped_up", {**base, "charge_id": charge_id, "balance_micros": balance}, outbox=outbox)
-    await conn.execute(_ATTEMPT_DECLINED, {"id": intent.attempt_id, "reason": decline_reason, "now": now})
+    if state == "processing":
+        reconcile_after = now + policy.processing_poll
+        await conn.execute(
+            _ATTEMPT_PROCESSING,
+            {"id": intent.attempt_id, "charge_id": charge_id, "reconcile_after": reconcile_after, "now": now},
+        )
+        outbox = await resume_waiting(conn, intent.account_id, now, policy)
+        return Effect(
+            "top_up_processing",
+            {**base, "charge_id": charge_id, "reconcile_after": reconcile_after.isoformat()},
+            outbox=outbox,
+        )
+    await conn.execute(
+        _ATTEMPT_DECLINED,
+        {
+            "id": intent.attempt_id,
+            "status": state,
+            "reason": reason if state == "declined" else None,
+            "error": reason if state == "failed" else None,
+            "charge_id": charge_id,
+            "now": now,
+        },
+    )
+    outbox = await resume_waiting(conn, intent.account_id, now, policy)
+    if state == "failed":
+        return Effect("top_up_failed", {**base, "reason": reason}, outbox=outbox)
     declines = await _one(
         conn, _DECLINES_ADD, id=intent.account_id, limit=policy.disable_after_declines, now=now
     )
     assert declines is not None
-    outbox = await _resume_waiting(conn, intent.account_id)
     return Effect(
         "declined",
         {
             **base,
-            "decline_reason": decline_reason,
+            "decline_reason": reason,
             "consecutive_declines": int(declines["declines"]),
             "auto_top_up_disabled": bool(declines["disabled"]),
         },
         outbox=outbox,
     )
+
+
+# A charge request goes out only under a lease, only while the attempt is
+# pending and not already processing at the provider, and only within the
+# provider's idempotency-key window (Stripe keeps a key 24 h: a charge sent
+# later under the same key would be a new charge).
+_TAKE_CHARGE_LEASE = text(
+    """
+    UPDATE top_up_attempts SET charge_lease_until = :until, updated_at = :now
+    WHERE id = :id AND status = 'pending' AND provider_status IS DISTINCT FROM 'processing'
+      AND created_at > :window_start
+    RETURNING id
+    """
+)
+_RECONCILE_NOW = text(
+    """
+    UPDATE top_up_attempts SET reconcile_after = LEAST(reconcile_after, :now), updated_at = :now
+    WHERE id = :id AND status = 'pending'
+    """
+)
+
+
+async def take_charge_lease(
+    conn: AsyncConnection, intent: TopUpIntent, *, now: datetime, key_window: timedelta, policy: BillingPolicy
+) -> bool:
+    """Phase 2's permit: may a charge request go to the provider now? (autocommit, one statement).
+
+    Returns False, and hands the attempt to the reconciler at once, when the
+    attempt is no longer pending, is ``processing`` at the provider, or is
+    older than the provider's idempotency-key window (``key_window``): then
+    the provider is asked what became of the charge instead of being sent
+    it again (an operator's retry the next day must not charge twice).
+
+    Parameters:
+      key_window: How long the provider honours an idempotency key (Stripe: 24 h).
+    """
+    row = await _one(
+        conn,
+        _TAKE_CHARGE_LEASE,
+        id=intent.attempt_id,
+        until=now + policy.charge_lease,
+        now=now,
+        window_start=now - key_window,
+    )
+    if row is None:
+        await conn.execute(_RECONCILE_NOW, {"id": intent.attempt_id, "now": now})
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------- operator set-up

@@ -45,10 +45,13 @@ class DueRenewal:
 
 # Two index scans (subscriptions_renewal_due, subscriptions_dunning_due):
 # active subscriptions whose period ends within the lead time, and past_due
-# ones whose next dunning retry has come.
+# ones whose next dunning retry has come.  A subscription set to cancel at
+# period end is due at its period end, not before: the renewal that cancels
+# it must not take paid time away (it is the owner of that cancel).
 _DUE = """
     SELECT id, current_period_end AS period_start, 0 AS retry
     FROM subscriptions WHERE status = 'active' AND current_period_end <= :horizon
+      AND (NOT cancel_at_period_end OR current_period_end <= :now)
     UNION ALL
     SELECT id, current_period_end AS period_start, dunning_attempts + 1 AS retry
     FROM subscriptions WHERE status = 'past_due' AND next_retry_at <= :now

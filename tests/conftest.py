@@ -293,8 +293,14 @@ def clock(worker: Any) -> Iterator[Any]:
     fixed = FixedClock(datetime.fromisoformat(CLOCK_START))
     previous = service.clock
     service.clock = fixed
+    # the fake provider's charge times and settlements follow the same clock
+    provider_clock = getattr(service.provider, "clock", None)
+    if provider_clock is not None:
+        service.provider.clock = fixed  # type: ignore[attr-defined]
     yield fixed
     service.clock = previous
+    if provider_clock is not None:
+        service.provider.clock = provider_clock  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -307,7 +313,11 @@ def run_scheduler(services: Services, broker: Any, clock: Any) -> Callable[..., 
         async def run() -> Any:
             engine = make_engine(services.database_url, pool_size=1)
             try:
-                return await Scheduler(engine, broker, clock=clock, **kwargs).run_pass()
+                from workers import actors
+
+                service = actors.get_service()
+                options = {"policy": service.policy, "provider": service.provider, **kwargs}
+                return await Scheduler(engine, broker, clock=clock, **options).run_pass()
             finally:
                 await engine.dispose()
 

@@ -42,6 +42,7 @@ from tasks.errors import (
     MessageAuthenticationFailed,
     MessageValidationError,
     PermanentError,
+    ProviderRejected,
     TooManyDeliveries,
 )
 from tasks.messages import (
@@ -149,7 +150,9 @@ class BillingService:
             # what no JSON text can hold (a lone surrogate, NaN) first: it has no canonical form
             check_json_text(actor_name, kwargs)
             if self.signing_keys is not None:
-                problem = self.signing_keys.verify(actor_name, delivery.message_id, kwargs, delivery.signature)
+                problem = self.signing_keys.verify(
+                    actor_name, delivery.message_id, kwargs, delivery.signature
+                )
                 if problem is not None:
                     raise MessageAuthenticationFailed(problem)
             message = validate_message(actor_name, kwargs)
@@ -178,6 +181,12 @@ class BillingService:
                         fingerprint=fingerprint,
                         account_id=account_id,
                         message_id=delivery.message_id,
+                        lease_expires_at=self.clock.now() + self.policy.key_lease,
+                        request={
+                            "actor_name": actor_name,
+                            "queue_name": message.queue_name,
+                            "kwargs": message.kwargs(),
+                        },
                     )
             if claim.conflict:
                 metrics.idempotency_conflict(actor_name)
@@ -188,6 +197,11 @@ class BillingService:
                 log.info("duplicate_suppressed", outcome=(claim.result or {}).get("outcome"))
                 metrics.duplicate_suppressed(actor_name)
                 return {**(claim.result or {}), "duplicate": True}
+            if claim.status == "waiting_for_funds":
+                # a re-send (the scheduler's next pass) of a key that waits for a
+                # top-up: not a delivery; the top-up settling resumes it once
+                log.info("waiting_for_funds", outcome=(claim.result or {}).get("outcome"))
+                return {**(claim.result or {}), "waiting": True}
             if claim.attempts > self.max_deliveries:
                 raise TooManyDeliveries(
                     f"delivered {claim.attempts} times without finishing (limit {self.max_deliveries})"
@@ -281,31 +295,49 @@ class BillingService:
             return begun.stored_result()
         intent = begun
         self._crash("after_top_up_intent", key)
-        # phase 2: the provider call, alone, with a key derived from our row id
-        succeeded, charge_id, decline = False, None, None
+        # phase 2: the provider call, alone, with a key derived from our row id,
+        # under a charge lease (never past the provider's key window)
+        state, charge_id, reason = "", None, None  # "": no answer from the provider in this delivery
         if intent.status == "pending":
-            charge = await self.provider.charge(
-                amount_micros=intent.amount_micros,
-                currency=intent.currency,
-                payment_method_ref=intent.payment_method_ref,
-                idempotency_key=intent.provider_idempotency_key,
-            )
-            succeeded, charge_id, decline = charge.succeeded, charge.charge_id, charge.decline_code
+            async with translate_errors(), self.autocommit.connect() as conn:
+                permitted = await money.take_charge_lease(
+                    conn,
+                    intent,
+                    now=self.clock.now(),
+                    key_window=self.provider.key_window,
+                    policy=self.policy,
+                )
+            if permitted:
+                try:
+                    charge = await self.provider.charge(
+                        amount_micros=intent.amount_micros,
+                        currency=intent.currency,
+                        payment_method_ref=intent.payment_method_ref,
+                        idempotency_key=intent.provider_idempotency_key,
+                    )
+                except ProviderRejected as exc:
+                    # the provider refused the request itself: nothing was charged, nothing will be
+                    state, reason = "failed", exc.message
+                else:
+                    state, charge_id, reason = charge.state, charge.charge_id, charge.decline_code
         self._crash("after_provider_charge", key)
         # phase 3: record the result, credit the ledger, resume waiting work
         async with transaction(self.engine) as conn:
             if (stored := await money.lock_key(conn, key)) is not None:
                 return stored
             now = self.clock.now()
+            # state "unknown": no charge request could go out (settled meanwhile, past the
+            # key window, or processing at the provider): the stored state, or the reconciler's turn
             effect = await money.finish_top_up(
                 conn,
                 intent,
-                succeeded=succeeded,
+                state=state or "unknown",
                 charge_id=charge_id,
-                decline_reason=decline,
+                reason=reason,
                 now=now,
                 policy=self.policy,
             )
+            assert effect is not None
             await money.record_effect(conn, key, effect, now)
             self._crash("before_commit", key)
         metrics.effect_committed(message.actor_name, effect)
@@ -594,12 +626,13 @@ class RenewalBatcher:
             claims = await money.claim_keys(
                 conn,
                 [money.KeyClaim(m.idempotency_key, "renew", f, None, i) for m, f, i in batch],
+                lease_expires_at=service.clock.now() + service.policy.key_lease,
             )
             to_apply = [
                 m
                 for m, _, _ in batch
                 if not (c := claims[m.idempotency_key]).conflict
-                and c.status != "completed"
+                and c.status not in ("completed", "waiting_for_funds")
                 and c.attempts <= service.max_deliveries
             ]
             applied = await money.renew_fast_batch(conn, to_apply, service.clock.now()) if to_apply else {}

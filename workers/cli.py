@@ -695,12 +695,17 @@ def scheduler(once: bool, interval_ms: int | None, lead_ms: int | None, progress
     database_url = settings.database_url
 
     async def go() -> Any:
-        engine = make_engine(database_url, pool_size=1)
+        from .providers import make_provider
+
+        engine = make_engine(database_url, pool_size=2)
         sched = Scheduler(
             engine,
             broker,
             lead_time=timedelta(milliseconds=settings.renewal_lead_ms if lead_ms is None else lead_ms),
             batch_size=settings.scheduler_batch_size,
+            policy=settings.billing_policy(),
+            # the reconciler asks it about top-ups still pending past their deadline
+            provider=make_provider(settings, engine),
         )
         try:
             if once:

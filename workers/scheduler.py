@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -35,10 +35,13 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import translate_errors
+from db.money import BillingPolicy
 from db.schedule import DueRenewal, count_due, due_renewals, release_scheduler_lock, try_scheduler_lock
 from tasks.messages import RenewMessage, renewal_kwargs
 
 from .clock import Clock, SystemClock
+from .owners import Completer, CompleterReport, Reconciler, ReconcilerReport
+from .providers.base import PaymentProvider
 
 __all__ = ["Scheduler", "PassReport"]
 
@@ -60,6 +63,8 @@ class PassReport:
     renewals: int = 0
     retries: int = 0
     seconds: float = 0.0
+    completer: CompleterReport | None = None
+    reconciler: ReconcilerReport | None = None
 
     @property
     def enqueued(self) -> int:
@@ -77,6 +82,9 @@ class Scheduler:
       clock: Source of "now" (UTC); a FixedClock runs months in seconds.
       lead_time: Renew periods ending up to this long after now.
       batch_size: Subscriptions per cursor fetch and per pipelined enqueue.
+      policy: The deadlines the completer and the reconciler apply.
+      provider: The payment provider the reconciler asks about pending
+        top-ups (None: no reconciliation in this scheduler's passes).
     """
 
     def __init__(
@@ -87,12 +95,20 @@ class Scheduler:
         clock: Clock | None = None,
         lead_time: timedelta = timedelta(0),
         batch_size: int = 1_000,
+        policy: BillingPolicy | None = None,
+        provider: PaymentProvider | None = None,
     ) -> None:
         self.engine = engine
         self.broker = broker
         self.clock = clock or SystemClock()
         self.lead_time = lead_time
         self.batch_size = batch_size
+        self.completer = Completer(engine, policy or BillingPolicy(), self.clock)
+        self.reconciler = (
+            Reconciler(engine, provider, policy or BillingPolicy(), self.clock)
+            if provider is not None
+            else None
+        )
 
     async def run_pass(
         self,
@@ -115,11 +131,48 @@ class Scheduler:
         now = self.clock.now()
         horizon = now + self.lead_time
         renewals = retries = 0
+        scanned = await self._scan(now, horizon, on_total, on_batch)
+        if scanned is not None:
+            renewals, retries = scanned
+        # the owners of the states that wait, after the scan (they take rows with
+        # SKIP LOCKED, so every scheduler runs them, not only the one that scanned)
+        completed = await self.completer.run_pass()
+        reconciled = await self.reconciler.run_pass() if self.reconciler is not None else None
+        report = PassReport(
+            scanned is not None,
+            renewals,
+            retries,
+            time.monotonic() - started,
+            completer=completed,
+            reconciler=reconciled,
+        )
+        log.info(
+            "scheduler_pass",
+            now=now.isoformat(),
+            renewals=renewals,
+            retries=retries,
+            redriven=completed.redriven,
+            ended=completed.ended,
+            waits_released=completed.waits_released,
+            reconciled=reconciled.settled if reconciled is not None else None,
+            seconds=round(report.seconds, 3),
+        )
+        return report
+
+    async def _scan(
+        self,
+        now: datetime,
+        horizon: datetime,
+        on_total: Callable[[int], None] | None,
+        on_batch: Callable[[int], None] | None,
+    ) -> tuple[int, int] | None:
+        """Enqueue what is due, under the scheduler lock: (renewals, retries), or None if another holds it."""
+        renewals = retries = 0
         async with translate_errors(), self.engine.connect() as conn:
             if not await try_scheduler_lock(conn):
                 await conn.rollback()
                 log.info("scheduler_pass_skipped", reason="another scheduler holds the lock")
-                return PassReport(ran=False)
+                return None
             try:
                 if on_total is not None:
                     on_total(await count_due(conn, now=now, horizon=horizon))
@@ -138,15 +191,7 @@ class Scheduler:
                 await conn.rollback()
                 await release_scheduler_lock(conn)
                 await conn.commit()
-        report = PassReport(True, renewals, retries, time.monotonic() - started)
-        log.info(
-            "scheduler_pass",
-            now=now.isoformat(),
-            renewals=renewals,
-            retries=retries,
-            seconds=round(report.seconds, 3),
-        )
-        return report
+        return renewals, retries
 
     @staticmethod
     def _count(

@@ -86,6 +86,20 @@ class Settings(BaseSettings):
         default_factory=lambda: [86_400_000, 2 * 86_400_000, 3 * 86_400_000]
     )
 
+    #: Deadlines of the states that wait (README "States that wait").  A key in
+    #: ``processing`` belongs to its delivery this long; past it the completer
+    #: (each scheduler pass) re-sends it from what the database knows, up to
+    #: ``max_redrives`` times, then ends it as failed for operators.
+    key_lease_ms: int = Field(15 * 60_000, ge=1_000)
+    max_redrives: int = Field(3, ge=0)
+    #: A top-up attempt still pending this long after it was recorded is
+    #: reconciled: looked up at the provider by its idempotency key.
+    top_up_deadline_ms: int = Field(10 * 60_000, ge=1_000)
+    #: The reconciler looks again at a top-up the provider calls processing this often.
+    top_up_processing_poll_ms: int = Field(3_600_000, ge=1_000)
+    #: Held before each charge request; longer than any provider call's timeout.
+    charge_lease_ms: int = Field(120_000, ge=1_000)
+
     #: ``billing scheduler``: time between two passes.
     scheduler_interval_ms: int = Field(60_000, ge=100)
     #: Renew a period this long before it ends (0: at period end).
@@ -117,6 +131,8 @@ class Settings(BaseSettings):
     fake_timeout_rate: float = Field(0.0, ge=0, le=1)
     fake_latency_ms: int = Field(0, ge=0)
     fake_seed: int | None = None
+    #: How long the fake provider keeps a ``pm_processing*`` charge processing (2 days, a bank debit).
+    fake_processing_ms: int = Field(2 * 86_400_000, ge=0)
     #: Stripe secret key (``sk_live_...``/``sk_test_...``); required when
     #: ``payment_provider`` is ``stripe``.  A SecretStr, so it is never logged.
     stripe_api_key: SecretStr | None = None
@@ -163,6 +179,11 @@ class Settings(BaseSettings):
             disable_after_declines=self.top_up_disable_after_declines,
             grace_period=timedelta(milliseconds=self.grace_period_ms),
             dunning_schedule=tuple(timedelta(milliseconds=ms) for ms in self.dunning_schedule_ms),
+            key_lease=timedelta(milliseconds=self.key_lease_ms),
+            max_redrives=self.max_redrives,
+            top_up_deadline=timedelta(milliseconds=self.top_up_deadline_ms),
+            processing_poll=timedelta(milliseconds=self.top_up_processing_poll_ms),
+            charge_lease=timedelta(milliseconds=self.charge_lease_ms),
             key_delivery_public_key=self.key_delivery_public_key or None,
             key_delivery_deadline=timedelta(milliseconds=self.key_delivery_deadline_ms),
         )

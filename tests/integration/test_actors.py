@@ -204,7 +204,10 @@ def test_renew_charges_each_period_once_whatever_the_key(setup, producer, drain,
         idempotency_key="far",
     )
     drain()
-    assert _outcome(db, "far")[1]["outcome"] == "not_due"
+    # not charged, and not decided either: the key is forgotten, so the same
+    # key sent when that period is due would charge it then
+    assert db("SELECT key FROM idempotency_keys WHERE key = 'far'") == []
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 1}]
     _assert_ledger_matches(db)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from workers.billing import BillingService, Delivery
+from workers.clock import FixedClock
 from workers.crash import SimulatedCrash
 
 USD = 1_000_000
@@ -221,7 +222,9 @@ def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, se
                 )
         finally:
             await service.engine.dispose()
-        crashing = _service(services, broker=broker, crashpoints={"after_commit": ""})
+        # at period end: a cancel at period end never happens before it
+        at_period_end = FixedClock(sub["current_period_end"])
+        crashing = _service(services, broker=broker, crashpoints={"after_commit": ""}, clock=at_period_end)
         renew = {
             "subscription_id": sub["id"],
             "period_start": sub["current_period_end"].isoformat(),

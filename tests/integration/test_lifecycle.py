@@ -62,14 +62,15 @@ def _utc(*args):
     return datetime(*args, tzinfo=UTC)
 
 
-def _audit(services):
+def _audit(services, clock):
     from db.audit import run_audit
     from db.engine import make_engine
 
     async def run():
         engine = make_engine(services.database_url, pool_size=1)
         try:
-            return await run_audit(engine, quiescent=True)
+            # deadlines are measured on the test's clock, not PostgreSQL's
+            return await run_audit(engine, quiescent=True, now=clock.now())
         finally:
             await engine.dispose()
 
@@ -204,7 +205,7 @@ def test_short_funds_go_past_due_then_dunning_retry_restores_active_for_the_unpa
     drain()
     assert _outcome(db, f"renew:{sub_id}:2026-02-28T12:00:00Z:retry:1") == "past_due"
     assert _sub(db)["next_retry_at"] == due + 2 * DAY
-    _audit(services)  # past_due is a consistent state: projection, grace and retry agree
+    _audit(services, clock)  # past_due is a consistent state: projection, grace and retry agree
 
     # the customer pays; the second retry charges the unpaid period and restores active
     _money(
@@ -229,7 +230,7 @@ def test_short_funds_go_past_due_then_dunning_retry_restores_active_for_the_unpa
     assert _charges(db)[-1] == ("renewal_charge", due, -10 * USD)
     assert _entitlement(db)[0]["status"] == "active" and _entitlement(db)[0]["grace_ends_at"] is None
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 15 * USD}]
-    _audit(services)
+    _audit(services, clock)
 
 
 def test_still_unpaid_at_the_end_of_grace_cancels_and_revokes(
@@ -260,7 +261,7 @@ def test_still_unpaid_at_the_end_of_grace_cancels_and_revokes(
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 5 * USD}]  # never overdrawn
     clock.advance(10 * DAY)
     assert run_scheduler().enqueued == 0
-    _audit(services)
+    _audit(services, clock)
 
 
 def test_reactivation_after_cancel_in_the_same_month_charges_again(

@@ -209,8 +209,13 @@ def signing_broker(services, monkeypatch):
 
     for name, value in WORKER_ENV.items():
         monkeypatch.setenv(name, value)
+    from dramatiq.middleware import AsyncIO
+
     client = redis.Redis.from_url(services.redis_db(2))
     broker = make_broker(get_settings(), client=client)
+    # its actors are sync: a Worker on it must not start or stop the process's
+    # one AsyncIO event loop thread, which the session's worker runs on
+    broker.middleware[:] = [m for m in broker.middleware if not isinstance(m, AsyncIO)]
     yield broker
     client.close()
 

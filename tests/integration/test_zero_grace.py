@@ -53,7 +53,7 @@ def test_an_unpaid_renewal_with_zero_grace_cancels_at_once_and_revokes(
     assert db("SELECT entitled FROM entitlements") == [{"entitled": False}]
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 5 * USD}]
     assert not db("SELECT 1 FROM failed_messages")
-    _audit(services)
+    _audit(services, clock)
 
 
 def test_offsets_beyond_grace_are_named_and_impossible_combinations_refused():

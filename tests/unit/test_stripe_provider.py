@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from requests.structures import CaseInsensitiveDict
 
 from tasks.errors import ConfigurationError, PermanentError, ProviderError, ProviderRejected, ProviderTimeout
-from workers.providers import ChargeResult, StripePaymentProvider, make_provider
+from workers.providers import ChargeLookup, ChargeResult, StripePaymentProvider, make_provider
 from workers.providers.stripe import minor_unit_exponent, parse_payment_method_ref, to_minor_units
 from workers.settings import Settings
 
@@ -243,19 +243,61 @@ def test_requires_payment_method_is_a_decline_with_the_last_payment_error():
     )
 
 
-def test_processing_still_processing_when_read_again_is_a_provider_error():
+def test_processing_still_processing_when_read_again_is_a_processing_result():
     provider, http = provider_with(
         (200, "payment_intent_processing.json"), (200, "payment_intent_processing.json")
     )
 
-    with pytest.raises(ProviderError, match="still processing") as info:
-        charge(provider, amount_micros=2_500_000_000)
+    result = charge(provider, amount_micros=2_500_000_000)
 
-    assert not isinstance(info.value, ProviderTimeout | PermanentError)  # retried, same key
+    # not an error to retry for days: the reconciler looks it up until it settles
+    assert result == ChargeResult(succeeded=False, charge_id="pi_3QxV5hLkdIwHu7ix1Yt7mC4w", processing=True)
+    assert result.state == "processing"
     assert [(s.method, s.path) for s in http.sent] == [
         ("POST", "/v1/payment_intents"),
         ("GET", "/v1/payment_intents/pi_3QxV5hLkdIwHu7ix1Yt7mC4w"),
     ]
+
+
+# ---------------------------------------------------------------------- lookups (reconciliation)
+
+
+def lookup(provider: StripePaymentProvider, charge_id: str | None = None) -> ChargeLookup:
+    return asyncio.run(provider.lookup(idempotency_key=KEY, charge_id=charge_id))
+
+
+def test_lookup_by_stored_id_reads_the_payment_intent():
+    provider, http = provider_with((200, "payment_intent_processing_settled.json"))
+    assert lookup(provider, "pi_3QxV5hLkdIwHu7ix1Yt7mC4w") == ChargeLookup(
+        "succeeded", "pi_3QxV5hLkdIwHu7ix1Yt7mC4w"
+    )
+    assert [(s.method, s.path) for s in http.sent] == [
+        ("GET", "/v1/payment_intents/pi_3QxV5hLkdIwHu7ix1Yt7mC4w")
+    ]
+
+
+def test_lookup_without_an_id_searches_our_metadata_key():
+    provider, http = provider_with((200, "payment_intent_search_processing.json"))
+    assert lookup(provider) == ChargeLookup("processing", "pi_3QxV5hLkdIwHu7ix1Yt7mC4w")
+    (sent,) = http.sent
+    assert (sent.method, sent.path) == ("GET", "/v1/payment_intents/search")
+
+
+def test_lookup_that_finds_nothing_is_not_found():
+    provider, _ = provider_with((200, "payment_intent_search_empty.json"))
+    assert lookup(provider) == ChargeLookup("not_found")
+
+
+def test_lookup_of_a_declined_intent_is_a_decline_with_its_code():
+    provider, _ = provider_with((200, "payment_intent_requires_action.json"))
+    found = lookup(provider, "pi_3QxR9kLkdIwHu7ix0q2Wd5Lm")
+    assert found.state == "declined" and found.decline_code == "authentication_required"
+
+
+def test_lookup_that_stripe_cannot_answer_is_transient():
+    provider, _ = provider_with((500, "api_error_500.json"))
+    with pytest.raises(ProviderError):
+        lookup(provider)
 
 
 def test_processing_that_has_settled_since_is_a_success():

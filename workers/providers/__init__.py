@@ -7,11 +7,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from tasks.errors import ConfigurationError
 
 from ..settings import Settings
-from .base import ChargeResult, PaymentProvider
+from .base import ChargeLookup, ChargeResult, PaymentProvider, ProviderCharge
 from .fake import FakePaymentProvider
 from .stripe import StripePaymentProvider
 
-__all__ = ["ChargeResult", "PaymentProvider", "FakePaymentProvider", "StripePaymentProvider", "make_provider"]
+__all__ = [
+    "ChargeLookup",
+    "ChargeResult",
+    "PaymentProvider",
+    "ProviderCharge",
+    "FakePaymentProvider",
+    "StripePaymentProvider",
+    "make_provider",
+]
 
 
 def make_provider(settings: Settings, engine: AsyncEngine) -> PaymentProvider:
@@ -32,6 +40,7 @@ def make_provider(settings: Settings, engine: AsyncEngine) -> PaymentProvider:
             timeout_rate=settings.fake_timeout_rate,
             latency_ms=settings.fake_latency_ms,
             seed=settings.fake_seed,
+            processing_ms=settings.fake_processing_ms,
         )
     if settings.payment_provider == "stripe":
         if settings.stripe_api_key is None or not settings.stripe_api_key.get_secret_value():

@@ -32,8 +32,8 @@ PaymentIntent ``succeeded``                         ``ChargeResult(succeeded=Tru
 ``required``...)                                    decline_code=...)``
 PaymentIntent ``requires_payment_method`` /         ``ChargeResult(succeeded=False,
 ``requires_action``                                 decline_code=...)``
-PaymentIntent ``processing`` (still so when read    ``ProviderError`` (retried, same key)
-again by id)
+PaymentIntent ``processing`` (still so when read    ``ChargeResult(processing=True)``: the
+again by id)                                        reconciler looks it up until it settles
 ``APIConnectionError`` (network, timeout)           ``ProviderTimeout`` (retried, same key)
 ``RateLimitError`` (429), ``APIError`` (5xx, 409)   ``ProviderError`` (retried, same key)
 ``AuthenticationError`` (401), ``PermissionError``  ``ProviderRejected`` (not retried)
@@ -47,13 +47,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import stripe
 
 from tasks.errors import BillingError, ProviderError, ProviderRejected, ProviderTimeout
 
-from .base import ChargeResult, PaymentProvider
+from .base import ChargeLookup, ChargeResult, PaymentProvider, ProviderCharge
 
 if TYPE_CHECKING:
     from stripe.params import PaymentIntentCreateParams
@@ -64,6 +65,7 @@ __all__ = [
     "THREE_DECIMAL_CURRENCIES",
     "minor_unit_exponent",
     "to_minor_units",
+    "from_minor_units",
     "parse_payment_method_ref",
 ]
 
@@ -176,6 +178,11 @@ def to_minor_units(amount_micros: int, currency: str) -> int:
     return minor
 
 
+def from_minor_units(amount: int, currency: str) -> int:
+    """The inverse of :func:`to_minor_units`: Stripe's integer ``amount`` in micro-units of ``currency``."""
+    return amount * (MICROS_PER_UNIT // 10 ** minor_unit_exponent(currency.lower()))
+
+
 def parse_payment_method_ref(payment_method_ref: str) -> tuple[str | None, str]:
     """Split ``payment_method_ref`` into Stripe's customer and PaymentMethod ids.
 
@@ -231,6 +238,22 @@ def _translate(exc: stripe.StripeError) -> BillingError:
     return ProviderError(_describe(exc))
 
 
+def _lookup_of(intent: Any) -> ChargeLookup:
+    """A PaymentIntent's state for reconciliation (see :meth:`StripePaymentProvider.lookup`)."""
+    status = intent.status
+    last_error = _field(intent, "last_payment_error")
+    code = _field(last_error, "decline_code") or _field(last_error, "code")
+    if status == "succeeded":
+        return ChargeLookup("succeeded", intent.id)
+    if status == "processing":
+        return ChargeLookup("processing", intent.id)
+    if status == "requires_payment_method":
+        return ChargeLookup("declined", intent.id, code or "card_declined")
+    if status == "requires_action":
+        return ChargeLookup("declined", intent.id, code or "authentication_required")
+    return ChargeLookup("failed", intent.id, code or f"payment_intent_{status}")
+
+
 def _declined(intent_id: str | None, payment_error: Any, default_code: str) -> ChargeResult:
     decline_code = _field(payment_error, "decline_code") or _field(payment_error, "code") or default_code
     return ChargeResult(succeeded=False, charge_id=intent_id, decline_code=decline_code)
@@ -257,6 +280,10 @@ class StripePaymentProvider(PaymentProvider):
     """
 
     name = "stripe"
+    #: Stripe docs, "Search": "data is searchable in less than a minute, but
+    #: may be delayed during outages"; a charge that search does not find is
+    #: trusted as never made only this long after the last charge request.
+    lookup_settle_delay = timedelta(hours=1)
 
     def __init__(
         self,
@@ -345,10 +372,74 @@ class StripePaymentProvider(PaymentProvider):
             # the customer would have to authenticate, and off-session they cannot
             return _declined(intent.id, last_error, "authentication_required")
         if status == "processing":
-            raise ProviderError(f"stripe: PaymentIntent {intent.id} is still processing; retry later")
+            # normal for bank debits, for days: the reconciler looks it up (lookup) until it settles
+            return ChargeResult(succeeded=False, charge_id=intent.id, processing=True)
         # requires_confirmation, requires_capture, canceled: not reachable with
         # confirm=True and automatic capture; an operator has to look
         raise ProviderRejected(f"stripe: PaymentIntent {intent.id} has unexpected status {status!r}")
+
+    async def lookup(self, *, idempotency_key: str, charge_id: str | None) -> ChargeLookup:
+        """What became of the PaymentIntent made under ``idempotency_key`` (reconciliation).
+
+        By id when we stored one (``GET /v1/payment_intents/{id}``), else by
+        the ``metadata[idempotency_key]`` every charge carries (``GET
+        /v1/payment_intents/search``; Stripe docs, "Search": results can lag
+        writes by about a minute, hence :attr:`lookup_settle_delay`).
+
+        Returns:
+          ChargeLookup: ``succeeded``, ``processing``, ``declined``
+          (``requires_payment_method``, ``requires_action``), ``failed``
+          (``canceled``, or a status no charge follows from), or ``not_found``.
+
+        Raises:
+          ProviderTimeout, ProviderError: Stripe could not answer.
+        """
+        try:
+            if charge_id is not None and charge_id.startswith("pi_"):
+                intent = await asyncio.to_thread(self.client.v1.payment_intents.retrieve, charge_id)
+            else:
+                query = f"metadata['idempotency_key']:'{idempotency_key}'"
+                found = await asyncio.to_thread(self.client.v1.payment_intents.search, {"query": query})
+                if not found.data:
+                    return ChargeLookup("not_found")
+                intent = found.data[0]
+        except stripe.InvalidRequestError as exc:
+            if exc.http_status == 404:
+                return ChargeLookup("not_found")
+            raise _translate(exc) from exc
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
+        return _lookup_of(intent)
+
+    async def list_charges(self, *, since: datetime, until: datetime) -> list[ProviderCharge]:
+        """PaymentIntents created in ``[since, until)`` (``GET /v1/payment_intents``, every page).
+
+        Raises:
+          ProviderTimeout, ProviderError: Stripe could not answer.
+        """
+        params = {"created": {"gte": int(since.timestamp()), "lt": int(until.timestamp())}, "limit": 100}
+
+        def fetch() -> list[ProviderCharge]:
+            page = self.client.v1.payment_intents.list(params)  # type: ignore[arg-type]
+            charges = []
+            for intent in page.auto_paging_iter():
+                metadata = _field(intent, "metadata") or {}
+                charges.append(
+                    ProviderCharge(
+                        idempotency_key=_field(metadata, "idempotency_key"),
+                        charge_id=intent.id,
+                        amount_micros=from_minor_units(int(intent.amount), intent.currency),
+                        currency=intent.currency.upper(),
+                        state=_lookup_of(intent).state,
+                        created_at=datetime.fromtimestamp(int(intent.created), UTC),
+                    )
+                )
+            return charges
+
+        try:
+            return await asyncio.to_thread(fetch)
+        except stripe.StripeError as exc:
+            raise _translate(exc) from exc
 
     async def close(self) -> None:
         """Close the HTTP client's connection pool (of the calling thread, for ``RequestsClient``)."""

@@ -1,0 +1,296 @@
+"""The owners of the states that wait: the completer's and the reconciler's SQL.
+
+Every state that waits has an owner that moves it forward and a deadline
+(README "States that wait"; the model is rocket-rides-atomic's completer,
+which re-drives stalled keys, and its reaper, which ends abandoned ones):
+
+* a key in ``processing`` past its lease (``lease_expires_at``): the
+  completer re-sends it from ``request`` (what the database knows of the
+  message) up to ``policy.max_redrives`` times, then ends it as ``failed``
+  with a ``failed_messages`` row; a renewal claimed without a request is
+  ended without one, since the scheduler sends its period again while it is due;
+* a wait for funds (``funds_waits``, key ``waiting_for_funds``) with no live
+  top-up behind it: the completer resumes it;
+* a top-up attempt ``pending`` past ``reconcile_after``: the reconciler
+  looks it up at the provider by our provider idempotency key and settles it
+  (succeeded: the credit is posted once; declined or failed: the waits are
+  released; processing: looked at again later).
+
+Each statement takes what it works on with ``FOR UPDATE SKIP LOCKED`` (or a
+lease column), so several schedulers can run these passes at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from . import money
+from .money import BillingPolicy, Effect, OutboxMessage, TopUpIntent
+
+__all__ = [
+    "LIVE_TOP_UP",
+    "StaleKey",
+    "DueAttempt",
+    "claim_stale_keys",
+    "redrive_key",
+    "end_key",
+    "orphaned_wait_accounts",
+    "release_orphaned_waits",
+    "claim_due_attempts",
+    "settle_attempt",
+]
+
+#: SQL predicate, over an account id ``{account}``: a top-up that a wait for
+#: funds may wait on is still coming: a pending attempt that is not
+#: ``processing`` at the provider, or a top-up message key in ``processing``
+#: (reserved by the trigger, or claimed and before its attempt).  Used by the
+#: completer and by ``billing audit`` (one rule, one place).
+LIVE_TOP_UP = """(
+    EXISTS (SELECT 1 FROM top_up_attempts lt WHERE lt.account_id = {account} AND lt.status = 'pending'
+            AND lt.provider_status IS DISTINCT FROM 'processing')
+    OR EXISTS (SELECT 1 FROM idempotency_keys lk WHERE lk.account_id = {account} AND lk.kind = 'auto_top_up'
+               AND lk.status = 'processing')
+)"""
+
+
+@dataclass(frozen=True)
+class StaleKey:
+    """A ``processing`` key whose lease ran out."""
+
+    key: str
+    kind: str
+    request: dict[str, Any] | None
+    redrives: int
+    account_id: str | None
+    message_id: str | None
+
+
+_STALE_KEYS = text(
+    """
+    SELECT key, kind, request, redrives, account_id, message_id FROM idempotency_keys
+    WHERE status = 'processing' AND (lease_expires_at <= :now OR lease_expires_at IS NULL)
+    ORDER BY lease_expires_at NULLS FIRST LIMIT :limit FOR UPDATE SKIP LOCKED
+    """
+).columns(request=JSONB)
+
+
+async def claim_stale_keys(conn: AsyncConnection, *, now: datetime, limit: int = 500) -> list[StaleKey]:
+    """Lock the ``processing`` keys whose lease ran out at ``now`` (UTC), oldest first, skipping locked ones."""
+    rows = (await conn.execute(_STALE_KEYS, {"now": now, "limit": limit})).mappings().all()
+    return [
+        StaleKey(r["key"], r["kind"], r["request"], int(r["redrives"]), r["account_id"], r["message_id"])
+        for r in rows
+    ]
+
+
+_REDRIVE = text(
+    """
+    UPDATE idempotency_keys SET redrives = redrives + 1, lease_expires_at = :lease_expires_at, updated_at = :now
+    WHERE key = :key
+    """
+)
+
+
+async def redrive_key(
+    conn: AsyncConnection, stale: StaleKey, *, now: datetime, policy: BillingPolicy
+) -> OutboxMessage:
+    """Re-send a stale key's message through the outbox (a new message id, the same key) and renew its lease.
+
+    Raises:
+      ValueError: The key has no stored request.
+    """
+    if stale.request is None:
+        raise ValueError(f"key {stale.key!r} has no stored request to re-send")
+    message = OutboxMessage(stale.request["queue_name"], stale.request["actor_name"], stale.request["kwargs"])
+    await money.insert_outbox(conn, [message])
+    await conn.execute(_REDRIVE, {"key": stale.key, "now": now, "lease_expires_at": now + policy.key_lease})
+    return message
+
+
+_END_KEY = text(
+    """
+    UPDATE idempotency_keys SET status = 'failed', last_error = :error, updated_at = :now
+    WHERE key = :key AND status = 'processing'
+    """
+)
+
+
+async def end_key(conn: AsyncConnection, stale: StaleKey, *, now: datetime, reason: str) -> None:
+    """End a stale key as ``failed`` (a new delivery of the same key runs it again) and, unless it is a
+    renewal the scheduler owns, record it in ``failed_messages`` for operators.
+
+    Parameters:
+      reason: Why, for ``last_error`` and the failure record.
+    """
+    await conn.execute(_END_KEY, {"key": stale.key, "now": now, "error": reason})
+    if stale.kind == "renew" and stale.request is None:
+        return  # the scheduler sends the period again while it is due
+    request = stale.request or {}
+    await money.record_failure(
+        conn,
+        message_id=stale.message_id or f"lease-expired:{stale.key}",
+        actor_name=request.get("actor_name", stale.kind),
+        queue_name=request.get("queue_name", "unknown"),
+        kwargs=request.get("kwargs"),
+        idempotency_key=stale.key,
+        account_id=stale.account_id,
+        error_type="lease_expired",
+        error_message=reason,
+        traceback=None,
+        attempts=stale.redrives + 1,
+    )
+
+
+_ORPHANED_WAITS = text(
+    f"""
+    SELECT DISTINCT w.account_id FROM funds_waits w
+    WHERE NOT {LIVE_TOP_UP.format(account="w.account_id")}
+    LIMIT :limit
+    """
+)
+_LOCK_ACCOUNT = text("SELECT id FROM accounts WHERE id = :account_id FOR UPDATE")
+_STILL_ORPHANED = text(f"SELECT NOT {LIVE_TOP_UP.format(account=':account_id')} AS orphaned")
+
+
+async def orphaned_wait_accounts(conn: AsyncConnection, *, limit: int = 500) -> list[str]:
+    """Accounts with waits for funds that no live top-up (:data:`LIVE_TOP_UP`) will ever resume."""
+    return [r[0] for r in (await conn.execute(_ORPHANED_WAITS, {"limit": limit})).all()]
+
+
+async def release_orphaned_waits(
+    conn: AsyncConnection, account_id: str, *, now: datetime, policy: BillingPolicy
+) -> list[OutboxMessage]:
+    """Resume an account's waits if, under the account's lock, no live top-up is still coming.
+
+    Returns the outbox messages written (empty when a top-up is live after all).
+    """
+    await conn.execute(_LOCK_ACCOUNT, {"account_id": account_id})
+    if not (await conn.execute(_STILL_ORPHANED, {"account_id": account_id})).scalar_one():
+        return []
+    return await money.resume_waiting(conn, account_id, now, policy)
+
+
+@dataclass(frozen=True)
+class DueAttempt:
+    """A pending top-up attempt taken by the reconciler."""
+
+    intent: TopUpIntent
+    message_key: str
+    provider_charge_id: str | None
+    charge_lease_until: datetime | None
+    created_at: datetime
+
+
+# The reconciler's lease is ``reconcile_after`` itself: an attempt taken here
+# is not due again until ``relook_at``, so a crashed reconciler's attempts come
+# back and two reconcilers never take the same one.
+_DUE_ATTEMPTS = text(
+    """
+    UPDATE top_up_attempts t SET reconcile_after = :relook_at, reconcile_checks = t.reconcile_checks + 1
+    FROM (SELECT id FROM top_up_attempts
+          WHERE status = 'pending' AND reconcile_after <= :now
+            AND (charge_lease_until IS NULL OR charge_lease_until <= :now)
+          ORDER BY reconcile_after LIMIT :limit FOR UPDATE SKIP LOCKED) due
+    WHERE t.id = due.id
+    RETURNING t.id, t.account_id, t.provider_idempotency_key, t.amount_micros, t.currency, t.payment_method_ref,
+              t.status, t.provider_charge_id, t.charge_lease_until, t.created_at, t.message_idempotency_key
+    """
+)
+
+
+def _due(row: RowMapping) -> DueAttempt:
+    return DueAttempt(
+        intent=TopUpIntent(
+            attempt_id=row["id"],
+            account_id=row["account_id"],
+            provider_idempotency_key=row["provider_idempotency_key"],
+            amount_micros=int(row["amount_micros"]),
+            currency=row["currency"].strip(),
+            payment_method_ref=row["payment_method_ref"],
+            status=row["status"],
+        ),
+        message_key=row["message_idempotency_key"],
+        provider_charge_id=row["provider_charge_id"],
+        charge_lease_until=row["charge_lease_until"],
+        created_at=row["created_at"],
+    )
+
+
+async def claim_due_attempts(
+    conn: AsyncConnection, *, now: datetime, relook_at: datetime, limit: int = 100
+) -> list[DueAttempt]:
+    """Take the pending attempts due for reconciliation at ``now`` (autocommit: the update is the lease).
+
+    Attempts with a charge request possibly in flight (an unexpired charge
+    lease) are left for later.
+
+    Parameters:
+      relook_at: When an attempt taken now is due again if it is not settled (UTC).
+    """
+    rows = (
+        (await conn.execute(_DUE_ATTEMPTS, {"now": now, "relook_at": relook_at, "limit": limit}))
+        .mappings()
+        .all()
+    )
+    return [_due(r) for r in rows]
+
+
+_SETTLE_MESSAGE_KEY = text(
+    """
+    UPDATE idempotency_keys SET status = 'completed', result = :result, last_error = NULL, updated_at = :now,
+        completed_at = :now
+    WHERE key = :key AND (status <> 'completed'
+                          OR result->>'outcome' IN ('top_up_reconciling', 'top_up_processing'))
+    """
+).bindparams(bindparam("result", type_=JSONB))
+
+
+async def settle_attempt(
+    conn: AsyncConnection,
+    due: DueAttempt,
+    *,
+    state: str,
+    charge_id: str | None,
+    reason: str | None,
+    looked_up_at: datetime,
+    now: datetime,
+    policy: BillingPolicy,
+) -> Effect | None:
+    """Record what the provider said of a due attempt, in one transaction, and complete its message's key.
+
+    The settlement is :func:`db.money.finish_top_up` (the credit is posted
+    once, under the attempt's row lock; the waits are resumed), skipped when
+    a charge request went out after ``looked_up_at`` (the answer may be
+    stale).  The top-up message's key gets the settled outcome unless it
+    already has a final one, so a later delivery of it is a duplicate.
+
+    Parameters:
+      state: One of :data:`db.money.TOP_UP_STATES` but ``unknown``.
+      looked_up_at: When the provider was asked (UTC).
+
+    Returns:
+      The settlement's effect (its outbox rows are written), or None when skipped.
+    """
+    effect = await money.finish_top_up(
+        conn,
+        due.intent,
+        state=state,
+        charge_id=charge_id,
+        reason=reason,
+        now=now,
+        policy=policy,
+        unless_charged_since=looked_up_at,
+    )
+    if effect is None:
+        return None
+    await money.insert_outbox(conn, effect.outbox)
+    result = {**effect.stored_result(), "reconciled": True}
+    await conn.execute(_SETTLE_MESSAGE_KEY, {"key": due.message_key, "result": result, "now": now})
+    return effect
