@@ -247,6 +247,7 @@ def run_demo(
         ]
         published = 0
         invalid = 0
+        repeats = 0  # messages published under a key published before (duplicates to suppress)
         started = time.monotonic()
         try:
             # phase 1: subscriptions, duplicates, races, and a few doomed messages
@@ -289,6 +290,7 @@ def run_demo(
             ) as progress:
                 _publish(producer, first, progress, "phase 1: publishing subscribes")
                 published += len(first)
+                repeats += len(first) - len({m.idempotency_key for m in first})
                 _drain(producer, env, progress, "phase 1: processing", timeout_s, workers)
 
                 # phase 2: renewals from two producers, revocations, explicit top-ups
@@ -339,6 +341,7 @@ def run_demo(
                     second.append(rng.choice(second))  # more repeats of the same keys
                 _publish(producer, second, progress, "phase 2: publishing renewals, revocations, top-ups")
                 published += len(second)
+                repeats += len(second) - len({m.idempotency_key for m in second})
                 _drain(producer, env, progress, "phase 2: processing", timeout_s, workers)
             elapsed = time.monotonic() - started
         finally:
@@ -352,11 +355,18 @@ def run_demo(
                     w.wait()
             log_file.close()
 
-        return _report(console, env, run, published, invalid, elapsed, log_path)
+        return _report(console, env, run, published, repeats, invalid, elapsed, log_path)
 
 
 def _report(
-    console: Console, env: _Env, run: str, published: int, invalid: int, elapsed: float, log_path: Path
+    console: Console,
+    env: _Env,
+    run: str,
+    published: int,
+    repeats: int,
+    invalid: int,
+    elapsed: float,
+    log_path: Path,
 ) -> bool:
     counts = _log_counts(log_path)
     processed = counts["message_processed"] + counts["duplicate_suppressed"] + counts["message_failed"]
@@ -385,8 +395,11 @@ def _report(
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row("messages published", f"{published:,}")
+    table.add_row("repeats published (same key)", f"{repeats:,}")
+    table.add_row("doomed keys published", f"{invalid:,}")
     table.add_row("messages processed (incl. follow-ups)", f"{processed:,}")
     table.add_row("duplicates suppressed", f"{counts['duplicate_suppressed']:,}")
+    table.add_row("re-sends of waiting keys (no-ops)", f"{counts['waiting_for_funds']:,}")
     table.add_row("transient errors retried", f"{counts['transient_error']:,}")
     table.add_row(
         "failed for good (recorded)", ", ".join(f"{r['error_type']} {r['n']}" for r in failed) or "0"
