@@ -414,19 +414,40 @@ def run_demo_months(
                 service = actors.get_service()
                 previous_clock = service.clock
                 service.clock = clock
+                # the fake provider's charge times and settlements follow the same clock
+                provider_clock = getattr(service.provider, "clock", None)
+                if provider_clock is not None:
+                    service.provider.clock = clock  # type: ignore[attr-defined]
                 worker.start()
                 started = time.monotonic()
                 try:
+                    # the scheduler's completer and reconciler apply the workers' deadlines and ask their provider
+                    scheduler = Scheduler(
+                        engine, broker, clock=clock, policy=service.policy, provider=service.provider
+                    )
                     _simulate(
-                        console, runner, engine, broker, worker, clock, customers, prefix, days, timeout_s
+                        console,
+                        runner,
+                        engine,
+                        broker,
+                        worker,
+                        scheduler,
+                        clock,
+                        customers,
+                        prefix,
+                        days,
+                        timeout_s,
                     )
                 finally:
                     worker.stop()
                     service.clock = previous_clock
+                    if provider_clock is not None:
+                        service.provider.clock = provider_clock  # type: ignore[attr-defined]
                 elapsed = time.monotonic() - started
                 table = runner.run(_monthly(engine, prefix, start, months))
                 state = runner.run(_closing(engine, prefix))
-                report = runner.run(run_audit(engine, quiescent=True))
+                # the deadlines are measured on the demo's clock (where the simulation ended), not PostgreSQL's
+                report = runner.run(run_audit(engine, quiescent=True, now=clock.now()))
             finally:
                 runner.run(engine.dispose())
     _print_report(console, run, months, table, state, start, end, days, elapsed)
@@ -439,13 +460,13 @@ def _simulate(
     engine: AsyncEngine,
     broker: Any,
     worker: Any,
+    scheduler: Scheduler,
     clock: FixedClock,
     customers: list[Customer],
     prefix: str,
     days: int,
     timeout_s: float,
 ) -> None:
-    scheduler = Scheduler(engine, broker, clock=clock)
     by_account = {c.account_id: c for c in customers}
     paid: set[str] = set()  # past_due episodes a customer has paid
     comebacks: dict[int, list[Customer]] = defaultdict(list)
