@@ -882,6 +882,15 @@ def _register_keys() -> None:
 _register_keys()
 
 
+def _register_reconcile() -> None:
+    from .reconcile import register
+
+    register(app)
+
+
+_register_reconcile()
+
+
 def _fail(message: str, code: int) -> NoReturn:
     """Print ``billing: error: {message}`` as one line on stderr and exit with ``code``."""
     print(f"billing: error: {one_line(message)}", file=sys.stderr)

@@ -17,6 +17,7 @@ workers' outbox sweeper relays (``BILLING_OUTBOX_SWEEP_AFTER_MS``).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -166,6 +167,17 @@ class Reconciler:
             due = await deadlines.claim_due_attempts(
                 conn, now=now, relook_at=now + self.relook, limit=self.batch_size
             )
+        return await self.settle(due)
+
+    async def settle(self, due: Sequence[deadlines.DueAttempt]) -> ReconcilerReport:
+        """Look up and settle attempts already taken (by :meth:`run_pass`, or by ``billing reconcile --settle``).
+
+        Parameters:
+          due: Attempts taken with a reconciler lease (``reconcile_after`` moved to a relook time).
+
+        Raises:
+          DatabaseUnavailable: PostgreSQL could not be reached.
+        """
         settled: Counter[str] = Counter()
         unanswered = 0
         for attempt in due:

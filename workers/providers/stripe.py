@@ -46,6 +46,7 @@ status; an amount or reference Stripe cannot take
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -414,10 +415,17 @@ class StripePaymentProvider(PaymentProvider):
     async def list_charges(self, *, since: datetime, until: datetime) -> list[ProviderCharge]:
         """PaymentIntents created in ``[since, until)`` (``GET /v1/payment_intents``, every page).
 
+        Stripe's ``created`` is in whole seconds: the window asked for is
+        ``[floor(since), ceil(until))``, so a fraction of a second at either
+        end is never lost.
+
         Raises:
           ProviderTimeout, ProviderError: Stripe could not answer.
         """
-        params = {"created": {"gte": int(since.timestamp()), "lt": int(until.timestamp())}, "limit": 100}
+        params = {
+            "created": {"gte": math.floor(since.timestamp()), "lt": math.ceil(until.timestamp())},
+            "limit": 100,
+        }
 
         def fetch() -> list[ProviderCharge]:
             page = self.client.v1.payment_intents.list(params)  # type: ignore[arg-type]
