@@ -91,6 +91,23 @@ def _check_amount(what: str, value: int | None, *, minimum: int) -> int | None:
     return value
 
 
+def _check_top_up_amount(option: str, amount: int, currency: str) -> None:
+    """Refuse a top-up amount the configured provider could never charge in ``currency`` (bad input, exit 2).
+
+    The rule is the provider's (:meth:`workers.providers.base.PaymentProvider.check_amount`;
+    Stripe: whole minor units, :func:`workers.providers.stripe.to_minor_units`).
+    """
+    from tasks.errors import ProviderRejected
+
+    from .providers import provider_class
+    from .settings import get_settings
+
+    try:
+        provider_class(get_settings().payment_provider).check_amount(amount, currency)
+    except ProviderRejected as exc:
+        raise UsageProblem(f"{option}: {exc.message}") from exc
+
+
 @contextmanager
 def _database() -> Iterator[str]:
     from db.config import database_url
@@ -226,6 +243,8 @@ def account_create(
         )
     if payment_method is not None:
         _check_id("--payment-method", payment_method)
+    if amount is not None:
+        _check_top_up_amount("--auto-top-up-amount-micros", amount, currency)
 
     from db import money
     from db.engine import transaction
@@ -373,6 +392,16 @@ def account_auto_top_up(
 
     async def go(engine: Any) -> None:
         async with transaction(engine) as conn:
+            if amount is not None:
+                from sqlalchemy import text
+
+                currency = (
+                    await conn.execute(
+                        text("SELECT currency FROM accounts WHERE id = :id"), {"id": account_id}
+                    )
+                ).scalar_one_or_none()
+                if currency is not None:  # an unknown account is configure_auto_top_up's error
+                    _check_top_up_amount("--amount-micros", amount, currency.strip())
             await money.configure_auto_top_up(
                 conn,
                 account_id=account_id,

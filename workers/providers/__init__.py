@@ -19,7 +19,20 @@ __all__ = [
     "FakePaymentProvider",
     "StripePaymentProvider",
     "make_provider",
+    "provider_class",
 ]
+
+
+def provider_class(name: str) -> type[PaymentProvider]:
+    """The provider class named ``name`` (``BILLING_PAYMENT_PROVIDER``), for its class-level checks.
+
+    Raises:
+      ConfigurationError: Unknown provider name.
+    """
+    known: dict[str, type[PaymentProvider]] = {"fake": FakePaymentProvider, "stripe": StripePaymentProvider}
+    if name not in known:
+        raise ConfigurationError(f"unknown payment provider {name!r} (known: fake, stripe)")
+    return known[name]
 
 
 def make_provider(settings: Settings, engine: AsyncEngine) -> PaymentProvider:

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from tasks.errors import ProviderRejected
+
 __all__ = ["ChargeLookup", "ChargeResult", "PaymentProvider", "ProviderCharge"]
 
 
@@ -118,6 +120,26 @@ class PaymentProvider(ABC):
         Raises:
           ProviderTimeout, ProviderError: The provider could not answer (ask again later).
         """
+
+    @classmethod
+    def check_amount(cls, amount_micros: int, currency: str) -> None:
+        """Refuse a top-up amount this provider could never charge in ``currency``.
+
+        Called where an account's ``auto_top_up_amount_micros`` is set
+        (``billing account create`` / ``account auto-top-up``), so a bad
+        amount is refused then, not at charge time.  A class method: it
+        needs neither credentials nor a connection.  This default accepts
+        any positive amount (the fake provider keeps it).
+
+        Parameters:
+          amount_micros: The amount, in micro-units of ``currency``.
+          currency: ISO 4217 code, any case.
+
+        Raises:
+          ProviderRejected: The provider cannot charge that amount (bad input, not retried).
+        """
+        if amount_micros <= 0:
+            raise ProviderRejected(f"{cls.name}: amount must be > 0 micros, got {amount_micros}")
 
     async def list_charges(self, *, since: datetime, until: datetime) -> list[ProviderCharge]:
         """The provider's charges created in ``[since, until)`` (UTC), for ``billing reconcile``.

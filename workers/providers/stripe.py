@@ -303,6 +303,16 @@ class StripePaymentProvider(PaymentProvider):
             http_client=self.http_client,
         )
 
+    @classmethod
+    def check_amount(cls, amount_micros: int, currency: str) -> None:
+        """Refuse an amount Stripe cannot charge in ``currency``: the rules of :func:`to_minor_units`, the one place they live.
+
+        Raises:
+          ProviderRejected: Not positive, not a whole number of the currency's
+            minor units, or against Stripe's rule for the currency.
+        """
+        to_minor_units(amount_micros, currency)
+
     async def charge(
         self, *, amount_micros: int, currency: str, payment_method_ref: str, idempotency_key: str
     ) -> ChargeResult:
