@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import redis
 
@@ -186,31 +187,116 @@ def test_secret_looking_arguments_are_stored_redacted(services, db, producer, dr
 def test_a_top_up_stuck_pending_after_its_retries_is_finished_by_an_operator_retry(
     services, db, setup, producer, drain
 ):
-    setup(
-        accounts=[
-            {
-                "account_id": "a1",
-                "balance_micros": 0,
-                "auto_top_up_threshold_micros": 1 * USD,
-                "auto_top_up_amount_micros": 10 * USD,
-                "payment_method_ref": "pm_error_outage",  # the fake provider fails before charging
-            }
-        ]
-    )
-    producer.auto_top_up(account_id="a1", idempotency_key="t1", reason="low_balance")
-    drain()
-    # retries ran out: the attempt is pending, its failure visible to operators
+    """A provider outage outlasts the retries; once it is over, ``ops retry`` continues the same attempt."""
+    from workers import actors
+
+    account = billing(
+        "account", "create", "a1", "--currency", "USD", "--auto-top-up-threshold-micros", str(1 * USD),
+        "--auto-top-up-amount-micros", str(10 * USD), "--payment-method", "pm_card_ok",
+    )  # fmt: skip
+    assert account.returncode == 0, account.stderr
+    provider = actors.get_service().provider
+    assert provider.error_rate == 0  # type: ignore[attr-defined]
+    provider.error_rate = 1.0  # type: ignore[attr-defined]  # the provider is down: every call fails before charging
+    try:
+        producer.auto_top_up(account_id="a1", idempotency_key="t1", reason="low_balance")
+        drain()
+    finally:
+        provider.error_rate = 0.0  # type: ignore[attr-defined]  # the outage ends
+    # retries ran out: the attempt is pending, its failure visible to operators, nothing charged
     assert db("SELECT status FROM top_up_attempts") == [{"status": "pending"}]
+    assert db("SELECT * FROM fake_provider_charges") == []
     (failure,) = db("SELECT message_id, error_type, status FROM failed_messages")
     assert (failure["error_type"], failure["status"]) == ("provider_error", "dead")
-    # the provider's outage ends (the fake keys its behaviour on the reference the attempt recorded)
-    db("UPDATE top_up_attempts SET payment_method_ref = 'pm_card_ok'")
     assert billing("ops", "retry", failure["message_id"]).returncode == 0
     drain()
     assert db("SELECT status FROM top_up_attempts") == [{"status": "succeeded"}]
+    # the same attempt, under the same provider key: one charge, credited once
+    (attempt,) = db("SELECT provider_idempotency_key FROM top_up_attempts")
+    assert db("SELECT idempotency_key, amount_micros FROM fake_provider_charges") == [
+        {"idempotency_key": attempt["provider_idempotency_key"], "amount_micros": 10 * USD}
+    ]
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'top_up'") == [{"n": 1}]
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10 * USD}]
     assert billing("audit", "--drained").returncode == 0
+
+
+def test_a_broken_card_is_replaced_with_the_cli_and_the_replayed_top_up_charges_the_new_one(
+    services, db, setup, producer, drain, clock, broker
+):
+    """No SQL: the operator changes the payment method with ``billing account auto-top-up``.
+
+    A retry continues the stuck attempt, which is bound to the card it was sent
+    with (its provider key names one request), so the new card cannot finish
+    it.  The reconciler settles it as failed once the provider shows no charge
+    under its key; the month's top-up slot is used (every attempt counts), so
+    the replay under a new key in the next month charges the new card, once.
+    """
+    import asyncio
+    from datetime import timedelta
+
+    from db.audit import run_audit
+    from db.engine import make_engine
+    from workers import actors
+    from workers.providers import FakePaymentProvider
+    from workers.scheduler import Scheduler
+
+    async def scheduler_pass() -> Any:
+        """One ``billing scheduler`` pass on the test's clock (its reconciler asks the fake provider)."""
+        engine = make_engine(services.database_url, pool_size=1)
+        try:
+            # the worker's provider is bound to the worker's event loop: the same fake, on this loop
+            provider = FakePaymentProvider(engine, clock=clock)
+            policy = actors.get_service().policy
+            return await Scheduler(engine, broker, clock=clock, policy=policy, provider=provider).run_pass()
+        finally:
+            await engine.dispose()
+
+    async def audit() -> Any:
+        engine = make_engine(services.database_url, pool_size=1)
+        try:
+            return await run_audit(engine, quiescent=True, now=clock.now())
+        finally:
+            await engine.dispose()
+
+    account = billing(
+        "account", "create", "a1", "--currency", "USD", "--auto-top-up-threshold-micros", str(1 * USD),
+        "--auto-top-up-amount-micros", str(10 * USD), "--payment-method", "pm_error_broken",
+    )  # fmt: skip
+    assert account.returncode == 0, account.stderr
+    producer.auto_top_up(account_id="a1", idempotency_key="t1", reason="low_balance")
+    drain()
+    (failure,) = db("SELECT message_id, error_type, status FROM failed_messages")
+    assert (failure["error_type"], failure["status"]) == ("provider_error", "dead")
+    assert db("SELECT status, payment_method_ref FROM top_up_attempts") == [
+        {"status": "pending", "payment_method_ref": "pm_error_broken"}
+    ]
+
+    switched = billing("account", "auto-top-up", "a1", "--payment-method", "pm_card_ok")
+    assert switched.returncode == 0, switched.stderr
+    assert db("SELECT payment_method_ref FROM accounts") == [{"payment_method_ref": "pm_card_ok"}]
+    # past the attempt's deadline (and into the next month), the reconciler settles it
+    clock.advance(timedelta(hours=13))
+    report = asyncio.run(scheduler_pass())
+    assert report.reconciler is not None and report.reconciler.settled == {"failed": 1}, report
+    assert db("SELECT status FROM top_up_attempts") == [{"status": "failed"}]
+
+    out = billing("ops", "replay", failure["message_id"], "--new-key", "t2", "--yes", env=OPERATOR)
+    assert out.returncode == 0, out.stdout + out.stderr
+    drain()
+    assert db(
+        "SELECT message_idempotency_key AS key, payment_method_ref, status FROM top_up_attempts ORDER BY created_at"
+    ) == [
+        {"key": "t1", "payment_method_ref": "pm_error_broken", "status": "failed"},
+        {"key": "t2", "payment_method_ref": "pm_card_ok", "status": "succeeded"},
+    ]
+    assert db("SELECT payment_method_ref, amount_micros FROM fake_provider_charges") == [
+        {"payment_method_ref": "pm_card_ok", "amount_micros": 10 * USD}
+    ]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'top_up'") == [{"n": 1}]
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10 * USD}]
+    audited = asyncio.run(audit())
+    assert audited.ok, {k: v for k, v in audited.violations.items() if v}
 
 
 def test_a_message_for_an_unknown_actor_is_recorded_for_operators(services, db, drain, broker):
