@@ -59,7 +59,7 @@ from tasks.signing import SigningKeys
 
 from . import metrics
 from .clock import Clock, SystemClock
-from .crash import crashpoint
+from .crash import FAST_PATH_CRASHPOINTS, crashpoint
 from .logging import mark_logged
 from .providers.base import PaymentProvider
 
@@ -168,8 +168,12 @@ class BillingService:
             if (
                 isinstance(message, RenewMessage)
                 and self.renew_fast_path
-                # a simulated crash needs the Python path's steps
-                and not any(f in message.idempotency_key for f in self.crashpoints.values())
+                # a simulated crash at one of the Python path's steps needs that path
+                and not any(
+                    f in message.idempotency_key
+                    for name, f in self.crashpoints.items()
+                    if name not in FAST_PATH_CRASHPOINTS
+                )
             ):
                 claim, fast = await self._renewals.submit(message, fingerprint, delivery.message_id)
             else:
@@ -635,7 +639,11 @@ class RenewalBatcher:
                 and c.status not in ("completed", "waiting_for_funds")
                 and c.attempts <= service.max_deliveries
             ]
+            for m, _, _ in batch:  # claimed (committed), nothing applied
+                service._crash("fast_after_claim", m.idempotency_key)
             applied = await money.renew_fast_batch(conn, to_apply, service.clock.now()) if to_apply else {}
+        for m, _, _ in batch:  # applied (committed), no delivery told
+            service._crash("fast_after_apply", m.idempotency_key)
         outcomes: dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]] = {}
         for m, _, _ in batch:
             result = applied.get(m.idempotency_key)

@@ -112,6 +112,8 @@ def test_two_plans_renewing_together_each_see_the_real_balance(setup, services, 
             for p in ("p1", "p2", "p3"):
                 await service.handle("subscribe", _sub("a1", p, f"s-{p}"), Delivery(f"m-{p}"))
             subs = await _q(service, "SELECT id, current_period_end FROM subscriptions")
+            # at period end (renewed early, a short balance decides nothing before it)
+            service.clock = FixedClock(max(s["current_period_end"] for s in subs))
             return await asyncio.gather(
                 *(
                     service.handle(
@@ -315,3 +317,70 @@ def test_a_subscribe_waiting_for_a_top_up_continues_exactly_once_after_a_crash_a
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": (5 + 10 - 8) * USD}]
     assert db("SELECT status FROM idempotency_keys WHERE key = 's1'") == [{"status": "completed"}]
     assert db("SELECT * FROM funds_waits") == []
+
+
+@pytest.mark.parametrize("step", ["fast_after_claim", "fast_after_apply"])
+def test_a_fast_path_renewal_crashing_between_claim_and_apply_or_after_is_applied_once_on_redelivery(
+    setup, services, db, step
+):
+    """The fast path claims its batch's keys in one autocommit statement and applies them in another.
+
+    A process death after the claim (committed, nothing applied) or after the
+    apply (committed, no delivery told) leaves the key ``processing`` or
+    ``completed``; the redelivery of the same message renews the period once.
+    """
+    from db.audit import run_audit
+    from tasks.messages import renewal_key
+
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 50 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}],
+    )
+
+    async def run() -> tuple[dict[str, Any], dict[str, Any]]:
+        service = _service(services)
+        try:
+            await service.handle("subscribe", _sub("a1", "pro", "k1"), Delivery("m1"))
+            sub = (await _q(service, "SELECT id, current_period_end FROM subscriptions"))[0]
+        finally:
+            await service.engine.dispose()
+        at_period_end = FixedClock(sub["current_period_end"])
+        key = renewal_key(sub["id"], sub["current_period_end"])
+        renew = {
+            "subscription_id": sub["id"],
+            "period_start": sub["current_period_end"].isoformat(),
+            "idempotency_key": key,
+        }
+        crashing = _service(services, crashpoints={step: "renew:"}, clock=at_period_end)
+        try:
+            with pytest.raises(SimulatedCrash, match=step):
+                await crashing.handle("renew", renew, Delivery("m2"))
+            assert crashing._renewals.batches == 1  # it was the fast path that died
+        finally:
+            await crashing.engine.dispose()
+        service = _service(services, clock=at_period_end)
+        left = {
+            "key": (await _q(service, "SELECT status, attempts FROM idempotency_keys WHERE kind = 'renew'"))[
+                0
+            ],
+            "charges": len(await _q(service, "SELECT 1 FROM ledger_entries WHERE kind = 'renewal_charge'")),
+        }
+        try:
+            result = await service.handle("renew", renew, Delivery("m2", retries=0))
+            assert service._renewals.batches == 1
+            report = await run_audit(service.engine, now=at_period_end.now())
+            assert report.ok, {k: v for k, v in report.violations.items() if v}
+            return left, result
+        finally:
+            await service.engine.dispose()
+
+    left, result = asyncio.run(run())
+    if step == "fast_after_claim":  # claimed and counted, not applied; the redelivery applies it
+        assert left == {"key": {"status": "processing", "attempts": 1}, "charges": 0}
+        assert (result["outcome"], result.get("duplicate")) == ("renewed", None)
+    else:  # applied and committed; the redelivery is a duplicate
+        assert left == {"key": {"status": "completed", "attempts": 1}, "charges": 1}
+        assert (result["outcome"], result.get("duplicate")) == ("renewed", True)
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 1}]
+    assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10 * USD}]
+    assert db("SELECT status FROM idempotency_keys WHERE kind = 'renew'") == [{"status": "completed"}]
