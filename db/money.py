@@ -774,12 +774,19 @@ async def _project_entitlement(
 _PERIOD_TOP_UPS = text(
     """
     SELECT count(*) AS attempts, count(*) FILTER (WHERE status = 'pending') AS pending,
-           count(*) FILTER (WHERE status = 'pending' AND provider_status = 'processing') AS processing,
            COALESCE(sum(amount_micros) FILTER (WHERE status IN ('pending', 'succeeded')), 0)::bigint AS committed_micros
     FROM top_up_attempts WHERE account_id = :account_id AND billing_period = :period
     """
 )
 _KEY_STATUS = text("SELECT status FROM idempotency_keys WHERE key = :key")
+# a top-up the provider is processing (a bank debit), any period: nothing waits on
+# it, no other is sent meanwhile, and it holds the end of grace open
+_TOP_UP_PROCESSING = text(
+    """
+    SELECT id FROM top_up_attempts
+    WHERE account_id = :account_id AND status = 'pending' AND provider_status = 'processing' LIMIT 1
+    """
+)
 _RESERVE_KEY = _sql(
     """
     INSERT INTO idempotency_keys (key, kind, fingerprint, status, attempts, account_id, lease_expires_at, request)
@@ -814,15 +821,16 @@ async def _trigger_top_up(
     ``auto_top_up:{account}:{period}:{n}`` makes every trigger of one slot the
     same message, and a pending attempt counts.  Nothing waits on an
     attempt the provider reported ``processing`` (a bank debit can take
-    days): the caller goes on to past_due and its grace period instead.
+    days), and no new top-up goes out while one is processing, whatever
+    its period: the caller goes on to past_due and its grace period instead.
     """
     if not account["auto_top_up_enabled"]:
+        return False, []
+    if await _one(conn, _TOP_UP_PROCESSING, account_id=account["id"]) is not None:
         return False, []
     period = top_up_period(now)
     counts = await _one(conn, _PERIOD_TOP_UPS, account_id=account["id"], period=period)
     assert counts is not None
-    if counts["processing"]:
-        return False, []
     outbox: list[OutboxMessage] = []
     if counts["pending"] == 0:
         if counts["attempts"] >= policy.top_ups_per_period:
@@ -1084,14 +1092,6 @@ async def _cancel(
     return [OutboxMessage.of(revoke)]
 
 
-_TOP_UP_PROCESSING = text(
-    """
-    SELECT id FROM top_up_attempts
-    WHERE account_id = :account_id AND status = 'pending' AND provider_status = 'processing' LIMIT 1
-    """
-)
-
-
 async def _dunning(
     conn: AsyncConnection, sub: RowMapping, now: datetime, policy: BillingPolicy, base: dict[str, Any]
 ) -> Effect:
@@ -1174,6 +1174,9 @@ async def apply_renew(
     ``cancel_at_period_end_pending`` (the same, asked before period end:
     nothing happens and the key is forgotten); ``awaiting_top_up`` (short balance, an
     auto-top-up was requested and this message resumes after it);
+    ``insufficient_funds_before_period_end`` (short balance, no top-up coming,
+    asked before period end: nothing happens and the key is forgotten, so the
+    paid period is never cut short by grace);
     ``past_due`` (short balance, no top-up possible or it was declined: grace
     period with dunning retries); ``canceled_unpaid`` (still short at the
     end of grace: canceled, managed keys revoked).
@@ -1229,6 +1232,21 @@ async def apply_renew(
                 "awaiting_top_up",
                 {**base, "price_micros": price},
                 key_status="waiting_for_funds",
+                outbox=outbox,
+            )
+        if now < sub["current_period_end"]:
+            # an early renewal (lead time, or a producer ahead of time) that cannot be paid
+            # decides nothing: the paid period runs to its end, and past_due and its grace
+            # start only then (the scheduler's due scan sends the period again at its end)
+            return Effect(
+                "insufficient_funds_before_period_end",
+                {
+                    **base,
+                    "price_micros": price,
+                    "balance_micros": int(account["balance_micros"]),
+                    "current_period_end": sub["current_period_end"].isoformat(),
+                },
+                key_status="forgotten",
                 outbox=outbox,
             )
         effect = await _dunning(conn, sub, now, policy, base)

@@ -311,12 +311,16 @@ def run_scheduler(services: Services, broker: Any, clock: Any) -> Callable[..., 
 
     def go(**kwargs: Any) -> Any:
         async def run() -> Any:
-            engine = make_engine(services.database_url, pool_size=1)
+            engine = make_engine(services.database_url, pool_size=2)
             try:
                 from workers import actors
+                from workers.providers import FakePaymentProvider
 
+                # the worker's policy; a provider of this loop's own (the worker's lives on
+                # Dramatiq's event loop) reading the same provider table on the same clock
                 service = actors.get_service()
-                options = {"policy": service.policy, "provider": service.provider, **kwargs}
+                provider = FakePaymentProvider(engine, clock=clock)
+                options = {"policy": service.policy, "provider": provider, **kwargs}
                 return await Scheduler(engine, broker, clock=clock, **options).run_pass()
             finally:
                 await engine.dispose()
