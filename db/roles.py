@@ -29,7 +29,8 @@ WORKER_GRANTS: dict[str, str] = {
     "top_up_attempts": "SELECT, INSERT, UPDATE",
     # append-only: no UPDATE, no DELETE
     "ledger_entries": "SELECT, INSERT",
-    "idempotency_keys": "SELECT, INSERT, UPDATE",
+    # DELETE: a renewal asked before it can be decided forgets its key
+    "idempotency_keys": "SELECT, INSERT, UPDATE, DELETE",
     "funds_waits": "SELECT, INSERT, DELETE",
     "outbox": "SELECT, INSERT, DELETE",
     "entitlements": "SELECT, INSERT, UPDATE",

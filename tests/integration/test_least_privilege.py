@@ -51,7 +51,10 @@ def worker_role(services):
 
 
 def test_the_worker_role_runs_the_money_path(setup, db, worker_role):
+    from sqlalchemy import text
+
     from db.engine import make_engine
+    from workers.owners import Completer, Reconciler
     from workers.providers import FakePaymentProvider
 
     setup(
@@ -75,8 +78,6 @@ def test_the_worker_role_runs_the_money_path(setup, db, worker_role):
                 "subscribe", {"account_id": "a1", "plan_id": "pro", "idempotency_key": "s1"}, Delivery("m1")
             )
             async with engine.begin() as conn:
-                from sqlalchemy import text
-
                 (top_up,) = (
                     (await conn.execute(text("DELETE FROM outbox RETURNING message_id, actor_name, kwargs")))
                     .mappings()
@@ -88,12 +89,23 @@ def test_the_worker_role_runs_the_money_path(setup, db, worker_role):
             resumed = await service.handle(
                 "subscribe", {"account_id": "a1", "plan_id": "pro", "idempotency_key": "s1"}, Delivery("m1")
             )
-            return first["outcome"], topped["outcome"], resumed["outcome"]
+            # a renewal asked years early decides nothing and forgets its key (DELETE)
+            async with engine.connect() as conn:
+                sub_id = (await conn.execute(text("SELECT id FROM subscriptions"))).scalar_one()
+            early = await service.handle(
+                "renew",
+                {"subscription_id": sub_id, "period_start": "2099-01-01T00:00:00Z", "idempotency_key": "r-early"},
+                Delivery("m2"),
+            )
+            # the owners of the waiting states run as the worker role too (the scheduler's passes)
+            await Completer(engine).run_pass()
+            await Reconciler(engine, FakePaymentProvider(engine)).run_pass()
+            return first["outcome"], topped["outcome"], resumed["outcome"], early["outcome"]
         finally:
             await engine.dispose()
 
     # short balance, a top-up through the provider, then the subscribe: every table of the money path
-    assert asyncio.run(run()) == ("awaiting_top_up", "topped_up", "subscribed")
+    assert asyncio.run(run()) == ("awaiting_top_up", "topped_up", "subscribed", "not_due")
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 15 * USD}]
 
 
