@@ -84,7 +84,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -111,6 +111,7 @@ from tasks.messages import (
 )
 from tasks.producer import Producer
 
+from .clock import OffsetClock, write_clock_offset
 from .crash import CRASH_EXIT_STATUS
 from .local import embedded_postgres, inprocess_redis
 from .ops import queue_overview
@@ -142,6 +143,8 @@ CONSUMER_RESTART_DELAY_MS = 1_000
 #: that meets bad luck is retried, not mistaken for poison.
 MAX_DELIVERIES = 8
 MAX_RETRIES = 5
+#: Auto-top-ups per account and month (production default 1); below MAX_DELIVERIES - 1 (see WorkerPool).
+TOP_UPS_PER_PERIOD = 3
 #: Short backoff, so retries finish within the drain (stock: 250 ms .. 60 s).
 MIN_BACKOFF_MS = 100
 MAX_BACKOFF_MS = 2_000
@@ -150,6 +153,28 @@ FAKE_DECLINE_RATE = 0.08
 FAKE_ERROR_RATE = 0.05
 FAKE_TIMEOUT_RATE = 0.08
 FAKE_LATENCY_MS = 10
+
+#: Cards of the auto-top-up accounts (fake provider behaviour by prefix, workers/providers/fake.py).
+AUTO_CARD_WEIGHTS: list[tuple[str, int]] = [
+    ("pm_card_visa", 66),
+    ("pm_decline_card", 8),
+    ("pm_timeout_after_charge", 10),
+    ("pm_never_answers", 4),  # never answers, never charges: the reconciler finds nothing, settles failed
+    ("pm_silent_charge", 4),  # charges, then never answers: the reconciler finds the charge, credits once
+    ("pm_processing", 4),  # charges as processing; settles succeeded after BILLING_FAKE_PROCESSING_MS
+    ("pm_processing_fail", 4),  # the same, settles failed
+]
+AUTO_CARDS = [c for c, _ in AUTO_CARD_WEIGHTS]
+LEAN_CARD_WEIGHTS: list[tuple[str, int]] = [
+    ("pm_card_visa", 40),
+    ("pm_never_answers", 15),
+    ("pm_silent_charge", 15),
+    ("pm_processing", 15),
+    ("pm_processing_fail", 15),
+]
+LEAN_CARDS = [c for c, _ in LEAN_CARD_WEIGHTS]
+#: How long a pm_processing* charge stays processing at the fake provider (injected time).
+FAKE_PROCESSING_MS = 3_600_000
 
 PLANS: list[dict[str, Any]] = [
     {"plan_id": "basic-daily", "name": "Basic (daily)", "price_micros": 1 * USD, "interval": "day"},
@@ -214,41 +239,82 @@ class Fault:
 
     Attributes:
       at_s: Seconds after the load starts.
-      kind: ``kill_worker``, ``terminate_pg`` or ``restart_redis``.
+      kind: ``kill_worker``, ``terminate_pg``, ``restart_redis``, ``clock_jump`` or ``payments_outage``.
       slot: The worker slot to SIGKILL (``kill_worker``).
-      outage_s: How long Redis stays down (``restart_redis``).
+      outage_s: How long Redis stays down (``restart_redis``), or the
+        ``billing.payments`` workers stay stopped (``payments_outage``).
+      jump_s: How far the injected clock jumps forward (``clock_jump``), in seconds.
     """
 
     at_s: float
     kind: str
     slot: int = 0
     outage_s: float = 0.0
+    jump_s: float = 0.0
+
+
+#: Injected-clock jumps of the load, at these fractions of the run: past the
+#: key lease (15 min) and the top-up deadline (10 min); a day (every daily
+#: plan due, while the payments workers are stopped); past the grace period
+#: (3 days) and the fake provider's processing time.
+CLOCK_JUMPS: list[tuple[float, float]] = [
+    (0.20, 20 * 60.0),
+    (0.72, 3 * 86_400.0 + 3_600.0),
+]
+#: The payments outage starts at this fraction of the run; the clock jumps a
+#: day (every daily plan is due) :data:`OUTAGE_JUMP_AFTER_S` later, so the
+#: renewals that need a top-up wait through the rest of the outage.
+PAYMENTS_OUTAGE_AT = 0.40
+OUTAGE_JUMP_AFTER_S = 1.0
+OUTAGE_JUMP_S = 86_400.0 + 60.0
+#: The scheduler's pass interval (real time): it re-sends every waiting renewal at each pass.
+SCHEDULER_INTERVAL_MS = 500
+
+
+def payments_outage_s(seconds: float) -> float:
+    """How long the payments workers stay stopped: 15% of the run, and at least the day jump's
+    delay plus the time of ``2 * (MAX_DELIVERIES + 2)`` scheduler passes, so a renewal waiting for a
+    top-up is re-sent more often than the delivery limit allows deliveries (twice the passes
+    needed, since a pass under load takes longer than its interval)."""
+    return round(
+        max(0.15 * seconds, OUTAGE_JUMP_AFTER_S + 2 * (MAX_DELIVERIES + 2) * SCHEDULER_INTERVAL_MS / 1000), 2
+    )
 
 
 def plan_faults(seed: int, seconds: float, workers: int) -> list[Fault]:
     """The whole fault schedule of a run, from its seed alone (so a run can be replayed).
 
-    A SIGKILL every 2 to 5 s, a ``pg_terminate_backend`` pass every 4 to 9 s,
-    and one Redis restart between 35% and 65% of the run with an outage of
-    0.5 to 2 s; nothing in the last second.
+    A SIGKILL every 2 to 5 s (of any slot, the payments slot ``workers``
+    included), a ``pg_terminate_backend`` pass every 4 to 9 s, one Redis
+    restart between 25% and 35% or 60% and 68% of the run (away from the
+    payments outage) with an outage of 0.5 to 2 s, the payments workers
+    stopped from 40% for :func:`payments_outage_s` with a day's clock jump
+    1 s into it, and the clock jumps of :data:`CLOCK_JUMPS` (each moved by
+    up to 2% of the run); nothing in the last second.
     """
     rng = random.Random(f"{seed}:faults")
     faults: list[Fault] = []
     t = rng.uniform(1.5, 3.0)
     while t < seconds - 1:
-        faults.append(Fault(round(t, 2), "kill_worker", slot=rng.randrange(workers)))
+        faults.append(Fault(round(t, 2), "kill_worker", slot=rng.randrange(workers + 1)))
         t += rng.uniform(2.0, 5.0)
     t = rng.uniform(2.0, 5.0)
     while t < seconds - 1:
         faults.append(Fault(round(t, 2), "terminate_pg"))
         t += rng.uniform(4.0, 9.0)
+    window = rng.choice([(0.25, 0.35), (0.60, 0.68)])
     faults.append(
         Fault(
-            round(rng.uniform(0.35, 0.65) * seconds, 2),
+            round(rng.uniform(*window) * seconds, 2),
             "restart_redis",
             outage_s=round(rng.uniform(0.5, 2.0), 2),
         )
     )
+    outage_at = round(PAYMENTS_OUTAGE_AT * seconds, 2)
+    faults.append(Fault(outage_at, "payments_outage", outage_s=payments_outage_s(seconds)))
+    faults.append(Fault(round(outage_at + OUTAGE_JUMP_AFTER_S, 2), "clock_jump", jump_s=OUTAGE_JUMP_S))
+    for at, jump_s in CLOCK_JUMPS:
+        faults.append(Fault(round((at + rng.uniform(-0.02, 0.02)) * seconds, 2), "clock_jump", jump_s=jump_s))
     return sorted(faults, key=lambda f: f.at_s)
 
 
@@ -275,13 +341,24 @@ def make_accounts(run: str, n: int, seed: int) -> list[dict[str, Any]]:
             account.update(kind="racer", balance_micros=40 * USD)
         elif roll < 0.70:
             account.update(kind="poor", balance_micros=rng.choice([0, 5 * USD]))
-        else:
-            card = rng.choices(["pm_card_visa", "pm_decline_card", "pm_timeout_after_charge"], [80, 8, 12])[0]
+        elif roll < 0.88:
+            card = rng.choices(AUTO_CARDS, [w for _, w in AUTO_CARD_WEIGHTS])[0]
             account.update(
                 kind="auto",
                 balance_micros=10 * USD,
                 auto_top_up_threshold_micros=30 * USD,
                 auto_top_up_amount_micros=60 * USD,
+                payment_method_ref=card,
+            )
+        else:
+            # lean: just enough for one period and no threshold, so each renewal waits for a top-up
+            # (through the payments outage, on the cards that never answer or stay processing)
+            card = rng.choices(LEAN_CARDS, [w for _, w in LEAN_CARD_WEIGHTS])[0]
+            account.update(
+                kind="lean",
+                balance_micros=rng.choice([1, 1, 20, 30]) * USD,
+                auto_top_up_threshold_micros=0,
+                auto_top_up_amount_micros=30 * USD,
                 payment_method_ref=card,
             )
         out.append(account)
@@ -319,7 +396,7 @@ class LoadGenerator:
         self.all = _Zipf([a["account_id"] for a in accounts], [a["weight"] for a in accounts])
         racers = [a for a in accounts if a["kind"] == "racer"] or accounts
         self.racers = _Zipf([a["account_id"] for a in racers], [a["weight"] for a in racers])
-        auto = [a for a in accounts if a["kind"] == "auto"] or accounts
+        auto = [a for a in accounts if a["kind"] in ("auto", "lean")] or accounts
         self.auto = _Zipf([a["account_id"] for a in auto], [a["weight"] for a in auto])
         self.weight = {a["account_id"]: float(a["weight"]) for a in accounts}
         self.subscriptions: list[tuple[str, datetime]] = []
@@ -514,10 +591,23 @@ def produce(spec: dict[str, Any]) -> int:
             out.write(
                 json.dumps(
                     {"k": message.idempotency_key, "a": message.actor_name, "m": message_id, "t": at_ms}
+                    | (
+                        {"s": message.subscription_id, "p": message.period_start.isoformat()}
+                        if isinstance(message, RenewMessage)
+                        else {}
+                    )
                 )
                 + "\n"
             )
 
+        for n, account_id in enumerate(spec.get("lean_daily", [])):
+            send(
+                SubscribeMessage(
+                    account_id=account_id,
+                    plan_id="basic-daily",
+                    idempotency_key=f"{spec['run']}:lean-daily:{n}",
+                )
+            )
         while published < count:
             now = time.monotonic() - start
             if now - last_snapshot > 1.5:
@@ -549,6 +639,93 @@ def produce(spec: dict[str, Any]) -> int:
     loop.close()
     Path(spec["out"] + ".done").write_text(json.dumps({"published": published, "publish_retries": retries}))
     return 0
+
+
+# ============================================================================ scheduler process
+
+
+def schedule(spec: dict[str, Any]) -> int:
+    """Body of the scheduler process: a :class:`workers.scheduler.Scheduler` pass every ``interval_ms``.
+
+    The scheduler of production (due scan, completer, reconciler), on the
+    run's injected clock (:class:`workers.clock.OffsetClock` on
+    ``BILLING_CHAOS_CLOCK_FILE``) and with a fake provider on that clock.
+    Each pass writes one JSON line to ``spec["out"]``: wall time at its
+    start and end (ms), the injected "now" it ran at, and what it did, so
+    the runner knows when a pass has run after a clock jump.  Stops on SIGTERM.
+    """
+    from db.engine import make_engine
+
+    from .broker import make_broker
+    from .clock import OffsetClock
+    from .logging import configure_logging
+    from .providers import make_provider
+    from .scheduler import Scheduler
+    from .settings import get_settings
+
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    clock = OffsetClock(os.environ["BILLING_CHAOS_CLOCK_FILE"])
+    broker = make_broker(settings)
+    stop = False
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+
+    async def go() -> None:
+        assert settings.database_url is not None
+        engine = make_engine(settings.database_url, pool_size=2)
+        provider = make_provider(settings, engine)
+        if hasattr(provider, "clock"):
+            provider.clock = clock
+        sched = Scheduler(engine, broker, clock=clock, policy=settings.billing_policy(), provider=provider)
+        interval = int(spec["interval_ms"]) / 1000
+        try:
+            with open(spec["out"], "a") as out:
+                while not stop:
+                    t0 = time.time()
+                    line: dict[str, Any] = {"t0": int(t0 * 1000), "now": clock.now().isoformat()}
+                    try:
+                        r = await sched.run_pass()
+                        rec = r.reconciler
+                        line.update(
+                            renewals=r.renewals,
+                            retries=r.retries,
+                            redriven=r.completer.redriven if r.completer else 0,
+                            ended=r.completer.ended if r.completer else 0,
+                            released=r.completer.waits_released if r.completer else 0,
+                            looked_up=rec.looked_up if rec else 0,
+                            settled=rec.settled if rec else {},
+                            unanswered=rec.unanswered if rec else 0,
+                        )
+                    except Exception as exc:  # noqa: BLE001 - Redis or PostgreSQL down: the next pass does it
+                        line["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                    line["t1"] = int(time.time() * 1000)
+                    out.write(json.dumps(line) + "\n")
+                    out.flush()
+                    await asyncio.sleep(max(0.0, interval - (time.time() - t0)))
+        finally:
+            await engine.dispose()
+            broker.close()
+
+    asyncio.run(go())
+    return 0
+
+
+def read_passes(path: Path) -> list[dict[str, Any]]:
+    """The scheduler's pass lines so far (a line cut short by a kill is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 # ============================================================================ services
@@ -756,14 +933,33 @@ def _kill_group(proc: subprocess.Popen[Any], sig: int) -> None:
 
 
 class WorkerPool:
-    """Worker slots, each one ``dramatiq workers.actors`` process group; a slot that exits is refilled."""
+    """Worker slots, each one ``dramatiq workers.chaos_worker`` process group; a slot that exits is refilled.
+
+    Slots ``0 .. workers-1`` consume queue ``billing``; slot ``workers`` (the
+    payments slot) consumes ``billing.payments``, as operators may run it
+    (SPEC: its own workers), so a payments outage stops it alone.  Every
+    process reads "now" from the run's injected clock (``clock_file``), and
+    so does the scheduler process the pool also runs and refills.
+    """
 
     def __init__(
-        self, cfg: ChaosConfig, database_url: str, redis_url: str, logs: Path, signing_keys: str
+        self,
+        cfg: ChaosConfig,
+        database_url: str,
+        redis_url: str,
+        logs: Path,
+        signing_keys: str,
+        clock_file: Path | None = None,
     ) -> None:
         self.cfg = cfg
         self.logs = logs
-        self.slots: list[subprocess.Popen[bytes] | None] = [None] * cfg.workers
+        self.slots: list[subprocess.Popen[bytes] | None] = [None] * (cfg.workers + 1)
+        self.payments_slot = cfg.workers
+        self.paused: set[int] = set()
+        self.scheduler: subprocess.Popen[bytes] | None = None
+        self.scheduler_starts = 0
+        self.passes_path = logs / "scheduler-passes.jsonl"
+        self.clock_file = clock_file or logs / "clock-offset-ms"
         self.files: list[Any] = []
         self.serial = 0
         self.exits: Counter[str] = Counter()
@@ -782,10 +978,18 @@ class WorkerPool:
             "BILLING_MAX_BACKOFF_MS": str(MAX_BACKOFF_MS),
             "BILLING_OUTBOX_SWEEP_AFTER_MS": "1000",
             "BILLING_OUTBOX_SWEEP_INTERVAL_MS": "500",
-            # top-ups are the provider's traffic: allow many per account and month
-            "BILLING_TOP_UPS_PER_PERIOD": "1000",
+            # top-ups are the provider's traffic: several per account and month, but fewer than
+            # MAX_DELIVERIES - 1: each failed top-up resumes the message waiting on it, the resume
+            # counts as a delivery, and with 1000 a renewal on a card whose top-ups all fail is
+            # resumed into a new top-up until the key dies as too_many_deliveries, leaving its
+            # subscription active and entitled past its period end (open defect,
+            # docs/reliability.md "Defects found by the new faults"; seed 20260501, 30 s)
+            "BILLING_TOP_UPS_PER_PERIOD": str(TOP_UPS_PER_PERIOD),
             "BILLING_METRICS_ENABLED": "false",  # several workers on one machine: no port to share
             "BILLING_SIGNING_KEYS": signing_keys,  # signed messages, as in docker-compose.yml
+            # harness only: the injected clock (workers/chaos_worker.py), moved by the clock jumps
+            "BILLING_CHAOS_CLOCK_FILE": str(self.clock_file),
+            "BILLING_FAKE_PROCESSING_MS": str(FAKE_PROCESSING_MS),
             "dramatiq_worker_timeout": str(WORKER_TIMEOUT_MS),
             "dramatiq_restart_delay": str(CONSUMER_RESTART_DELAY_MS),
         }
@@ -805,16 +1009,19 @@ class WorkerPool:
         log = (self.logs / f"worker-{self.serial:03d}.log").open("wb")
         self.files.append(log)
         env = {**self.env, "BILLING_FAKE_SEED": str(self.cfg.seed * 1000 + self.serial)}
+        queue = "billing.payments" if slot == self.payments_slot else "billing"
         self.slots[slot] = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "dramatiq",
-                "workers.actors",
+                "workers.chaos_worker",
                 "--processes",
                 "1",
                 "--threads",
                 str(self.cfg.threads),
+                "--queues",
+                queue,
             ],
             cwd=ROOT,
             env=env,
@@ -827,8 +1034,41 @@ class WorkerPool:
         for slot in range(len(self.slots)):
             self.start(slot)
 
+    def start_scheduler(self) -> None:
+        """Start (or restart) the scheduler process: a pass every :data:`SCHEDULER_INTERVAL_MS`."""
+        self.scheduler_starts += 1
+        spec = self.logs / "scheduler.spec.json"
+        spec.write_text(json.dumps({"interval_ms": SCHEDULER_INTERVAL_MS, "out": str(self.passes_path)}))
+        log = (self.logs / f"scheduler-{self.scheduler_starts:02d}.log").open("wb")
+        self.files.append(log)
+        self.scheduler = subprocess.Popen(
+            [sys.executable, "-m", "workers.chaos", "schedule", str(spec)],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def pause(self, slot: int) -> None:
+        """Stop a slot (SIGKILL: its messages come back when it does) and leave it empty until :meth:`resume`."""
+        self.paused.add(slot)
+        proc = self.slots[slot]
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc, signal.SIGKILL)
+            proc.wait()
+            self.exits["stopped (payments outage)"] += 1
+        self.slots[slot] = None
+
+    def resume(self, slot: int) -> None:
+        self.paused.discard(slot)
+        if self.slots[slot] is None:
+            self.start(slot)
+
     def kill(self, slot: int, *, reason: str = "sigkill") -> None:
         """SIGKILL the slot's process group (master and worker process) and start a new one."""
+        if slot in self.paused:
+            return  # stopped already (payments outage)
         proc = self.slots[slot]
         if proc is not None and proc.poll() is None:
             _kill_group(proc, signal.SIGKILL)
@@ -837,7 +1077,14 @@ class WorkerPool:
         self.start(slot)
 
     def supervise(self) -> None:
-        """Refill slots whose process exited by itself (a poison message, a failed start)."""
+        """Refill slots whose process exited by itself (a poison message, a failed start), and the scheduler."""
+        if self.scheduler is not None and self.scheduler.poll() is not None:
+            _kill_group(self.scheduler, signal.SIGKILL)
+            self.exits[f"scheduler exit_{self.scheduler.returncode}"] += 1
+            if self.refill:
+                self.start_scheduler()
+            else:
+                self.scheduler = None
         for slot, proc in enumerate(self.slots):
             if proc is not None and proc.poll() is not None:
                 _kill_group(proc, signal.SIGKILL)  # a child left behind, if any
@@ -867,7 +1114,7 @@ class WorkerPool:
     def stop_all(self) -> None:
         """SIGTERM every process group, then SIGKILL what is left after 10 s."""
         self.refill = False
-        live = [p for p in self.slots if p is not None and p.poll() is None]
+        live = [p for p in [*self.slots, self.scheduler] if p is not None and p.poll() is None]
         for p in live:
             _kill_group(p, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -876,11 +1123,12 @@ class WorkerPool:
                 p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        for slot in self.slots:
+        for slot in [*self.slots, self.scheduler]:
             if slot is not None:
                 _kill_group(slot, signal.SIGKILL)  # also any child that outlived its master
                 slot.wait()
         self.slots = [None] * len(self.slots)
+        self.scheduler = None
         for f in self.files:
             f.close()
 
@@ -921,6 +1169,13 @@ class RunState:
     soak_start_ms: int = 0
     stranded: list[str] = field(default_factory=list)  # message ids (dramatiq issue #527)
     drained_after_restart: bool = False
+    clock_offset_s: float = 0.0  # the injected clock's offset from the wall clock
+    clock_jumps: list[float] = field(default_factory=list)  # seconds, during the load
+    drive_jumps: list[float] = field(default_factory=list)  # seconds, driving the owners at the end
+    drive_rounds: int = 0
+    drive_s: float = 0.0
+    drive_settled: bool = False
+    outage: dict[str, Any] = field(default_factory=dict)  # the payments outage's figures
 
 
 def _producer_specs(
@@ -954,6 +1209,15 @@ def _producer_specs(
                 "count": share,
                 "seconds": seconds,
                 "poison": poison if i == 0 else 0,
+                # the lean accounts that hold one day: subscribed to the daily plan first, so the
+                # day jump of the payments outage makes their renewals wait for a top-up
+                "lean_daily": [
+                    a["account_id"]
+                    for a in accounts
+                    if a["kind"] == "lean" and a.get("balance_micros") == USD
+                ]
+                if i == 0 and phase == "load"
+                else [],
                 "doomed": doomed if i == min(1, cfg.producers - 1) else 0,
                 "out": str(workdir / f"published-{phase}-{i}.jsonl"),
             }
@@ -1058,11 +1322,58 @@ async def _outbox_size(url: str) -> int:
         await conn.close()
 
 
+def jump_clock(pool: WorkerPool, state: RunState, seconds: float) -> None:
+    """Move the injected clock of every worker and of the scheduler ``seconds`` forward."""
+    state.clock_offset_s += seconds
+    write_clock_offset(pool.clock_file, timedelta(seconds=state.clock_offset_s))
+
+
+def _waiting_renewals(url: str) -> set[str]:
+    async def go() -> set[str]:
+        conn = await _pg_connect(url)
+        try:
+            rows = await conn.fetch(
+                "SELECT key FROM idempotency_keys WHERE kind = 'renew' AND status = 'waiting_for_funds'"
+            )
+            return {r["key"] for r in rows}
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
 def _inject(
     fault: Fault, pool: WorkerPool, rds: RedisInfo, db: Database, state: RunState, console: Console
-) -> None:
+) -> Fault | None:
+    """Inject one fault; returns a follow-up to schedule (the end of a payments outage), if any."""
     try:
-        if fault.kind == "kill_worker":
+        if fault.kind == "clock_jump":
+            jump_clock(pool, state, fault.jump_s)
+            state.clock_jumps.append(fault.jump_s)
+            if state.outage and "ended_ms" not in state.outage and "jump_ms" not in state.outage:
+                state.outage["jump_ms"] = int(time.time() * 1000)  # the day jump that makes renewals due
+            state.faults_injected["clock jump"] += 1
+            console.print(
+                f"{fault.at_s:6.1f}s clock jumps {timedelta(seconds=fault.jump_s)} "
+                f"(injected clock now wall + {timedelta(seconds=round(state.clock_offset_s))})"
+            )
+        elif fault.kind == "payments_outage":
+            state.outage = {"started_ms": int(time.time() * 1000), "planned_s": fault.outage_s}
+            pool.pause(pool.payments_slot)
+            state.faults_injected["payments workers stopped"] += 1
+            console.print(f"{fault.at_s:6.1f}s billing.payments workers stopped for {fault.outage_s:.1f} s")
+            return Fault(round(fault.at_s + fault.outage_s, 2), "payments_resume")
+        elif fault.kind == "payments_resume":
+            # the renewals waiting for a top-up now, and the scheduler passes since the jump that made them due
+            waiting = _waiting_renewals(db.url)
+            state.outage["waiting_renewals"] = len(waiting)
+            state.outage["waiting_keys"] = sorted(waiting)[:50]
+            state.outage["ended_ms"] = int(time.time() * 1000)
+            pool.resume(pool.payments_slot)
+            console.print(
+                f"{fault.at_s:6.1f}s billing.payments workers back; {len(waiting)} renewal(s) waiting for a top-up"
+            )
+        elif fault.kind == "kill_worker":
             pool.kill(fault.slot)
             state.faults_injected["worker SIGKILL"] += 1
         elif fault.kind == "terminate_pg":
@@ -1072,7 +1383,7 @@ def _inject(
         elif fault.kind == "restart_redis":
             if rds.server is None:
                 console.print(f"[yellow]{fault.at_s:6.1f}s Redis restart skipped (fakeredis)[/yellow]")
-                return
+                return None
             console.print(f"{fault.at_s:6.1f}s restarting Redis (SHUTDOWN, {fault.outage_s:.1f} s outage)")
             kept = rds.server.restart(fault.outage_s)
             state.faults_injected["Redis restart"] += 1
@@ -1083,6 +1394,9 @@ def _inject(
             )
     except Exception as exc:  # noqa: BLE001 - a fault that could not be injected is reported, not fatal
         state.fault_errors.append(f"{fault.kind} at {fault.at_s}s: {type(exc).__name__}: {exc}")
+        if fault.kind == "payments_outage":
+            return Fault(round(fault.at_s + fault.outage_s, 2), "payments_resume")
+    return None
 
 
 def _drive(
@@ -1106,7 +1420,9 @@ def _drive(
         now = time.monotonic() - start
         pool.supervise()
         while pending and pending[0].at_s <= now:
-            _inject(pending.pop(0), pool, rds, db, state, console)
+            follow_up = _inject(pending.pop(0), pool, rds, db, state, console)
+            if follow_up is not None:
+                bisect.insort(pending, follow_up, key=lambda f: f.at_s)
         if sample is not None:
             sample(now)
         if now >= next_progress:
@@ -1170,8 +1486,10 @@ def _drain(
     t0: float = 0.0,
     *,
     detect_stranded: bool = True,
+    quiet_needed: int = 3,
+    poll_s: float = 0.5,
 ) -> bool:
-    """Wait until every queue is empty (ready, delayed, in flight) and the outbox too, three checks in a row.
+    """Wait until every queue is empty (ready, delayed, in flight) and the outbox too, ``quiet_needed`` checks in a row.
 
     Returns False on timeout, and as soon as everything left is delayed
     messages stranded in a live worker (:func:`stranded_delayed`, listed in
@@ -1181,7 +1499,7 @@ def _drain(
     start = time.monotonic()
     quiet = 0
     try:
-        while quiet < 3:
+        while quiet < quiet_needed:
             pool.supervise()
             if sample is not None:
                 sample(t0 + time.monotonic() - start)
@@ -1217,11 +1535,365 @@ def _drain(
                     state.stranded += [m for m in stranded if m not in state.stranded]
                     state.drain_detail += f"; {len(stranded)} delayed message(s) stranded in a live worker"
                     return False
-            time.sleep(0.5)
+            time.sleep(poll_s)
         return True
     finally:
         state.drain_s = time.monotonic() - start
         client.close()
+
+
+# ============================================================================ the three numbers
+
+#: Double charges: money taken twice for one thing.  Each query returns one row per violation.
+DOUBLE_CHARGE_CHECKS: dict[str, str] = {
+    # a subscription period charged by more than one ledger row
+    "period charged twice": """
+        SELECT subscription_id, period_start, count(*) AS charges FROM ledger_entries
+        WHERE kind IN ('subscription_charge', 'renewal_charge')
+        GROUP BY subscription_id, period_start HAVING count(*) > 1
+    """,
+    # one provider charge credited by more than one top-up credit (or through more than one attempt)
+    "provider charge credited twice": """
+        SELECT c.idempotency_key, count(DISTINCT t.id) AS attempts, count(l.id) AS credits
+        FROM fake_provider_charges c
+        JOIN top_up_attempts t ON t.provider_idempotency_key = c.idempotency_key
+        LEFT JOIN ledger_entries l ON l.top_up_attempt_id = t.id AND l.kind = 'top_up'
+        WHERE c.status = 'succeeded'
+        GROUP BY c.idempotency_key HAVING count(l.id) > 1 OR count(DISTINCT t.id) > 1
+    """,
+    # one top-up request (message key) that took money more than once at the provider
+    "top-up request charged twice at the provider": """
+        SELECT t.message_idempotency_key, count(*) AS provider_charges FROM top_up_attempts t
+        JOIN fake_provider_charges c ON c.idempotency_key = t.provider_idempotency_key AND c.status = 'succeeded'
+        WHERE t.message_idempotency_key IS NOT NULL
+        GROUP BY t.message_idempotency_key HAVING count(*) > 1
+    """,
+}
+
+#: Lost effects: something was asked (and, where it takes money, paid for) and did not happen.
+#: ``:published``: the published keys; ``:designed``: the keys designed to fail (poison and doomed messages).
+LOST_EFFECT_CHECKS: dict[str, str] = {
+    # a published message that never reached the database (it would have a key row: completed or not),
+    # except a renewal asked before its time, whose key is forgotten (``not_due``,
+    # ``insufficient_funds_before_period_end``): its period must be charged since, or its
+    # subscription past_due (the grace rules) or canceled, or the period not begun yet
+    "published message never processed": """
+        SELECT p.key FROM unnest(:published::text[]) AS p(key)
+        LEFT JOIN unnest(:renew_keys::text[], :renew_subs::text[], :renew_periods::timestamptz[])
+            AS r(key, subscription_id, period_start) ON r.key = p.key
+        WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.key = p.key)
+          AND p.key <> ALL(:designed::text[])
+          AND NOT (r.key IS NOT NULL AND EXISTS (
+              SELECT 1 FROM subscriptions s WHERE s.id = r.subscription_id
+                AND (s.status IN ('past_due', 'canceled')
+                     -- not due yet: the paid period before it is still running
+                     OR (s.current_period_end = r.period_start AND r.period_start > :now)
+                     OR EXISTS (
+                        SELECT 1 FROM ledger_entries l
+                        WHERE l.subscription_id = s.id AND l.kind IN ('subscription_charge', 'renewal_charge')
+                          AND l.period_start = r.period_start))))
+    """,
+    # a key still processing or waiting for funds: its effect (a subscribe, a renewal, a resumed wait,
+    # a top-up) never finished; at the end of a run every owner has passed its deadline
+    "key never finished": """
+        SELECT key, kind, status FROM idempotency_keys WHERE status IN ('processing', 'waiting_for_funds')
+    """,
+    # a key that ended failed or dead, whatever failed_messages says, except the messages designed to
+    # fail and a renewal whose period was paid anyway (under another key) or whose subscription is canceled
+    "message failed": """
+        SELECT k.key, k.kind, k.status, k.last_error FROM idempotency_keys k
+        WHERE k.status IN ('failed', 'dead') AND k.key <> ALL(:designed::text[])
+          AND NOT (k.kind = 'renew' AND EXISTS (
+              SELECT 1 FROM subscriptions s
+              WHERE s.id = COALESCE(k.request->'kwargs'->>'subscription_id', k.result->>'subscription_id')
+                AND (s.status = 'canceled' OR EXISTS (
+                    SELECT 1 FROM ledger_entries l
+                    WHERE l.subscription_id = s.id AND l.kind IN ('subscription_charge', 'renewal_charge')
+                      AND l.period_start = (k.request->'kwargs'->>'period_start')::timestamptz))))
+    """,
+    # a designed failure that did not fail as designed (a poison message must be dead-lettered
+    # as too many deliveries; a doomed one refused as a permanent error), with its record
+    "designed failure not recorded": """
+        SELECT d.key FROM unnest(:designed::text[]) AS d(key)
+        WHERE NOT EXISTS (SELECT 1 FROM idempotency_keys k WHERE k.key = d.key AND k.status IN ('failed', 'dead'))
+           OR NOT EXISTS (SELECT 1 FROM failed_messages f WHERE f.idempotency_key = d.key)
+    """,
+    # an outcome that names an effect the ledger does not have
+    "outcome without its charge": """
+        SELECT k.key, k.kind, k.result->>'outcome' AS outcome FROM idempotency_keys k
+        WHERE k.status = 'completed' AND (
+            (k.kind = 'subscribe' AND k.result->>'outcome' = 'subscribed' AND NOT EXISTS (
+                SELECT 1 FROM subscriptions s JOIN ledger_entries l
+                  ON l.subscription_id = s.id AND l.kind = 'subscription_charge'
+                WHERE s.id = k.result->>'subscription_id'))
+            OR (k.kind = 'renew' AND k.result->>'outcome' = 'renewed' AND NOT EXISTS (
+                SELECT 1 FROM ledger_entries l
+                WHERE l.kind = 'renewal_charge' AND l.subscription_id = k.result->>'subscription_id'
+                  AND l.period_start = (k.result->>'period_start')::timestamptz))
+            OR (k.kind = 'auto_top_up' AND k.result->>'outcome' = 'topped_up' AND NOT EXISTS (
+                SELECT 1 FROM top_up_attempts t JOIN ledger_entries l ON l.top_up_attempt_id = t.id
+                WHERE t.message_idempotency_key = k.key AND l.kind = 'top_up')))
+    """,
+    # the customer's card was charged and the balance never credited
+    "provider charge never credited": """
+        SELECT c.idempotency_key, c.charge_id, c.amount_micros FROM fake_provider_charges c
+        WHERE c.status = 'succeeded' AND NOT EXISTS (
+            SELECT 1 FROM top_up_attempts t JOIN ledger_entries l ON l.top_up_attempt_id = t.id
+            WHERE t.provider_idempotency_key = c.idempotency_key AND l.kind = 'top_up')
+    """,
+    # a top-up never settled (one the provider still processes is settled by a later look)
+    "top-up never settled": """
+        SELECT id AS attempt_id, account_id, provider_status FROM top_up_attempts
+        WHERE status = 'pending' AND provider_status IS DISTINCT FROM 'processing'
+    """,
+    # a message waiting for funds that was never re-run
+    "wait never resumed": "SELECT idempotency_key, account_id, actor_name FROM funds_waits",
+    # a message written with its effect that never reached Redis
+    "outbox row never relayed": "SELECT message_id, actor_name, created_at FROM outbox",
+    # paid time taken away: a subscription canceled before the end of the period it paid for
+    "paid period cut short": """
+        SELECT id AS subscription_id, cancel_reason, canceled_at, current_period_end FROM subscriptions
+        WHERE status = 'canceled' AND canceled_at < current_period_end
+    """,
+}
+
+#: Unpaid entitled periods: service given for time nobody paid for, beyond SPEC's grace rules
+#: (past_due is entitled until the end of its grace; canceled is not entitled).  ``:now``: now.
+UNPAID_ENTITLED_CHECKS: dict[str, str] = {
+    "active past its period end": """
+        SELECT id AS subscription_id, account_id, current_period_end FROM subscriptions
+        WHERE status = 'active' AND current_period_end <= :now
+    """,
+    "past_due past its grace": """
+        SELECT id AS subscription_id, account_id, grace_ends_at FROM subscriptions
+        WHERE status = 'past_due' AND (grace_ends_at IS NULL OR grace_ends_at <= :now)
+    """,
+    # the period a live subscription is in (or was last paid for, past_due) has no charge
+    "current period never charged": """
+        SELECT s.id AS subscription_id, s.status, s.current_period_start FROM subscriptions s
+        WHERE s.status <> 'canceled' AND NOT EXISTS (
+            SELECT 1 FROM ledger_entries l
+            WHERE l.subscription_id = s.id AND l.kind IN ('subscription_charge', 'renewal_charge')
+              AND l.period_start = s.current_period_start)
+    """,
+    # what services read (the entitlement projection) grants what the subscription does not
+    "entitlement without a paid subscription": """
+        SELECT e.account_id, e.plan_id, e.subscription_id, s.status FROM entitlements e
+        JOIN subscriptions s ON s.id = e.subscription_id
+        WHERE e.entitled AND (s.status = 'canceled'
+              OR (s.status = 'active' AND e.current_period_end <= :now)
+              OR (s.status = 'past_due' AND (e.grace_ends_at IS NULL OR e.grace_ends_at <= :now)))
+    """,
+    # a managed API key that still works for a canceled subscription
+    "active key of a canceled subscription": """
+        SELECT k.id AS key_id, k.subscription_id FROM api_keys k JOIN subscriptions s ON s.id = k.subscription_id
+        WHERE k.source = 'managed' AND k.status = 'active' AND s.status = 'canceled'
+    """,
+}
+
+
+@dataclass
+class PromiseReport:
+    """The three numbers of the promise, with the rows behind each (first ``limit`` per check)."""
+
+    double: dict[str, list[dict[str, Any]]]
+    lost: dict[str, list[dict[str, Any]]]
+    unpaid: dict[str, list[dict[str, Any]]]
+    counts: dict[str, int]
+
+    def total(self, group: str) -> int:
+        checks = {
+            "double": DOUBLE_CHARGE_CHECKS,
+            "lost": LOST_EFFECT_CHECKS,
+            "unpaid": UNPAID_ENTITLED_CHECKS,
+        }
+        return sum(self.counts[f"{group}:{name}"] for name in checks[group])
+
+    @property
+    def double_charges(self) -> int:
+        return self.total("double")
+
+    @property
+    def lost_effects(self) -> int:
+        return self.total("lost")
+
+    @property
+    def unpaid_entitled_periods(self) -> int:
+        return self.total("unpaid")
+
+    def breakdown(self, group: str) -> str:
+        found = {k.split(":", 1)[1]: n for k, n in self.counts.items() if k.startswith(f"{group}:") and n}
+        return ", ".join(f"{k} {n}" for k, n in found.items()) or "none"
+
+
+async def count_promise(
+    conn: asyncpg.Connection,
+    *,
+    now: datetime,
+    published: set[str] | list[str],
+    designed_failures: set[str] | list[str],
+    renewals: dict[str, tuple[str, datetime]] | None = None,
+    limit: int = 20,
+) -> PromiseReport:
+    """Count double charges, lost effects and unpaid entitled periods, from the database and the provider's table.
+
+    Strict: a ``failed_messages`` row excuses nothing; only the messages
+    designed to fail (``designed_failures``) may end failed, and they must.
+    ``renewals`` gives the published renewals' (subscription, period start)
+    by key, so a renewal asked early, whose key is forgotten, is judged by
+    its period.
+    Run it once the queues are drained and every owner has passed its
+    deadline (:func:`drive_owners`), at the injected clock's ``now``.
+    """
+    published_l, designed_l = sorted(published), sorted(designed_failures)
+    double: dict[str, list[dict[str, Any]]] = {}
+    lost: dict[str, list[dict[str, Any]]] = {}
+    unpaid: dict[str, list[dict[str, Any]]] = {}
+    counts: dict[str, int] = {}
+    # one snapshot; inside a caller's transaction (the tests' rolled-back corruptions), that one
+    tx = None if conn.is_in_transaction() else conn.transaction(isolation="repeatable_read", readonly=True)
+    if tx is not None:
+        await tx.start()
+    try:
+        renew = sorted((renewals or {}).items())
+        params = {
+            "published": published_l,
+            "designed": designed_l,
+            "renew_keys": [k for k, _ in renew],
+            "renew_subs": [sub for _, (sub, _) in renew],
+            "renew_periods": [period for _, (_, period) in renew],
+            "now": now,
+        }
+        for group, checks, out in (
+            ("double", DOUBLE_CHARGE_CHECKS, double),
+            ("lost", LOST_EFFECT_CHECKS, lost),
+            ("unpaid", UNPAID_ENTITLED_CHECKS, unpaid),
+        ):
+            for name, sql in checks.items():
+                sql, args = _numbered(sql, params)
+                rows = [dict(r) for r in await conn.fetch(sql, *args)]
+                counts[f"{group}:{name}"] = len(rows)
+                out[name] = [{k: _plain_value(v) for k, v in r.items()} for r in rows[:limit]]
+    finally:
+        if tx is not None:
+            await tx.rollback()
+    return PromiseReport(double, lost, unpaid, counts)
+
+
+def _numbered(sql: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
+    """``:name`` placeholders to asyncpg's ``$n``, with the values of the names the query uses."""
+    args: list[Any] = []
+    for name, value in params.items():
+        if f":{name}" in sql:
+            args.append(value)
+            sql = re.sub(rf"(?<!:):{name}\b", f"${len(args)}", sql)
+    return sql, args
+
+
+def _plain_value(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+#: Clock steps that take every owner past its deadline once the load has drained: past the key
+#: lease and the top-up deadline, past the fake provider's processing time and the reconciler's
+#: processing poll, past the end of grace of a subscription that went past_due at the last jump;
+#: then past the lease and top-up deadline again for what that step started.
+DRIVE_STEPS_S: list[float] = [20 * 60.0, 2 * 3_600.0, 3 * 86_400.0 + 3_600.0, 20 * 60.0, 20 * 60.0]
+#: Further 20-minute steps while something still waits (top-up pending, key unfinished, wait, outbox).
+DRIVE_EXTRA_STEPS = 6
+
+_UNSETTLED = """
+    SELECT (SELECT count(*) FROM idempotency_keys WHERE status IN ('processing', 'waiting_for_funds'))
+         + (SELECT count(*) FROM top_up_attempts
+            WHERE status = 'pending' AND provider_status IS DISTINCT FROM 'processing')
+         + (SELECT count(*) FROM funds_waits) + (SELECT count(*) FROM outbox)
+         + (SELECT count(*) FROM subscriptions WHERE status = 'active' AND current_period_end <= $1)
+         + (SELECT count(*) FROM subscriptions WHERE status = 'past_due' AND grace_ends_at <= $1)
+"""
+
+
+def _unsettled(url: str, now: datetime) -> int:
+    async def go() -> int:
+        conn = await _pg_connect(url)
+        try:
+            return int(await conn.fetchval(_UNSETTLED, now))
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def _wait_for_pass(pool: WorkerPool, after_ms: int, timeout_s: float = 60) -> dict[str, Any] | None:
+    """The first scheduler pass that started after ``after_ms`` (wall ms) and finished without error."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pool.supervise()
+        for p in read_passes(pool.passes_path):
+            if p["t0"] > after_ms and "error" not in p:
+                return p
+        time.sleep(0.1)
+    return None
+
+
+def _pass_work(p: dict[str, Any]) -> int:
+    return int(
+        p.get("renewals", 0) + p.get("retries", 0) + p.get("redriven", 0) + p.get("ended", 0)
+        + p.get("released", 0) + sum(p.get("settled", {}).values())
+    )  # fmt: skip
+
+
+def drive_owners(
+    pool: WorkerPool, rds: RedisInfo, db: Database, state: RunState, console: Console, *, timeout_s: float
+) -> bool:
+    """Take every waiting state past its owner's deadline, so the quiescent audit can pass honestly.
+
+    For each step of :data:`DRIVE_STEPS_S` (then up to :data:`DRIVE_EXTRA_STEPS`
+    more of 20 minutes while something still waits): jump the injected
+    clock, then, up to 4 rounds, wait for a scheduler pass that started
+    after the jump (due scan, completer, reconciler) and for the queues to
+    drain; the step is done when a pass started after the drain finds
+    nothing to do.  Returns whether the end state is settled: nothing
+    processing, waiting, pending, in the outbox, or entitled past its deadline.
+    """
+    started = time.monotonic()
+    clock = OffsetClock(pool.clock_file)
+    steps = list(DRIVE_STEPS_S)
+    extra = 0
+    while steps:
+        step = steps.pop(0)
+        jump_clock(pool, state, step)
+        state.drive_jumps.append(step)
+        mark = int(time.time() * 1000)
+        for _ in range(4):
+            state.drive_rounds += 1
+            p = _wait_for_pass(pool, mark)
+            if p is None:
+                console.print("[red]no scheduler pass within 60 s[/red]")
+                break
+            drained = _drain(
+                pool, rds, db, state, timeout_s, detect_stranded=False, quiet_needed=2, poll_s=0.25
+            )
+            mark = int(time.time() * 1000)
+            if not drained:
+                break
+            if _pass_work(p) == 0:
+                break
+        if time.monotonic() - started > timeout_s:
+            break
+        if not steps and extra < DRIVE_EXTRA_STEPS and _unsettled(db.url, clock.now()):
+            extra += 1
+            steps.append(20 * 60.0)
+    # one more pass after the last drain, and the queues still empty after it
+    _wait_for_pass(pool, int(time.time() * 1000))
+    _drain(pool, rds, db, state, timeout_s, detect_stranded=False, quiet_needed=2, poll_s=0.25)
+    state.drive_s = time.monotonic() - started
+    state.drive_settled = _unsettled(db.url, clock.now()) == 0
+    console.print(
+        f"owners driven past their deadlines: {len(state.drive_jumps)} clock steps "
+        f"({', '.join(str(timedelta(seconds=j)) for j in state.drive_jumps)}), {state.drive_rounds} rounds, "
+        f"{state.drive_s:.1f} s; {'settled' if state.drive_settled else '[red]NOT settled[/red]'}"
+    )
+    return state.drive_settled
 
 
 # ============================================================================ figures
@@ -1329,6 +2001,9 @@ async def _db_figures(url: str) -> dict[str, Any]:
                 "SELECT status, count(*) AS n, sum(calls) AS calls FROM fake_provider_charges GROUP BY 1 ORDER BY 1"
             ),
             "top_ups": await rows("SELECT status, count(*) AS n FROM top_up_attempts GROUP BY 1 ORDER BY 1"),
+            "cards": await rows(
+                "SELECT payment_method_ref AS card, count(*) AS n FROM top_up_attempts GROUP BY 1 ORDER BY 1"
+            ),
             "subscriptions": await rows(
                 "SELECT status, count(*) AS n FROM subscriptions GROUP BY 1 ORDER BY 1"
             ),
@@ -1478,7 +2153,9 @@ def run_chaos(cfg: ChaosConfig, console: Console | None = None) -> int:
             )
             # the producers sign every message and the workers check it (tasks/signing.py)
             signing_keys = json.dumps({"chaos": secrets.token_hex(32)})
-            pool = WorkerPool(cfg, db.url, rds.url, logs, signing_keys)
+            clock_file = workdir / "clock-offset-ms"
+            write_clock_offset(clock_file, timedelta(0))
+            pool = WorkerPool(cfg, db.url, rds.url, logs, signing_keys, clock_file=clock_file)
             stack.callback(pool.stop_all)
 
             def stop_producers() -> None:
@@ -1489,8 +2166,12 @@ def run_chaos(cfg: ChaosConfig, console: Console | None = None) -> int:
 
             stack.callback(stop_producers)
             pool.start_all()
-            _wait_for_workers(rds.url, cfg.workers, pool)
-            console.print(f"{cfg.workers} workers up; logs in {logs}")
+            _wait_for_workers(rds.url, cfg.workers + 1, pool)
+            pool.start_scheduler()
+            console.print(
+                f"{cfg.workers} billing workers, 1 billing.payments worker and the scheduler "
+                f"(a pass every {SCHEDULER_INTERVAL_MS} ms) up; logs in {logs}"
+            )
 
             t_zero = time.monotonic()
 
@@ -1591,6 +2272,7 @@ def run_chaos(cfg: ChaosConfig, console: Console | None = None) -> int:
                 )
                 state.drain_s += first_drain_s
                 console.print(f"drain after the restart: {state.drain_detail} after {state.drain_s:.1f} s")
+            drive_owners(pool, rds, db, state, console, timeout_s=cfg.drain_timeout_s)
             pool.stop_all()
             ok = _report(cfg, state, db, rds, pool, all_specs, logs, failed_producers, console)
     except KeyboardInterrupt:
@@ -1633,63 +2315,46 @@ def _report(
     events, transient, dramatiq_lines = _log_counts(logs)
     figures = asyncio.run(_db_figures(db.url))
 
-    async def audit() -> Any:
+    published_keys = {r["k"] for r in records}
+    poison_keys = {k for k in published_keys if POISON_MARK in k}
+    doomed_keys = {k for k in published_keys if ":doomed" in k}
+    # the injected clock's "now": every owner has been driven past its deadline up to it
+    now = OffsetClock(pool.clock_file).now()
+
+    async def audit() -> tuple[Any, PromiseReport]:
         engine = _engine(db.url)
         try:
-            return await run_audit(engine, quiescent=True, limit=100_000)
+            report = await run_audit(engine, quiescent=True, limit=100_000, now=now)
         finally:
             await engine.dispose()
+        conn = await _pg_connect(db.url)
+        try:
+            promise = await count_promise(
+                conn,
+                now=now,
+                published=published_keys,
+                designed_failures=poison_keys | doomed_keys,
+                renewals={r["k"]: (r["s"], datetime.fromisoformat(r["p"])) for r in records if "s" in r},
+            )
+        finally:
+            await conn.close()
+        return report, promise
 
-    report = asyncio.run(audit())
-
-    # lost: a published key without a terminal record (completed, or failed/dead with the operators)
-    recorded_failures = {f["idempotency_key"] for f in figures["failed"] if f["idempotency_key"]}
-    published_keys = {r["k"] for r in records}
-    lost = sorted(
-        k
-        for k in published_keys
-        if not (
-            figures["keys"].get(k) == "completed"
-            or (figures["keys"].get(k) in ("failed", "dead") and k in recorded_failures)
-            or k in recorded_failures
-        )
+    report, promise = asyncio.run(audit())
+    double_charges, lost_effects, unpaid = (
+        promise.double_charges,
+        promise.lost_effects,
+        promise.unpaid_entitled_periods,
     )
-    # which failures the known Dramatiq issue explains: a retry not enqueued while Redis was
-    # down, then acked (retries_not_enqueued); with it, messages waiting for that account's top-up
+    lost = sorted(
+        str(r.get("key"))
+        for name in ("published message never processed", "key never finished", "message failed")
+        for r in promise.lost[name]
+    )
+    # the two Dramatiq bugs around a Redis restart (fixed in workers/broker.py) are still looked
+    # for, to be named if they come back; they excuse nothing
     not_enqueued = retries_not_enqueued(logs)
-    explained_keys = {
-        k
-        for k, (message_id, _) in figures["key_info"].items()
-        if message_id in not_enqueued and figures["keys"][k] != "completed"
-    }
-    explained_accounts = {figures["key_info"][k][1] for k in explained_keys} - {None}
-
-    def explained(key: str) -> bool:
-        account = figures["key_info"].get(key, (None, None))[1]
-        return key in explained_keys or (
-            figures["keys"].get(key) == "waiting_for_funds" and account in explained_accounts
-        )
-
-    lost_explained = [k for k in lost if explained(k)]
-    unexplained_violations = {
-        name: kept
-        for name, found in report.violations.items()
-        if (
-            kept := [
-                v
-                for v in found
-                if not (name == "no_unfinished_keys" and explained(v["key"]))
-                and not (name == "no_pending_top_up" and v["account_id"] in explained_accounts)
-            ]
-        )
-    }
-    periods_twice = len(report.violations.get("period_charged_once", []))
-    provider = report.violations.get("provider_charge_credited_once", [])
-    credited_twice = sum(1 for v in provider if int(v["credits"]) > 1 or int(v["attempts"]) > 1)
-    not_credited = sum(1 for v in provider if int(v["credits"]) == 0)
-    double_charges = periods_twice + credited_twice
     failures = Counter(f["error_type"] for f in figures["failed"])
-    poison_keys = {k for k in published_keys if POISON_MARK in k}
     poison_dead = {
         f["idempotency_key"]
         for f in figures["failed"]
@@ -1706,16 +2371,37 @@ def _report(
         faults_total["provider timeout after charging"] = transient.get("ProviderTimeout", 0)
         faults_total["provider error before charging"] = transient.get("ProviderError", 0)
         faults_total["provider decline"] = provider_declines
+    cards = {r["card"]: int(r["n"]) for r in figures["cards"]}
+    for card in ("pm_never_answers", "pm_silent_charge", "pm_processing", "pm_processing_fail"):
+        faults_total[f"top-ups on {card}"] = cards.get(card, 0)
+    passes = read_passes(pool.passes_path)
+    outage = state.outage
+    outage_passes = [
+        p
+        for p in passes
+        if outage.get("jump_ms", 1 << 62) <= p["t0"] and p["t1"] <= outage.get("ended_ms", 0)
+    ]
+    outage_resends = len([p for p in outage_passes if p.get("renewals", 0) > 0])
+    waiting_after = {k: figures["keys"].get(k) for k in outage.get("waiting_keys", [])}
 
     checks: dict[str, bool] = {
         "queues drained": state.drained,
+        "owners driven to a settled state": state.drive_settled,
         "audit passed": report.ok,
         "no double charge": double_charges == 0,
-        "no lost message": not lost and not_credited == 0,
+        "no lost effect": lost_effects == 0,
+        "no unpaid entitled period": unpaid == 0,
         "all producers finished": not failed_producers,
         "faults injected as scheduled": not state.fault_errors,
         "poison messages dead-lettered": poison_dead == poison_keys,
     }
+    if cfg.faults:
+        # the outage must outlast the delivery limit with renewals waiting, or it tested nothing
+        checks["renewals waited through more re-sends than the delivery limit"] = (
+            outage.get("waiting_renewals", 0) > 0 and outage_resends > MAX_DELIVERIES
+        )
+        if rds.server is not None:
+            checks["Redis restarted"] = state.faults_injected.get("Redis restart", 0) == 1
     if state.redis_data_kept is not None:
         checks["Redis kept its data across the restart"] = state.redis_data_kept
 
@@ -1771,34 +2457,48 @@ def _report(
             + f"; poison {len(poison_dead)}/{len(poison_keys)}",
         )
     )
-    rows.append(
-        (
-            "double charges",
-            f"{double_charges} (periods charged twice {periods_twice}, provider charges credited twice {credited_twice})",
-        )
-    )
-    rows.append(
-        (
-            "lost messages",
-            f"{len(lost)} (and provider charges never credited: {not_credited})"
-            + (f"; {len(lost_explained)} of them by the known issue below" if lost_explained else ""),
-        )
-    )
-    if state.stranded:
+    if state.clock_jumps or state.drive_jumps:
         rows.append(
             (
-                "KNOWN ISSUE: delayed messages stranded",
-                f"{len(state.stranded)} retry(ies) held by a live worker when Redis restarted were dropped from its "
-                f"memory but not requeued (dramatiq issue #527); after restarting the workers the queues "
-                f"{'drained' if state.drained_after_restart else 'still did NOT drain'}",
+                "clock jumps (injected clock)",
+                f"during the load: {', '.join(str(timedelta(seconds=j)) for j in state.clock_jumps) or 'none'}; "
+                f"driving the owners at the end: {', '.join(str(timedelta(seconds=j)) for j in state.drive_jumps)} "
+                f"({state.drive_rounds} scheduler rounds, {state.drive_s:.1f} s); "
+                f"total {timedelta(seconds=round(state.clock_offset_s))}",
             )
         )
-    if not_enqueued:
+    if outage:
         rows.append(
             (
-                "KNOWN ISSUE: retries not enqueued",
-                f"{len(not_enqueued)} message(s) failed transiently while Redis was down: Dramatiq could not enqueue "
-                f"the retry and acked the message (dramatiq PR #545); {len(explained_keys)} key(s) left unfinished",
+                "payments outage",
+                f"billing.payments workers stopped {(outage.get('ended_ms', 0) - outage['started_ms']) / 1000:.1f} s; "
+                f"{outage.get('waiting_renewals', 0)} renewal(s) waiting for a top-up at its end, re-sent by "
+                f"{outage_resends} scheduler passes after the day jump (delivery limit {MAX_DELIVERIES}); "
+                f"their keys at the end: "
+                + (
+                    ", ".join(
+                        f"{k} {v}" for k, v in sorted(Counter(map(str, waiting_after.values())).items())
+                    )
+                    or "none"
+                ),
+            )
+        )
+    rows.append(
+        (
+            "scheduler passes",
+            f"{len(passes):,} ({sum(1 for p in passes if 'error' in p)} failed: Redis or PostgreSQL down)",
+        )
+    )
+    rows.append(("double charges", f"{double_charges} ({promise.breakdown('double')})"))
+    rows.append(("lost effects", f"{lost_effects} ({promise.breakdown('lost')})"))
+    rows.append(("unpaid entitled periods", f"{unpaid} ({promise.breakdown('unpaid')})"))
+    if state.stranded or not_enqueued:
+        rows.append(
+            (
+                "DRAMATIQ BUG BACK",
+                f"delayed messages stranded in a live worker {len(state.stranded)} (dramatiq issue #527), "
+                f"retries not enqueued while Redis was down {len(not_enqueued)} (dramatiq PR #545); "
+                "both fixed in workers/broker.py, so this is a regression",
             )
         )
     rows.append(
@@ -1860,25 +2560,13 @@ def _report(
 
     if not report.ok:
         console.print_json(json.dumps({k: v[:10] for k, v in report.violations.items() if v}, default=str))
-    if lost:
-        console.print(f"[red]lost keys (first 20): {lost[:20]}[/red]")
+    for group, found in (("double charges", promise.double), ("lost effects", promise.lost),
+                         ("unpaid entitled periods", promise.unpaid)):  # fmt: skip
+        shown = {k: v[:5] for k, v in found.items() if v}
+        if shown:
+            console.print(f"[red]{group}:[/red]")
+            console.print_json(json.dumps(shown, default=str))
     passed = all(checks.values())
-    # failed only by the known issue: lost keys and audit violations all explained by it, every other check passed
-    known_issue_only = (
-        not passed
-        and bool(not_enqueued or state.stranded)
-        and {k for k, v in checks.items() if not v}
-        <= {"no lost message", "audit passed"}
-        | ({"queues drained"} if state.drained_after_restart else set())
-        and len(lost_explained) == len(lost)
-        and not_credited == 0
-        and not unexplained_violations
-    )
-    if known_issue_only:
-        console.print(
-            "[yellow]every failure is explained by the known Dramatiq bugs around a Redis restart "
-            "(docs/reliability.md, Known issues)[/yellow]"
-        )
     console.print(
         "[green bold]every check passed[/green bold]"
         if passed
@@ -1897,9 +2585,24 @@ def _report(
         "keys": len(published_keys),
         "repeated_publishes": repeated,
         "double_charges": double_charges,
-        "lost": len(lost),
+        "lost_effects": lost_effects,
+        "unpaid_entitled_periods": unpaid,
         "lost_keys": lost[:100],
-        "not_credited": not_credited,
+        "promise": {
+            "counts": promise.counts,
+            "double": promise.double,
+            "lost": promise.lost,
+            "unpaid": promise.unpaid,
+        },
+        "clock": {
+            "now": now.isoformat(),
+            "offset_s": state.clock_offset_s,
+            "jumps": state.clock_jumps,
+            "drive_jumps": state.drive_jumps,
+            "drive_rounds": state.drive_rounds,
+            "drive_s": state.drive_s,
+        },
+        "outage": {**outage, "resends": outage_resends, "keys_at_end": waiting_after},
         "dead_lettered": dict(failures),
         "poison": {"published": len(poison_keys), "dead": len(poison_dead)},
         "faults": faults_total,
@@ -1914,14 +2617,7 @@ def _report(
         "violations": {k: v[:20] for k, v in report.violations.items() if v},
         "redis": rds.label,
         "postgresql": db.label,
-        "known_issue": {
-            "retries_not_enqueued": sorted(not_enqueued),
-            "keys_left_unfinished": sorted(explained_keys),
-            "stranded_delayed": state.stranded,
-            "drained_after_restart": state.drained_after_restart,
-            "lost_explained": len(lost_explained),
-            "only_known_issue": known_issue_only,
-        },
+        "dramatiq_bugs": {"retries_not_enqueued": sorted(not_enqueued), "stranded_delayed": state.stranded},
         "drain_detail": state.drain_detail,
         "fault_errors": state.fault_errors,
         "failed_producers": failed_producers,
@@ -2067,6 +2763,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["produce"]:
         return produce(json.loads(Path(argv[1]).read_text()))
+    if argv[:1] == ["schedule"]:
+        return schedule(json.loads(Path(argv[1]).read_text()))
     return run_chaos(_config_from_args(argv))
 
 

@@ -1,29 +1,27 @@
-"""The short chaos run (issue 5): faults while load flows, then the audit, in ``make test``.
+"""The short chaos run (issue 5, issue 11): faults while load flows, then the oracle, in ``make test``.
 
 ``python -m workers.chaos`` runs as a subprocess, as ``make chaos`` does, but
 for 30 s and 3,000 messages with a fixed seed: SIGKILLed workers, a Redis
-restart, terminated PostgreSQL connections, a fake provider that declines,
-fails and times out after charging, and poison messages.  It uses the test
-session's PostgreSQL server (a fresh ``billing_chaos_*`` database on it) and
-starts its own append-only redis-server.  The checks hold for any fault
-timing: a failure here is a bug to report, never a flake to retry.
+restart, terminated PostgreSQL connections, the ``billing.payments`` workers
+stopped for longer than the delivery limit while renewals wait for their
+top-ups, injected-clock jumps past the key lease, the top-up deadline and
+the grace period, a fake provider that declines, fails, times out after
+charging, never answers (``pm_never_answers``), charges and never answers
+(``pm_silent_charge``) or answers ``processing`` for a while
+(``pm_processing``, ``pm_processing_fail``), and poison messages.  At the
+end the runner drives every owner past its deadline on the injected clock,
+then counts double charges, lost effects and unpaid entitled periods
+(``workers.chaos.count_promise``; tests/integration/test_chaos_oracle.py
+shows each check both ways) and runs the quiescent audit at that clock.
+It uses the test session's PostgreSQL server (a fresh ``billing_chaos_*``
+database on it) and starts its own append-only redis-server.  The checks
+hold for any fault timing: a failure here is a bug to report, never a
+flake to retry, and nothing is excused.
 
-Two bugs of Dramatiq 2.2 (not of the money path) were found this way; each
-has a deterministic reproduction below, marked ``xfail(strict=True)``, so
-the fix will show as XPASS:
-
-* a message that fails with a transient error while Redis is down loses
-  its retry: the ``Retries`` middleware's enqueue fails, the broker only
-  logs it, and the worker acks the message anyway (Bogdanp/dramatiq PR
-  #545): no retry, no ``failed_messages`` record, the key stays
-  ``processing``;
-* a retry waiting for its backoff in a worker's memory when Redis restarts
-  is dropped from that memory but stays in the worker's acknowledgement
-  set: nobody delivers it again while that worker lives (Bogdanp/dramatiq
-  issue #527).
-
-When the short run fails only by these (the runner tells: lost keys and
-audit violations all traced to them), it xfails with the details.
+Two bugs of Dramatiq 2.2 around a Redis restart were found this way and are
+fixed in ``workers/broker.py``; each has a regression test below that
+checks the restart really hit its window (and fails if it did not), so it
+cannot pass without testing anything.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,41 +72,52 @@ def test_short_chaos_run_loses_nothing_and_charges_nothing_twice(services, tmp_p
     output = proc.stdout + proc.stderr
     assert result_path.exists(), output[-6000:]
     result = json.loads(result_path.read_text())
-    # nothing left behind: no worker, producer or redis-server of the run is still running
+    # nothing left behind: no worker, scheduler, producer or redis-server of the run is still running
     assert _processes_of_run(result["run"]) == []
-    known = result["known_issue"]
-    if known["only_known_issue"]:
-        # Timing decides whether a message is between a transient error and its retry when Redis
-        # restarts.  When one is, the Dramatiq bugs reproduced by the two strict xfail tests below
-        # strand or lose it; the run then fails on that alone, and this test xfails.  Any other
-        # failure, or one these bugs do not explain, fails the test.
-        pytest.xfail(
-            f"known Dramatiq bugs around a Redis restart: retries not enqueued {known['retries_not_enqueued']} "
-            f"(keys left unfinished {known['keys_left_unfinished']}), delayed messages stranded "
-            f"{known['stranded_delayed']}"
-        )
     assert proc.returncode == 0, output[-6000:]
     assert f"seed {SEED}" in output
     assert "every check passed" in output
-    assert result["double_charges"] == 0
-    assert result["lost"] == 0
+    # the three numbers
+    assert (result["double_charges"], result["lost_effects"], result["unpaid_entitled_periods"]) == (0, 0, 0)
+    assert result["promise"]["counts"] and not any(result["promise"]["counts"].values())
     assert result["audit_ok"]
     assert all(result["checks"].values()), result["checks"]
     # the table says so too
     table = {row[0]: row[1] for row in result["rows"]}
     assert table["double charges"].startswith("0 ")
-    assert table["lost messages"].startswith("0 ")
+    assert table["lost effects"].startswith("0 ")
+    assert table["unpaid entitled periods"].startswith("0 ")
     # the load and the faults were what the run claims
     assert result["published"] >= 3000
     assert result["repeated_publishes"] >= 0.10 * result["published"]
-    assert result["faults"]["worker SIGKILL"] >= 5
+    faults = result["faults"]
+    assert faults["worker SIGKILL"] >= 5
+    assert faults["pg_terminate_backend passes"] >= 2
     if "fakeredis" not in result["redis"]:
-        assert result["faults"]["Redis restart"] == 1
-    assert result["faults"]["pg_terminate_backend passes"] >= 2
+        assert faults["Redis restart"] == 1  # also a check of the run ("Redis restarted")
+    assert faults["clock jump"] == 3
+    assert faults["payments workers stopped"] == 1
+    # renewals waited for their top-ups through more scheduler re-sends than the delivery limit
+    # allows deliveries, and every one of them finished
+    outage = result["outage"]
+    assert outage["waiting_renewals"] >= 1 and outage["resends"] > 8, outage
+    # (completed; or forgotten, None, when the resumed renewal was asked before its period began)
+    assert set(outage["keys_at_end"].values()) <= {"completed", None}, outage
+    # the new provider behaviours were met: top-ups on each of them
+    for card in ("pm_never_answers", "pm_silent_charge", "pm_processing", "pm_processing_fail"):
+        assert faults[f"top-ups on {card}"] >= 1, (card, faults)
+    # the owners were driven past the key lease, the top-up deadline and the grace period
+    assert sum(result["clock"]["drive_jumps"]) >= 3 * 86_400
     # poison messages: each killed its worker a bounded number of times, then was dead-lettered
     assert result["poison"] == {"published": 2, "dead": 2}
-    assert result["dead_lettered"]["too_many_deliveries"] == 2
+    # (other keys may have failure rows too, e.g. a top-up whose retries ran out before the reconciler
+    # settled it: the oracle above judges their end state, not their rows)
+    assert result["dead_lettered"]["too_many_deliveries"] >= 2
     assert 2 <= result["worker_exits"].get("poison", 0) <= 2 * 8
+    assert (
+        not result["dramatiq_bugs"]["retries_not_enqueued"]
+        and not result["dramatiq_bugs"]["stranded_delayed"]
+    )
     print(f"short chaos run: {elapsed:.1f} s")
 
 
@@ -205,8 +215,18 @@ def test_a_message_failing_transiently_while_redis_is_down_is_retried_or_recorde
             account_id="a1", idempotency_key="outage", amount_micros=20 * USD
         )
         _wait(lambda: db("SELECT 1 FROM idempotency_keys WHERE key = 'outage'"), 60, "the claim")
-        if not server.restart(outage_s=2.5):
+        down_at = time.time()
+        if not server.restart(outage_s=3.0):
             raise RuntimeError("Redis lost its data")
+        up_at = time.time()
+        # the restart must hit its window: the provider call failed (and its retry was enqueued)
+        # while Redis was down; otherwise this test tested nothing, and fails
+        _wait(lambda: _events(tmp_path / "logs", "transient_error"), 10, "the transient error")
+        failed_at = _events(tmp_path / "logs", "transient_error")[0]
+        assert down_at < failed_at < up_at, (
+            f"the Redis restart missed its window: the provider call failed at {failed_at:.2f}, "
+            f"Redis was down from {down_at:.2f} to {up_at:.2f}"
+        )
         if _wait(lambda: db(_TERMINAL), 8):
             return  # fixed: retried to the end and recorded for operators
         log.flush()
@@ -235,8 +255,8 @@ def test_a_retry_waiting_for_its_backoff_survives_a_redis_restart(services, setu
     from workers.chaos import stranded_delayed
 
     setup(accounts=[_ERRING_CARD])
-    # the first delivery fails at once; its retry waits 3 s in the worker's delay queue
-    server, worker, log = _start(tmp_path, BILLING_MIN_BACKOFF_MS="3000", BILLING_MAX_BACKOFF_MS="3000")
+    # the first delivery fails at once; its retry waits 4 s in the worker's delay queue
+    server, worker, log = _start(tmp_path, BILLING_MIN_BACKOFF_MS="4000", BILLING_MAX_BACKOFF_MS="4000")
     client = redis.Redis.from_url(server.url)
     try:
         message_id = Producer(server.url).auto_top_up(
@@ -247,6 +267,14 @@ def test_a_retry_waiting_for_its_backoff_survives_a_redis_restart(services, setu
             60,
             "the retry to be held by the worker's delay queue",
         )
+        # the restart must hit its window: the retry still waits for its eta when Redis goes down
+        # (otherwise it would run before the restart and this test would test nothing, and it fails)
+        etas = _delayed_etas(client)
+        down_at_ms = time.time() * 1000
+        assert etas and min(etas) > down_at_ms + 500, (
+            f"the Redis restart missed its window: retry eta {etas}, Redis going down at {down_at_ms:.0f}"
+        )
+        assert not db(_TERMINAL)
         if not server.restart(outage_s=1.0):
             raise RuntimeError("Redis lost its data")
         if _wait(lambda: db(_TERMINAL), 10):
@@ -269,3 +297,30 @@ def _wait(predicate: Any, timeout_s: float, what: str | None = None) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def _events(logs: Path, name: str) -> list[float]:
+    """Wall times (epoch seconds) of the workers' JSON log lines for event ``name``, in order."""
+    found = []
+    for path in sorted(logs.glob("worker-*.log")):
+        for raw in path.read_bytes().splitlines():
+            if not raw.startswith(b"{"):
+                continue
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if event.get("event") == name and "timestamp" in event:
+                found.append(datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp())
+    return sorted(found)
+
+
+def _delayed_etas(client: Any) -> list[float]:
+    """The etas (epoch ms) of the delayed messages of ``billing.payments`` held by a worker."""
+    etas = []
+    for ack_key in client.scan_iter("dramatiq:__acks__.*.billing.payments.DQ"):
+        for redis_id in client.smembers(ack_key):
+            raw = client.hget("dramatiq:billing.payments.DQ.msgs", redis_id)
+            if raw is not None:
+                etas.append(float(json.loads(raw)["options"]["eta"]))
+    return etas
