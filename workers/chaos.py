@@ -1367,7 +1367,7 @@ def _inject(
             # the renewals waiting for a top-up now, and the scheduler passes since the jump that made them due
             waiting = _waiting_renewals(db.url)
             state.outage["waiting_renewals"] = len(waiting)
-            state.outage["waiting_keys"] = sorted(waiting)[:50]
+            state.outage["waiting_keys"] = sorted(waiting)[:1000]
             state.outage["ended_ms"] = int(time.time() * 1000)
             pool.resume(pool.payments_slot)
             console.print(
@@ -1856,6 +1856,7 @@ def drive_owners(
     processing, waiting, pending, in the outbox, or entitled past its deadline.
     """
     started = time.monotonic()
+    load_drain_s = state.drain_s  # the drive's own drains must not overwrite the load's figure
     clock = OffsetClock(pool.clock_file)
     steps = list(DRIVE_STEPS_S)
     extra = 0
@@ -1887,6 +1888,7 @@ def drive_owners(
     _wait_for_pass(pool, int(time.time() * 1000))
     _drain(pool, rds, db, state, timeout_s, detect_stranded=False, quiet_needed=2, poll_s=0.25)
     state.drive_s = time.monotonic() - started
+    state.drain_s = load_drain_s
     state.drive_settled = _unsettled(db.url, clock.now()) == 0
     console.print(
         f"owners driven past their deadlines: {len(state.drive_jumps)} clock steps "
