@@ -1371,14 +1371,17 @@ _INSERT_ATTEMPT = text(
 )
 # The waits end and their keys go back to ``processing`` in one statement:
 # the re-sent message (and only it, or a re-send that arrives after it) runs
-# the effect; until then a re-send of a waiting key is a no-op.
+# the effect; until then a re-send of a waiting key is a no-op.  The resume
+# starts the key's delivery count afresh: a message that waited on several
+# top-ups in turn (BILLING_TOP_UPS_PER_PERIOD > 1, each declined) was dying
+# of its own resumes; a poison message is still bounded, per resume.
 _WAITS = _sql(
     """
     WITH w AS (
         DELETE FROM funds_waits WHERE account_id = :account_id
         RETURNING idempotency_key, actor_name, queue_name, kwargs
     ), k AS (
-        UPDATE idempotency_keys k SET status = 'processing', lease_expires_at = :lease_expires_at,
+        UPDATE idempotency_keys k SET status = 'processing', lease_expires_at = :lease_expires_at, attempts = 0,
             request = jsonb_build_object('actor_name', w.actor_name, 'queue_name', w.queue_name, 'kwargs', w.kwargs),
             updated_at = :now
         FROM w WHERE k.key = w.idempotency_key AND k.status = 'waiting_for_funds'

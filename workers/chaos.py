@@ -143,8 +143,9 @@ CONSUMER_RESTART_DELAY_MS = 1_000
 #: that meets bad luck is retried, not mistaken for poison.
 MAX_DELIVERIES = 8
 MAX_RETRIES = 5
-#: Auto-top-ups per account and month (production default 1); below MAX_DELIVERIES - 1 (see WorkerPool).
-TOP_UPS_PER_PERIOD = 3
+#: Auto-top-ups per account and month (production default 1): many, so one waiting message is resumed
+#: after each of several failed top-ups (a resume starts its delivery count afresh).
+TOP_UPS_PER_PERIOD = 1000
 #: Short backoff, so retries finish within the drain (stock: 250 ms .. 60 s).
 MIN_BACKOFF_MS = 100
 MAX_BACKOFF_MS = 2_000
@@ -978,12 +979,9 @@ class WorkerPool:
             "BILLING_MAX_BACKOFF_MS": str(MAX_BACKOFF_MS),
             "BILLING_OUTBOX_SWEEP_AFTER_MS": "1000",
             "BILLING_OUTBOX_SWEEP_INTERVAL_MS": "500",
-            # top-ups are the provider's traffic: several per account and month, but fewer than
-            # MAX_DELIVERIES - 1: each failed top-up resumes the message waiting on it, the resume
-            # counts as a delivery, and with 1000 a renewal on a card whose top-ups all fail is
-            # resumed into a new top-up until the key dies as too_many_deliveries, leaving its
-            # subscription active and entitled past its period end (open defect,
-            # docs/reliability.md "Defects found by the new faults"; seed 20260501, 30 s)
+            # top-ups are the provider's traffic: many per account and month, so a renewal on a
+            # card whose top-ups all fail is resumed after each (the resume used to count as a
+            # delivery until the key died: docs/reliability.md "Defects found by the new faults")
             "BILLING_TOP_UPS_PER_PERIOD": str(TOP_UPS_PER_PERIOD),
             "BILLING_METRICS_ENABLED": "false",  # several workers on one machine: no port to share
             "BILLING_SIGNING_KEYS": signing_keys,  # signed messages, as in docker-compose.yml

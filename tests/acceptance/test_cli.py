@@ -119,9 +119,10 @@ def test_audit_passes_on_a_consistent_database_and_names_each_violation(services
 
 def test_audit_drained_flags_work_still_in_flight(services, db, setup):
     setup(accounts=[{"account_id": "a1", "balance_micros": 0}])
-    # a message being processed right now (its key claimed, its effect not committed)
+    # a message being processed right now (its key claimed, within its lease, its effect not committed)
     db(
-        "INSERT INTO idempotency_keys (key, kind, fingerprint, status) VALUES ('k1', 'subscribe', 'f', 'processing')"
+        "INSERT INTO idempotency_keys (key, kind, fingerprint, status, lease_expires_at)"
+        " VALUES ('k1', 'subscribe', 'f', 'processing', now() + interval '15 minutes')"
     )
     assert billing("audit").returncode == 0  # live: work in flight is normal
     drained = billing("audit", "--json", "--drained")

@@ -418,3 +418,28 @@ def test_a_stale_key_the_database_cannot_re_send_is_ended_and_its_waits_released
     assert _key(db, _renewal_key(sub))["result"]["outcome"] == "past_due"
     assert db("SELECT * FROM funds_waits") == []
     assert _audit(services, clock) == {}
+
+
+def test_a_message_resumed_after_each_of_many_declined_top_ups_is_not_killed_by_its_resumes(
+    setup, producer, drain, db, clock, run_scheduler, services
+):
+    """Found by make chaos: with several top-ups allowed a month, every declined one resumed the renewal,
+    each resume counted as a delivery, and after BILLING_MAX_DELIVERIES the key was dead for good."""
+    from workers import actors
+
+    service = actors.get_service()
+    previous = service.policy
+    service.policy = BillingPolicy(top_ups_per_period=15, disable_after_declines=0)
+    try:
+        sub = _subscribed(setup, producer, drain, db, "pm_decline_card")
+        clock.set(sub["current_period_end"])
+        run_scheduler()
+        drain()
+    finally:
+        service.policy = previous
+    # fifteen declined top-ups, the renewal resumed after each, then past_due once none is left
+    assert db("SELECT count(*) AS n FROM top_up_attempts WHERE status = 'declined'") == [{"n": 15}]
+    row = _key(db, _renewal_key(sub))
+    assert (row["status"], row["result"]["outcome"]) == ("completed", "past_due")
+    assert db("SELECT status FROM subscriptions") == [{"status": "past_due"}]
+    assert _audit(services, clock) == {}
