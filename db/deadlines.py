@@ -38,6 +38,7 @@ __all__ = [
     "LIVE_TOP_UP",
     "StaleKey",
     "DueAttempt",
+    "due_attempt",
     "claim_stale_keys",
     "redrive_key",
     "end_key",
@@ -205,17 +206,11 @@ _DUE_ATTEMPTS = text(
 )
 
 
-def _due(row: RowMapping) -> DueAttempt:
+def due_attempt(row: RowMapping) -> DueAttempt:
+    """A :class:`DueAttempt` from a ``top_up_attempts`` row (with ``message_idempotency_key``,
+    ``provider_charge_id``, ``charge_lease_until`` and ``created_at``)."""
     return DueAttempt(
-        intent=TopUpIntent(
-            attempt_id=row["id"],
-            account_id=row["account_id"],
-            provider_idempotency_key=row["provider_idempotency_key"],
-            amount_micros=int(row["amount_micros"]),
-            currency=row["currency"].strip(),
-            payment_method_ref=row["payment_method_ref"],
-            status=row["status"],
-        ),
+        intent=TopUpIntent.from_row(row),
         message_key=row["message_idempotency_key"],
         provider_charge_id=row["provider_charge_id"],
         charge_lease_until=row["charge_lease_until"],
@@ -239,7 +234,7 @@ async def claim_due_attempts(
         .mappings()
         .all()
     )
-    return [_due(r) for r in rows]
+    return [due_attempt(r) for r in rows]
 
 
 _SETTLE_MESSAGE_KEY = text(

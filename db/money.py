@@ -239,6 +239,20 @@ class TopUpIntent:
     payment_method_ref: str
     status: str
 
+    @classmethod
+    def from_row(cls, row: RowMapping) -> TopUpIntent:
+        """The intent of a ``top_up_attempts`` row (``id``, ``account_id``, ``provider_idempotency_key``,
+        ``amount_micros``, ``currency``, ``payment_method_ref``, ``status``)."""
+        return cls(
+            attempt_id=row["id"],
+            account_id=row["account_id"],
+            provider_idempotency_key=row["provider_idempotency_key"],
+            amount_micros=int(row["amount_micros"]),
+            currency=row["currency"].strip(),
+            payment_method_ref=row["payment_method_ref"],
+            status=row["status"],
+        )
+
 
 # --------------------------------------------------------------------------- helpers
 
@@ -1413,18 +1427,6 @@ async def resume_waiting(
     return [OutboxMessage(r["queue_name"], r["actor_name"], r["kwargs"]) for r in rows]
 
 
-def _intent(row: RowMapping) -> TopUpIntent:
-    return TopUpIntent(
-        attempt_id=row["id"],
-        account_id=row["account_id"],
-        provider_idempotency_key=row["provider_idempotency_key"],
-        amount_micros=int(row["amount_micros"]),
-        currency=row["currency"].strip(),
-        payment_method_ref=row["payment_method_ref"],
-        status=row["status"],
-    )
-
-
 async def begin_top_up(
     conn: AsyncConnection, message: AutoTopUpMessage, now: datetime, policy: BillingPolicy
 ) -> TopUpIntent | Effect:
@@ -1443,7 +1445,7 @@ async def begin_top_up(
     """
     existing = await _one(conn, _ATTEMPT_OF_MESSAGE, key=message.idempotency_key)
     if existing is not None:
-        return _intent(existing)
+        return TopUpIntent.from_row(existing)
     account = await _lock_account(conn, message.account_id)
     if not account["auto_top_up_enabled"] or not account["payment_method_ref"]:
         disabled = account["auto_top_up_disabled_reason"]

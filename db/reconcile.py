@@ -19,8 +19,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import Text
 
-from .deadlines import DueAttempt
-from .money import TopUpIntent
+from .deadlines import DueAttempt, due_attempt
 
 __all__ = ["PROVIDER_KEY_PREFIX", "Credit", "OurAttempt", "our_attempts", "claim_window_attempts"]
 
@@ -199,21 +198,4 @@ async def claim_window_attempts(
         .mappings()
         .all()
     )
-    return [
-        DueAttempt(
-            intent=TopUpIntent(
-                attempt_id=r["id"],
-                account_id=r["account_id"],
-                provider_idempotency_key=r["provider_idempotency_key"],
-                amount_micros=int(r["amount_micros"]),
-                currency=r["currency"].strip(),
-                payment_method_ref=r["payment_method_ref"],
-                status=r["status"],
-            ),
-            message_key=r["message_idempotency_key"],
-            provider_charge_id=r["provider_charge_id"],
-            charge_lease_until=r["charge_lease_until"],
-            created_at=r["created_at"],
-        )
-        for r in rows
-    ]
+    return [due_attempt(r) for r in rows]

@@ -328,3 +328,22 @@ def run_scheduler(services: Services, broker: Any, clock: Any) -> Callable[..., 
         return asyncio.run(run())
 
     return go
+
+
+@pytest.fixture
+def audit(services: Services, clock: Any) -> Callable[..., dict[str, list[dict[str, Any]]]]:
+    """``audit(quiescent=True)``: ``billing audit`` at the test clock's "now"; returns the failed checks' rows."""
+    from db.audit import run_audit
+    from db.engine import make_engine
+
+    def go(*, quiescent: bool = True) -> dict[str, list[dict[str, Any]]]:
+        async def run() -> Any:
+            engine = make_engine(services.database_url, pool_size=1)
+            try:
+                return await run_audit(engine, quiescent=quiescent, now=clock.now())
+            finally:
+                await engine.dispose()
+
+        return {name: rows for name, rows in asyncio.run(run()).violations.items() if rows}
+
+    return go

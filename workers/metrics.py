@@ -100,6 +100,9 @@ TOP_UP_STATUS_OF_OUTCOME = {
     "cap_reached": "cap_reached",
     "not_configured": "not_configured",
     "auto_top_up_disabled": "auto_top_up_disabled",
+    "top_up_failed": "failed",
+    "top_up_processing": "processing",
+    "top_up_reconciling": "reconciling",
 }
 
 ACTOR_NAMES = ("subscribe", "renew", "auto_top_up", "revoke_key")

@@ -5,7 +5,6 @@ naming the rows, on one with that state past its deadline.  No check excuses a s
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -14,22 +13,8 @@ import pytest
 USD = 1_000_000
 
 
-def _audit(services, clock, *, quiescent: bool) -> dict[str, list[dict[str, Any]]]:
-    from db.audit import run_audit
-    from db.engine import make_engine
-
-    async def run() -> Any:
-        engine = make_engine(services.database_url, pool_size=1)
-        try:
-            return await run_audit(engine, quiescent=quiescent, now=clock.now())
-        finally:
-            await engine.dispose()
-
-    return {k: v for k, v in asyncio.run(run()).violations.items() if v}
-
-
 @pytest.fixture
-def healthy(setup, producer, drain, db, clock, services) -> dict[str, Any]:
+def healthy(setup, producer, drain, db, clock, services, audit) -> dict[str, Any]:
     """A subscribed account (and one with auto-top-up), every queue drained, the audit clean."""
     setup(
         accounts=[
@@ -47,7 +32,7 @@ def healthy(setup, producer, drain, db, clock, services) -> dict[str, Any]:
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="s1")
     producer.subscribe(account_id="a2", plan_id="pro", idempotency_key="s2")  # tops up first
     drain()
-    assert _audit(services, clock, quiescent=True) == {}
+    assert audit(quiescent=True) == {}
     sub = db("SELECT id, current_period_end FROM subscriptions WHERE account_id = 'a1'")[0]
     attempt = db("SELECT id, message_idempotency_key AS key FROM top_up_attempts")[0]
     return {"sub": sub, "attempt": attempt}
@@ -63,17 +48,19 @@ def _fail(db, key: str) -> None:
     )
 
 
-def test_an_active_subscription_left_unpaid_past_its_period_end_is_flagged(healthy, db, clock, services):
+def test_an_active_subscription_left_unpaid_past_its_period_end_is_flagged(
+    healthy, db, clock, services, audit
+):
     clock.set(healthy["sub"]["current_period_end"] + timedelta(minutes=30))
-    assert "no_unpaid_entitled_period" not in _audit(services, clock, quiescent=False)  # the renewal's time
+    assert "no_unpaid_entitled_period" not in audit(quiescent=False)  # the renewal's time
     clock.set(healthy["sub"]["current_period_end"] + timedelta(hours=2))  # nobody renewed it
-    flagged = _audit(services, clock, quiescent=False)["no_unpaid_entitled_period"]
+    flagged = audit(quiescent=False)["no_unpaid_entitled_period"]
     both = db("SELECT id FROM subscriptions ORDER BY id")
     assert sorted(r["subscription_id"] for r in flagged) == [r["id"] for r in both]
     assert all(r["entitled"] is True for r in flagged)
 
 
-def test_a_past_due_subscription_past_the_end_of_its_grace_is_flagged(healthy, db, clock, services):
+def test_a_past_due_subscription_past_the_end_of_its_grace_is_flagged(healthy, db, clock, services, audit):
     since = healthy["sub"]["current_period_end"]
     ends = since + timedelta(days=3)
     for sql in (
@@ -84,7 +71,7 @@ def test_a_past_due_subscription_past_the_end_of_its_grace_is_flagged(healthy, d
         db(sql, since, ends)
 
     def flagged() -> list[str]:
-        rows = _audit(services, clock, quiescent=False).get("no_unpaid_entitled_period", [])
+        rows = audit(quiescent=False).get("no_unpaid_entitled_period", [])
         return sorted(r["subscription_id"] for r in rows)
 
     clock.set(since + timedelta(days=1))
@@ -113,24 +100,20 @@ def _attempt(db, attempt_id: str, *, created_at, reconcile_after, provider_statu
 
 
 def test_a_top_up_pending_past_its_deadline_is_flagged_whatever_failed_messages_says(
-    healthy, db, clock, services
+    healthy, db, clock, services, audit
 ):
     key = _attempt(
         db, "tua_late", created_at=clock.now(), reconcile_after=clock.now() + timedelta(minutes=10)
     )
     _fail(db, key)
-    assert "top_up_within_deadline" not in _audit(services, clock, quiescent=False)
+    assert "top_up_within_deadline" not in audit(quiescent=False)
     clock.advance(timedelta(minutes=20))  # the reconciler never came
-    assert [r["attempt_id"] for r in _audit(services, clock, quiescent=False)["top_up_within_deadline"]] == [
-        "tua_late"
-    ]
+    assert [r["attempt_id"] for r in audit(quiescent=False)["top_up_within_deadline"]] == ["tua_late"]
     # and once the queues are drained, a pending attempt is never fine, failure row or not
-    assert [r["attempt_id"] for r in _audit(services, clock, quiescent=True)["no_pending_top_up"]] == [
-        "tua_late"
-    ]
+    assert [r["attempt_id"] for r in audit(quiescent=True)["no_pending_top_up"]] == ["tua_late"]
 
 
-def test_a_top_up_processing_past_the_processing_deadline_is_flagged(healthy, db, clock, services):
+def test_a_top_up_processing_past_the_processing_deadline_is_flagged(healthy, db, clock, services, audit):
     _attempt(
         db,
         "tua_debit",
@@ -139,15 +122,13 @@ def test_a_top_up_processing_past_the_processing_deadline_is_flagged(healthy, db
         provider_status="processing",
     )
     # processing at the provider is a state with an owner (the reconciler), within its deadline
-    assert _audit(services, clock, quiescent=True) == {}
+    assert audit(quiescent=True) == {}
     clock.advance(timedelta(days=15))
     db("UPDATE top_up_attempts SET reconcile_after = $1 WHERE id = 'tua_debit'", clock.now())
-    assert [r["attempt_id"] for r in _audit(services, clock, quiescent=False)["top_up_within_deadline"]] == [
-        "tua_debit"
-    ]
+    assert [r["attempt_id"] for r in audit(quiescent=False)["top_up_within_deadline"]] == ["tua_debit"]
 
 
-def test_a_wait_for_funds_with_no_top_up_coming_is_flagged(healthy, db, clock, services):
+def test_a_wait_for_funds_with_no_top_up_coming_is_flagged(healthy, db, clock, services, audit):
     db(
         "INSERT INTO idempotency_keys (key, kind, fingerprint, status, attempts, account_id)"
         " VALUES ('w1', 'subscribe', 'f', 'waiting_for_funds', 1, 'a1')"
@@ -157,7 +138,7 @@ def test_a_wait_for_funds_with_no_top_up_coming_is_flagged(healthy, db, clock, s
         " VALUES ('w1', 'a1', 'subscribe', 'billing', '{}')"
     )
     _fail(db, "w1")
-    flagged = _audit(services, clock, quiescent=False)["waits_have_a_live_top_up"]
+    flagged = audit(quiescent=False)["waits_have_a_live_top_up"]
     assert sorted((r["key"], r["what"]) for r in flagged) == [("w1", "funds_waits"), ("w1", "key")]
     # with a top-up still coming for the account, the same wait is fine
     db(
@@ -165,10 +146,10 @@ def test_a_wait_for_funds_with_no_top_up_coming_is_flagged(healthy, db, clock, s
         " VALUES ('t9', 'auto_top_up', 'f', 'processing', 0, 'a1', $1)",
         clock.now() + timedelta(minutes=15),
     )
-    assert "waits_have_a_live_top_up" not in _audit(services, clock, quiescent=False)
+    assert "waits_have_a_live_top_up" not in audit(quiescent=False)
 
 
-def test_a_waiting_key_without_its_wait_row_is_flagged(healthy, db, clock, services):
+def test_a_waiting_key_without_its_wait_row_is_flagged(healthy, db, clock, services, audit):
     db(
         "INSERT INTO idempotency_keys (key, kind, fingerprint, status, attempts, account_id)"
         " VALUES ('w2', 'renew', 'f', 'waiting_for_funds', 1, 'a2')"
@@ -178,12 +159,12 @@ def test_a_waiting_key_without_its_wait_row_is_flagged(healthy, db, clock, servi
         " VALUES ('t8', 'auto_top_up', 'f', 'processing', 0, 'a2', $1)",
         clock.now() + timedelta(minutes=15),
     )
-    flagged = _audit(services, clock, quiescent=False)["waits_have_a_live_top_up"]
+    flagged = audit(quiescent=False)["waits_have_a_live_top_up"]
     assert [(r["key"], r["what"]) for r in flagged] == [("w2", "key")]
 
 
 def test_a_key_processing_past_its_lease_is_flagged_whatever_failed_messages_says(
-    healthy, db, clock, services
+    healthy, db, clock, services, audit
 ):
     db(
         "INSERT INTO idempotency_keys (key, kind, fingerprint, status, attempts, account_id, lease_expires_at)"
@@ -191,15 +172,13 @@ def test_a_key_processing_past_its_lease_is_flagged_whatever_failed_messages_say
         clock.now() + timedelta(minutes=15),
     )
     _fail(db, "p1")
-    assert "processing_keys_within_lease" not in _audit(services, clock, quiescent=False)
-    assert [r["key"] for r in _audit(services, clock, quiescent=True)["no_unfinished_keys"]] == ["p1"]
+    assert "processing_keys_within_lease" not in audit(quiescent=False)
+    assert [r["key"] for r in audit(quiescent=True)["no_unfinished_keys"]] == ["p1"]
     clock.advance(timedelta(minutes=25))
-    assert [r["key"] for r in _audit(services, clock, quiescent=False)["processing_keys_within_lease"]] == [
-        "p1"
-    ]
+    assert [r["key"] for r in audit(quiescent=False)["processing_keys_within_lease"]] == ["p1"]
 
 
-def test_an_outbox_row_past_its_deadline_is_flagged(healthy, db, clock, services, monkeypatch):
+def test_an_outbox_row_past_its_deadline_is_flagged(healthy, db, clock, services, monkeypatch, audit):
     from workers import actors
 
     async def no_sweep(**_: Any) -> int:
@@ -211,8 +190,6 @@ def test_an_outbox_row_past_its_deadline_is_flagged(healthy, db, clock, services
         "INSERT INTO outbox (message_id, queue_name, actor_name, kwargs, created_at)"
         " VALUES ('o1', 'billing', 'renew', '{}', now() - interval '1 minute')"
     )
-    assert "outbox_within_deadline" not in _audit(services, clock, quiescent=False)
+    assert "outbox_within_deadline" not in audit(quiescent=False)
     db("UPDATE outbox SET created_at = now() - interval '10 minutes' WHERE message_id = 'o1'")
-    assert [r["message_id"] for r in _audit(services, clock, quiescent=False)["outbox_within_deadline"]] == [
-        "o1"
-    ]
+    assert [r["message_id"] for r in audit(quiescent=False)["outbox_within_deadline"]] == ["o1"]

@@ -51,20 +51,6 @@ def _key(db, key: str) -> dict[str, Any]:
     return {**row, "result": json.loads(row["result"]) if row["result"] else None}
 
 
-def _audit(services, clock, *, quiescent: bool = True) -> dict[str, list[dict[str, Any]]]:
-    from db.audit import run_audit
-    from db.engine import make_engine
-
-    async def run() -> Any:
-        engine = make_engine(services.database_url, pool_size=1)
-        try:
-            return await run_audit(engine, quiescent=quiescent, now=clock.now())
-        finally:
-            await engine.dispose()
-
-    return {k: v for k, v in asyncio.run(run()).violations.items() if v}
-
-
 class _GatedProvider(PaymentProvider):
     """The worker's provider, holding every charge until the test opens the gate (a slow payments queue)."""
 
@@ -104,7 +90,7 @@ def _resends(services, clock, renew: dict[str, str], n: int) -> list[dict[str, A
 
 
 def test_a_renewal_waiting_for_a_slow_top_up_outlives_the_schedulers_resends_and_resumes_once(
-    setup, producer, drain, db, clock, run_scheduler, services
+    setup, producer, drain, db, clock, run_scheduler, services, audit
 ):
     from workers import actors
 
@@ -139,14 +125,14 @@ def test_a_renewal_waiting_for_a_slow_top_up_outlives_the_schedulers_resends_and
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 1}]
     assert db("SELECT status, current_period_end FROM subscriptions")[0]["status"] == "active"
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 20 * USD}]  # 0 + 30 - 10
-    assert _audit(services, clock) == {}
+    assert audit() == {}
 
 
 # --------------------------------------------------------------------------- defect 2
 
 
 def test_a_top_up_the_provider_never_answers_is_reconciled_as_failed_and_the_renewal_goes_past_due(
-    setup, producer, drain, db, clock, run_scheduler, services
+    setup, producer, drain, db, clock, run_scheduler, services, audit
 ):
     sub = _subscribed(setup, producer, drain, db, "pm_never_answers")
     clock.set(sub["current_period_end"])
@@ -155,9 +141,9 @@ def test_a_top_up_the_provider_never_answers_is_reconciled_as_failed_and_the_ren
     assert db("SELECT status FROM top_up_attempts") == [{"status": "pending"}]
     assert _key(db, _renewal_key(sub))["status"] == "waiting_for_funds"
     # before its deadline that is a state with an owner; past it, the audit says so
-    assert "top_up_within_deadline" not in _audit(services, clock, quiescent=False)
+    assert "top_up_within_deadline" not in audit(quiescent=False)
     clock.advance(timedelta(minutes=16))
-    assert "top_up_within_deadline" in _audit(services, clock, quiescent=False)
+    assert "top_up_within_deadline" in audit(quiescent=False)
     run_scheduler()  # the reconciler: the provider has no charge under our key
     drain()
     attempt = db("SELECT status, last_error FROM top_up_attempts")[0]
@@ -168,11 +154,11 @@ def test_a_top_up_the_provider_never_answers_is_reconciled_as_failed_and_the_ren
     assert (row["status"], row["result"]["outcome"]) == ("completed", "past_due")
     assert db("SELECT status FROM subscriptions") == [{"status": "past_due"}]
     assert db("SELECT entitled FROM entitlements") == [{"entitled": True}]
-    assert _audit(services, clock) == {}
+    assert audit() == {}
 
 
 def test_a_charge_whose_answer_was_lost_is_found_by_the_reconciler_and_credited_once(
-    setup, producer, drain, db, clock, run_scheduler, services
+    setup, producer, drain, db, clock, run_scheduler, services, audit
 ):
     sub = _subscribed(setup, producer, drain, db, "pm_silent_charge")
     clock.set(sub["current_period_end"])
@@ -196,11 +182,11 @@ def test_a_charge_whose_answer_was_lost_is_found_by_the_reconciler_and_credited_
         True,
     )
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 20 * USD}]
-    assert _audit(services, clock) == {}
+    assert audit() == {}
 
 
 def test_no_charge_goes_out_under_a_provider_key_older_than_its_window(
-    setup, producer, drain, db, clock, run_scheduler, services
+    setup, producer, drain, db, clock, run_scheduler, services, audit
 ):
     sub = _subscribed(setup, producer, drain, db, "pm_silent_charge")
     clock.set(sub["current_period_end"])
@@ -221,11 +207,11 @@ def test_no_charge_goes_out_under_a_provider_key_older_than_its_window(
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'top_up'") == [{"n": 1}]
     assert _key(db, top_up_key)["result"]["outcome"] == "topped_up"
     assert _key(db, _renewal_key(sub))["result"]["outcome"] == "renewed"
-    assert _audit(services, clock) == {}
+    assert audit() == {}
 
 
 def test_a_top_up_processing_for_days_keeps_the_account_in_grace_until_it_settles(
-    setup, producer, drain, db, clock, run_scheduler, services
+    setup, producer, drain, db, clock, run_scheduler, services, audit
 ):
     from workers import actors
 
@@ -253,7 +239,7 @@ def test_a_top_up_processing_for_days_keeps_the_account_in_grace_until_it_settle
             state = db("SELECT status FROM subscriptions")[0]["status"]
             assert state != "canceled", f"canceled at {clock.now()} while the top-up was processing"
             assert db("SELECT entitled FROM entitlements") == [{"entitled": True}]
-            assert _audit(services, clock, quiescent=False) == {}
+            assert audit(quiescent=False) == {}
             if state == "active":
                 break
     finally:
@@ -263,14 +249,14 @@ def test_a_top_up_processing_for_days_keeps_the_account_in_grace_until_it_settle
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 1}]
     assert db("SELECT status FROM subscriptions") == [{"status": "active"}]
     assert clock.now() - sub["current_period_end"] <= timedelta(days=3, hours=7)
-    assert _audit(services, clock) == {}
+    assert audit() == {}
 
 
 # --------------------------------------------------------------------------- defect 3
 
 
 def test_a_cancel_at_period_end_happens_at_period_end_never_before(
-    setup, producer, drain, db, clock, run_scheduler, services
+    setup, producer, drain, db, clock, run_scheduler, services, audit
 ):
     from db import money
     from db.engine import make_engine, transaction
@@ -316,28 +302,24 @@ def test_a_cancel_at_period_end_happens_at_period_end_never_before(
     assert db("SELECT status FROM api_keys") == [{"status": "revoked"}]
     assert _key(db, _renewal_key(sub))["result"]["outcome"] == "canceled"
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 0}]
-    assert _audit(services, clock) == {}
+    assert audit() == {}
 
 
 # --------------------------------------------------------------------------- defect 11
 
 
-def test_a_reserved_top_up_slot_whose_message_was_lost_is_re_sent_by_the_completer(
-    setup, producer, drain, db, clock, run_scheduler, services
-):
-    """The trigger reserved the month's top-up slot and its message vanished from the broker."""
+def _renew_with_a_lost_broker(services, clock, sub: dict[str, Any]) -> dict[str, Any]:
+    """The period's renewal, on a worker whose follow-up messages (the top-up) the broker loses."""
     from dramatiq.brokers.stub import StubBroker
 
     from db.engine import make_engine
     from workers.providers import FakePaymentProvider
 
-    sub = _subscribed(setup, producer, drain, db, "pm_card_visa")
-    clock.set(sub["current_period_end"])
     lost = StubBroker()  # what is relayed here is never consumed: the message is lost
     for queue in ("billing", "billing.payments"):
         lost.declare_queue(queue)
 
-    async def renew_once() -> dict[str, Any]:
+    async def run() -> dict[str, Any]:
         engine = make_engine(services.database_url, pool_size=2)
         service = BillingService(
             engine=engine, provider=FakePaymentProvider(engine), broker=lost, clock=clock
@@ -352,54 +334,39 @@ def test_a_reserved_top_up_slot_whose_message_was_lost_is_re_sent_by_the_complet
         finally:
             await engine.dispose()
 
-    assert asyncio.run(renew_once())["outcome"] == "awaiting_top_up"
+    return asyncio.run(run())
+
+
+def test_a_reserved_top_up_slot_whose_message_was_lost_is_re_sent_by_the_completer(
+    setup, producer, drain, db, clock, run_scheduler, services, audit
+):
+    """The trigger reserved the month's top-up slot and its message vanished from the broker."""
+    sub = _subscribed(setup, producer, drain, db, "pm_card_visa")
+    clock.set(sub["current_period_end"])
+    assert _renew_with_a_lost_broker(services, clock, sub)["outcome"] == "awaiting_top_up"
     assert db("SELECT * FROM outbox") == []  # relayed (to nowhere)
     (slot,) = db("SELECT key, status, attempts FROM idempotency_keys WHERE kind = 'auto_top_up'")
     assert (slot["status"], slot["attempts"]) == ("processing", 0)
     # within its lease it is in flight; past it the audit flags it
-    assert "processing_keys_within_lease" not in _audit(services, clock, quiescent=False)
+    assert "processing_keys_within_lease" not in audit(quiescent=False)
     clock.advance(BillingPolicy().key_lease + timedelta(minutes=6))
-    assert "processing_keys_within_lease" in _audit(services, clock, quiescent=False)
+    assert "processing_keys_within_lease" in audit(quiescent=False)
     run_scheduler()  # the completer re-sends the slot's message from its stored request
     drain()
     assert _key(db, slot["key"])["redrives"] == 1
     assert _key(db, slot["key"])["result"]["outcome"] == "topped_up"
     assert _key(db, _renewal_key(sub))["result"]["outcome"] == "renewed"
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 1}]
-    assert _audit(services, clock) == {}
+    assert audit() == {}
 
 
 def test_a_stale_key_the_database_cannot_re_send_is_ended_and_its_waits_released(
-    setup, producer, drain, db, clock, run_scheduler, services
+    setup, producer, drain, db, clock, run_scheduler, services, audit
 ):
     """A top-up slot re-sent max_redrives times without finishing ends as failed; its waits then go on."""
-    from dramatiq.brokers.stub import StubBroker
-
-    from db.engine import make_engine
-    from workers.providers import FakePaymentProvider
-
     sub = _subscribed(setup, producer, drain, db, "pm_card_visa")
     clock.set(sub["current_period_end"])
-    lost = StubBroker()
-    for queue in ("billing", "billing.payments"):
-        lost.declare_queue(queue)
-
-    async def renew_once() -> None:
-        engine = make_engine(services.database_url, pool_size=2)
-        service = BillingService(
-            engine=engine, provider=FakePaymentProvider(engine), broker=lost, clock=clock
-        )
-        try:
-            renew = {
-                "subscription_id": sub["id"],
-                "period_start": PERIOD_END,
-                "idempotency_key": _renewal_key(sub),
-            }
-            await service.handle("renew", renew, Delivery("r1"))
-        finally:
-            await engine.dispose()
-
-    asyncio.run(renew_once())
+    _renew_with_a_lost_broker(services, clock, sub)
     slot = db("SELECT key FROM idempotency_keys WHERE kind = 'auto_top_up'")[0]["key"]
     # every re-send is lost too: the re-sends so far used up, as the completer counts them
     db("UPDATE idempotency_keys SET redrives = $2 WHERE key = $1", slot, BillingPolicy().max_redrives)
@@ -417,11 +384,11 @@ def test_a_stale_key_the_database_cannot_re_send_is_ended_and_its_waits_released
     drain()
     assert _key(db, _renewal_key(sub))["result"]["outcome"] == "past_due"
     assert db("SELECT * FROM funds_waits") == []
-    assert _audit(services, clock) == {}
+    assert audit() == {}
 
 
 def test_a_message_resumed_after_each_of_many_declined_top_ups_is_not_killed_by_its_resumes(
-    setup, producer, drain, db, clock, run_scheduler, services
+    setup, producer, drain, db, clock, run_scheduler, services, audit
 ):
     """Found by make chaos: with several top-ups allowed a month, every declined one resumed the renewal,
     each resume counted as a delivery, and after BILLING_MAX_DELIVERIES the key was dead for good."""
@@ -442,4 +409,4 @@ def test_a_message_resumed_after_each_of_many_declined_top_ups_is_not_killed_by_
     row = _key(db, _renewal_key(sub))
     assert (row["status"], row["result"]["outcome"]) == ("completed", "past_due")
     assert db("SELECT status FROM subscriptions") == [{"status": "past_due"}]
-    assert _audit(services, clock) == {}
+    assert audit() == {}
