@@ -94,7 +94,11 @@ def test_the_worker_role_runs_the_money_path(setup, db, worker_role):
                 sub_id = (await conn.execute(text("SELECT id FROM subscriptions"))).scalar_one()
             early = await service.handle(
                 "renew",
-                {"subscription_id": sub_id, "period_start": "2099-01-01T00:00:00Z", "idempotency_key": "r-early"},
+                {
+                    "subscription_id": sub_id,
+                    "period_start": "2099-01-01T00:00:00Z",
+                    "idempotency_key": "r-early",
+                },
                 Delivery("m2"),
             )
             # the owners of the waiting states run as the worker role too (the scheduler's passes)
