@@ -1579,7 +1579,7 @@ async def finish_top_up(
         provider refused the card: counts towards switching auto-top-up
         off), ``failed`` (nothing was charged and nothing will be: the
         provider rejected the request, or reconciliation found no charge;
-        not counted as a decline), or ``processing`` (the provider has the
+        counted like a decline), or ``processing`` (the provider has the
         charge but not its result: the attempt stays pending, owned by the
         reconciler, and the waits are released so renewals follow the
         past_due / grace rules meanwhile); or ``unknown`` (no answer: the
@@ -1591,9 +1591,10 @@ async def finish_top_up(
         charge request was sent at or after this time (a charge lease was
         taken after the provider was asked), since the answer may be stale.
 
-    A decline adds one to the account's consecutive declines (a success
-    resets them); at ``policy.disable_after_declines`` auto-top-up switches
-    itself off, with the reason and time in the account's record.
+    A decline or a failure adds one to the account's consecutive declines
+    (a success resets them); at ``policy.disable_after_declines``
+    auto-top-up switches itself off, with the reason and time in the
+    account's record.
 
     Returns:
       Effect: ``topped_up``, ``declined``, ``top_up_failed``,
@@ -1658,22 +1659,20 @@ async def finish_top_up(
         },
     )
     outbox = await resume_waiting(conn, intent.account_id, now, policy)
-    if state == "failed":
-        return Effect("top_up_failed", {**base, "reason": reason}, outbox=outbox)
+    # a failure counts like a decline: a payment method that never answers (or a
+    # request the provider always refuses) switches auto-top-up off after the same
+    # number of tries, instead of keeping a renewal waiting top-up after top-up
     declines = await _one(
         conn, _DECLINES_ADD, id=intent.account_id, limit=policy.disable_after_declines, now=now
     )
     assert declines is not None
-    return Effect(
-        "declined",
-        {
-            **base,
-            "decline_reason": reason,
-            "consecutive_declines": int(declines["declines"]),
-            "auto_top_up_disabled": bool(declines["disabled"]),
-        },
-        outbox=outbox,
-    )
+    counts = {
+        "consecutive_declines": int(declines["declines"]),
+        "auto_top_up_disabled": bool(declines["disabled"]),
+    }
+    if state == "failed":
+        return Effect("top_up_failed", {**base, "reason": reason, **counts}, outbox=outbox)
+    return Effect("declined", {**base, "decline_reason": reason, **counts}, outbox=outbox)
 
 
 # A charge request goes out only under a lease, only while the attempt is

@@ -410,3 +410,35 @@ def test_a_message_resumed_after_each_of_many_declined_top_ups_is_not_killed_by_
     assert (row["status"], row["result"]["outcome"]) == ("completed", "past_due")
     assert db("SELECT status FROM subscriptions") == [{"status": "past_due"}]
     assert audit() == {}
+
+
+def test_a_card_that_never_answers_switches_auto_top_up_off_and_the_renewal_goes_past_due_in_time(
+    setup, producer, drain, db, clock, run_scheduler, services, audit
+):
+    """Found by make chaos: with many top-ups a month allowed, failed top-ups did not count towards
+    switching auto-top-up off, so a renewal waited top-up after top-up, entitled and unpaid."""
+    from workers import actors
+
+    service = actors.get_service()
+    previous = service.policy
+    service.policy = BillingPolicy(top_ups_per_period=1000, disable_after_declines=3)
+    try:
+        sub = _subscribed(setup, producer, drain, db, "pm_never_answers")
+        clock.set(sub["current_period_end"])
+        run_scheduler()
+        drain()
+        for _ in range(6):  # a scheduler pass every 11 minutes of injected time
+            if db("SELECT status FROM subscriptions")[0]["status"] == "past_due":
+                break
+            clock.advance(timedelta(minutes=11))
+            run_scheduler()
+            drain()
+            assert audit(quiescent=False) == {}  # never entitled unpaid past the renewal deadline
+    finally:
+        service.policy = previous
+    assert db("SELECT status FROM subscriptions") == [{"status": "past_due"}]
+    assert db("SELECT count(*) AS n FROM top_up_attempts WHERE status = 'failed'") == [{"n": 3}]
+    account = db("SELECT auto_top_up_enabled, auto_top_up_disabled_reason FROM accounts")[0]
+    assert account["auto_top_up_enabled"] is False
+    assert clock.now() - sub["current_period_end"] < timedelta(hours=1)
+    assert audit() == {}
