@@ -165,8 +165,10 @@ def _drain(
     progress.update(task, description=f"{label}: drained", total=1, completed=1)
 
 
-def _log_counts(path: Path) -> Counter[str]:
+def _log_counts(path: Path) -> tuple[Counter[str], Counter[str]]:
+    """Events of the workers' log by name, and the ``message_processed`` lines by idempotency key."""
     counts: Counter[str] = Counter()
+    processed: Counter[str] = Counter()
     with path.open() as f:
         for line in f:
             try:
@@ -175,7 +177,9 @@ def _log_counts(path: Path) -> Counter[str]:
                 continue
             if isinstance(event, dict) and "event" in event:
                 counts[event["event"]] += 1
-    return counts
+                if event["event"] == "message_processed" and isinstance(event.get("idempotency_key"), str):
+                    processed[event["idempotency_key"]] += 1
+    return counts, processed
 
 
 def run_demo(
@@ -368,7 +372,16 @@ def _report(
     elapsed: float,
     log_path: Path,
 ) -> bool:
-    counts = _log_counts(log_path)
+    counts, processed_keys = _log_counts(log_path)
+    # a decision that keeps no key (an early renewal the balance cannot pay yet decides
+    # nothing before period end): a repeat of its key is decided again, not a duplicate
+    kept = {
+        r["key"]
+        for r in asyncio.run(
+            _fetch(env, "SELECT key FROM idempotency_keys WHERE key = ANY(:keys)", keys=list(processed_keys))
+        )
+    }
+    undecided = sum(n - 1 for key, n in processed_keys.items() if key not in kept)
     processed = counts["message_processed"] + counts["duplicate_suppressed"] + counts["message_failed"]
     outcomes = asyncio.run(
         _fetch(
@@ -400,6 +413,7 @@ def _report(
     table.add_row("messages processed (incl. follow-ups)", f"{processed:,}")
     table.add_row("duplicates suppressed", f"{counts['duplicate_suppressed']:,}")
     table.add_row("re-sends of waiting keys (no-ops)", f"{counts['waiting_for_funds']:,}")
+    table.add_row("repeats of keys not kept", f"{undecided:,}")
     table.add_row("transient errors retried", f"{counts['transient_error']:,}")
     table.add_row(
         "failed for good (recorded)", ", ".join(f"{r['error_type']} {r['n']}" for r in failed) or "0"
