@@ -79,6 +79,7 @@ __all__ = [
     "begin_top_up",
     "finish_top_up",
     "resume_waiting",
+    "message_request",
     "take_charge_lease",
     "TOP_UP_STATES",
     "create_account",
@@ -172,7 +173,15 @@ class OutboxMessage:
 
     def request(self) -> dict[str, Any]:
         """The form kept in ``idempotency_keys.request``, from which the completer re-sends a lost message."""
-        return {"actor_name": self.actor_name, "queue_name": self.queue_name, "kwargs": self.kwargs}
+        return message_request(self.actor_name, self.queue_name, self.kwargs)
+
+
+def message_request(actor_name: str, queue_name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A message as ``idempotency_keys.request`` keeps it: ``{"actor_name", "queue_name", "kwargs"}``.
+
+    (``resume_waiting``'s SQL builds the same object from a ``funds_waits`` row.)
+    """
+    return {"actor_name": actor_name, "queue_name": queue_name, "kwargs": kwargs}
 
 
 @dataclass(frozen=True)
@@ -275,6 +284,27 @@ def _new_api_key() -> tuple[str, str]:
     prefix = "bq_" + secrets.token_hex(6)
     plaintext = f"{prefix}.{secrets.token_urlsafe(32)}"
     return prefix, plaintext
+
+
+async def _insert_api_key(
+    conn: AsyncConnection, *, account_id: str, subscription_id: str | None, source: str, now: datetime
+) -> tuple[str, str, str]:
+    """Insert a new active API key (only its hash is stored); returns (key id, prefix, plaintext)."""
+    key_id = "key_" + uuid.uuid4().hex
+    prefix, plaintext = _new_api_key()
+    await conn.execute(
+        _INSERT_API_KEY,
+        {
+            "id": key_id,
+            "account_id": account_id,
+            "subscription_id": subscription_id,
+            "source": source,
+            "prefix": prefix,
+            "key_hash": hash_api_key(plaintext),
+            "now": now,
+        },
+    )
+    return key_id, prefix, plaintext
 
 
 async def _one(conn: AsyncConnection, clause: Any, **params: Any) -> RowMapping | None:
@@ -988,19 +1018,8 @@ async def apply_subscribe(
         idempotency_key=f"subscribe:{message.idempotency_key}",
         now=now,
     )
-    key_id = "key_" + uuid.uuid4().hex
-    prefix, plaintext = _new_api_key()
-    await conn.execute(
-        _INSERT_API_KEY,
-        {
-            "id": key_id,
-            "account_id": account["id"],
-            "subscription_id": subscription_id,
-            "source": "managed",
-            "prefix": prefix,
-            "key_hash": hash_api_key(plaintext),
-            "now": now,
-        },
+    key_id, prefix, plaintext = await _insert_api_key(
+        conn, account_id=account["id"], subscription_id=subscription_id, source="managed", now=now
     )
     # sealed to the subscriber's public key and queued in this transaction: durable
     delivery_id = await key_delivery.record_delivery(
@@ -1817,19 +1836,8 @@ async def create_plan(
 async def create_user_key(conn: AsyncConnection, *, account_id: str, now: datetime) -> IssuedKey:
     """Issue a user-owned key (``source = user``): billing flows never revoke it."""
     await _lock_account(conn, account_id)
-    key_id = "key_" + uuid.uuid4().hex
-    prefix, plaintext = _new_api_key()
-    await conn.execute(
-        _INSERT_API_KEY,
-        {
-            "id": key_id,
-            "account_id": account_id,
-            "subscription_id": None,
-            "source": "user",
-            "prefix": prefix,
-            "key_hash": hash_api_key(plaintext),
-            "now": now,
-        },
+    key_id, prefix, plaintext = await _insert_api_key(
+        conn, account_id=account_id, subscription_id=None, source="user", now=now
     )
     return IssuedKey(key_id, account_id, "", prefix, plaintext)
 
@@ -2112,24 +2120,13 @@ async def reissue_managed_key(
         raise KeyNotReissuable(f"key {key_id!r} is {old['status']}; only an active key is reissued")
     if sub is None or sub["status"] == "canceled":
         raise KeyNotReissuable(f"key {key_id!r} belongs to a canceled subscription")
-    new_key_id = "key_" + uuid.uuid4().hex
-    prefix, plaintext = _new_api_key()
+    new_key_id, prefix, plaintext = await _insert_api_key(
+        conn, account_id=old["account_id"], subscription_id=old["subscription_id"], source="managed", now=now
+    )
     await conn.execute(
         _REVOKE_ONE, {"key_id": key_id, "now": now, "reason": f"{reason}: replaced by {new_key_id}"}
     )
     await key_delivery.supersede_pending(conn, key_id)
-    await conn.execute(
-        _INSERT_API_KEY,
-        {
-            "id": new_key_id,
-            "account_id": old["account_id"],
-            "subscription_id": old["subscription_id"],
-            "source": "managed",
-            "prefix": prefix,
-            "key_hash": hash_api_key(plaintext),
-            "now": now,
-        },
-    )
     delivery_id = await key_delivery.record_delivery(
         conn,
         key_id=new_key_id,

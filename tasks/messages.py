@@ -257,12 +257,14 @@ def _refuse(actor_name: str, path: str, what: str) -> None:
     raise MessageValidationError(f"invalid {ascii(actor_name)[1:-1][:100]} message: {where}: {what}")
 
 
-def validate_message(actor_name: str, kwargs: Any) -> BillingMessage:
+def validate_message(actor_name: str, kwargs: Any, *, text_checked: bool = False) -> BillingMessage:
     """Validate keyword arguments against the contract of ``actor_name``.
 
     Parameters:
       actor_name: One of ``subscribe``, ``renew``, ``auto_top_up``, ``revoke_key``.
       kwargs: The message's keyword arguments (a dict decoded from JSON).
+      text_checked: The caller already ran :func:`check_json_text` on them
+        (the worker does, before the signature check): not walked twice.
 
     Returns:
       BillingMessage: The validated, immutable message.
@@ -276,7 +278,8 @@ def validate_message(actor_name: str, kwargs: Any) -> BillingMessage:
         raise MessageValidationError(f"unknown actor {actor_name!r}")
     if not isinstance(kwargs, dict):
         raise MessageValidationError("message arguments must be keyword arguments (a JSON object)")
-    check_json_text(actor_name, kwargs)
+    if not text_checked:
+        check_json_text(actor_name, kwargs)
     try:
         return model.model_validate(kwargs)
     except ValidationError as exc:

@@ -155,7 +155,7 @@ class BillingService:
                 )
                 if problem is not None:
                     raise MessageAuthenticationFailed(problem)
-            message = validate_message(actor_name, kwargs)
+            message = validate_message(actor_name, kwargs, text_checked=True)
         except (MessageValidationError, MessageAuthenticationFailed) as exc:
             # recorded and logged (one message_failed line) by _record_failure
             await self._record_failure(actor_name, kwargs, None, delivery, exc, attempts=delivery.retries + 1)
@@ -186,11 +186,7 @@ class BillingService:
                         account_id=account_id,
                         message_id=delivery.message_id,
                         lease_expires_at=self.clock.now() + self.policy.key_lease,
-                        request={
-                            "actor_name": actor_name,
-                            "queue_name": message.queue_name,
-                            "kwargs": message.kwargs(),
-                        },
+                        request=money.message_request(actor_name, message.queue_name, message.kwargs()),
                     )
             if claim.conflict:
                 metrics.idempotency_conflict(actor_name)
@@ -253,6 +249,8 @@ class BillingService:
         if result.get("duplicate"):  # completed by a concurrent delivery (seen under the key's lock)
             metrics.duplicate_suppressed(actor_name)
             log.info("duplicate_suppressed", outcome=result.get("outcome"))
+        elif result.get("waiting"):  # left waiting for funds by a concurrent delivery (under the lock)
+            log.info("waiting_for_funds", outcome=result.get("outcome"))
         else:
             log.info("message_processed", outcome=result.get("outcome"))
         return result

@@ -103,12 +103,9 @@ class Scheduler:
         self.clock = clock or SystemClock()
         self.lead_time = lead_time
         self.batch_size = batch_size
-        self.completer = Completer(engine, policy or BillingPolicy(), self.clock)
-        self.reconciler = (
-            Reconciler(engine, provider, policy or BillingPolicy(), self.clock)
-            if provider is not None
-            else None
-        )
+        policy = policy or BillingPolicy()
+        self.completer = Completer(engine, policy, self.clock)
+        self.reconciler = Reconciler(engine, provider, policy, self.clock) if provider is not None else None
 
     async def run_pass(
         self,

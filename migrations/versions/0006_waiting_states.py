@@ -9,7 +9,8 @@
   pending attempt up at the provider; ``provider_status`` is the last
   non-final answer (``processing``); ``charge_lease_until`` is set before
   every charge request, so the reconciler never settles an attempt as
-  failed while a charge may still be on its way to the provider.
+  failed while a charge may still be on its way to the provider;
+  ``reconcile_checks`` counts the reconciler's lookups (for operators).
 * ``fake_provider_charges`` learns ``processing`` (a bank debit that
   settles later, at ``settles_at``) and a ``failed`` settlement.
 
@@ -52,8 +53,7 @@ UPGRADE: list[str] = [
         ADD COLUMN reconcile_after timestamptz,
         ADD COLUMN provider_status text,
         ADD COLUMN charge_lease_until timestamptz,
-        ADD COLUMN reconcile_checks integer NOT NULL DEFAULT 0,
-        ADD COLUMN reconciled_at timestamptz
+        ADD COLUMN reconcile_checks integer NOT NULL DEFAULT 0
     """,
     "UPDATE top_up_attempts SET reconcile_after = updated_at WHERE status = 'pending'",
     "CREATE INDEX top_up_attempts_pending ON top_up_attempts (reconcile_after) WHERE status = 'pending'",
@@ -78,7 +78,7 @@ DOWNGRADE: list[str] = [
     """,
     "DROP INDEX top_up_attempts_pending",
     """
-    ALTER TABLE top_up_attempts DROP COLUMN reconciled_at, DROP COLUMN reconcile_checks,
+    ALTER TABLE top_up_attempts DROP COLUMN reconcile_checks,
         DROP COLUMN charge_lease_until, DROP COLUMN provider_status, DROP COLUMN reconcile_after
     """,
     "DROP INDEX idempotency_keys_unfinished",

@@ -70,16 +70,21 @@ class _GatedProvider(PaymentProvider):
         return await self.inner.lookup(**kwargs)
 
 
-def _resends(services, clock, renew: dict[str, str], n: int) -> list[dict[str, Any]]:
-    """``n`` re-sends of one renewal, each a new delivery (new message id), as the scheduler's passes send them."""
+def _deliver(
+    services, clock, renew: dict[str, str], n: int = 1, *, broker: Any = None
+) -> list[dict[str, Any]]:
+    """``n`` deliveries of one renewal, each a new message id (as the scheduler's passes send it), on a
+    worker of the test's own (its own engine and loop, the test's clock, follow-ups relayed to ``broker``)."""
     from db.engine import make_engine
     from workers.providers import FakePaymentProvider
 
     async def run() -> list[dict[str, Any]]:
         engine = make_engine(services.database_url, pool_size=2)
-        service = BillingService(engine=engine, provider=FakePaymentProvider(engine), clock=clock)
+        service = BillingService(
+            engine=engine, provider=FakePaymentProvider(engine), broker=broker, clock=clock
+        )
         try:
-            return [await service.handle("renew", renew, Delivery(f"resend-{i}")) for i in range(n)]
+            return [await service.handle("renew", renew, Delivery(f"delivery-{i}")) for i in range(n)]
         finally:
             await engine.dispose()
 
@@ -110,7 +115,7 @@ def test_a_renewal_waiting_for_a_slow_top_up_outlives_the_schedulers_resends_and
             "idempotency_key": key,
         }
         # more re-sends than BILLING_MAX_DELIVERIES (10) while the top-up is slow: none counts
-        outcomes = _resends(services, clock, renew, 15)
+        outcomes = _deliver(services, clock, renew, 15)
         assert {o["outcome"] for o in outcomes} == {"awaiting_top_up"}
         assert all(o.get("waiting") for o in outcomes)
         assert _key(db, key)["attempts"] == 1
@@ -312,29 +317,11 @@ def _renew_with_a_lost_broker(services, clock, sub: dict[str, Any]) -> dict[str,
     """The period's renewal, on a worker whose follow-up messages (the top-up) the broker loses."""
     from dramatiq.brokers.stub import StubBroker
 
-    from db.engine import make_engine
-    from workers.providers import FakePaymentProvider
-
     lost = StubBroker()  # what is relayed here is never consumed: the message is lost
     for queue in ("billing", "billing.payments"):
         lost.declare_queue(queue)
-
-    async def run() -> dict[str, Any]:
-        engine = make_engine(services.database_url, pool_size=2)
-        service = BillingService(
-            engine=engine, provider=FakePaymentProvider(engine), broker=lost, clock=clock
-        )
-        try:
-            renew = {
-                "subscription_id": sub["id"],
-                "period_start": PERIOD_END,
-                "idempotency_key": _renewal_key(sub),
-            }
-            return await service.handle("renew", renew, Delivery("r1"))
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
+    renew = {"subscription_id": sub["id"], "period_start": PERIOD_END, "idempotency_key": _renewal_key(sub)}
+    return _deliver(services, clock, renew, broker=lost)[0]
 
 
 def test_a_reserved_top_up_slot_whose_message_was_lost_is_re_sent_by_the_completer(
