@@ -203,10 +203,18 @@ def test_crash_before_commit_applies_nothing_and_the_redelivery_applies_once(set
     assert db("SELECT attempts FROM idempotency_keys") == [{"attempts": 2}]
 
 
-def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, services, db, broker):
-    """A renew that cancels (at period end) writes its revoke_key to the outbox; the worker dies before relaying it."""
+def test_outbox_left_by_a_crash_after_commit_is_relayed_by_the_sweeper(setup, services, db):
+    """A renew that cancels (at period end) writes its revoke_key to the outbox; the worker dies before relaying it.
+
+    The relay goes to a broker on its own Redis database: the session's in-process worker, when an
+    earlier test started it, consumes the shared broker's queues and would take the message first.
+    """
     from db import money
     from db.engine import transaction
+    from workers.broker import make_broker
+    from workers.settings import get_settings
+
+    broker = make_broker(get_settings(), url=services.redis_db(2))
 
     setup(
         accounts=[{"account_id": "a1", "balance_micros": 20 * USD}],
