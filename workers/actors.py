@@ -18,19 +18,17 @@ import structlog
 from dramatiq.asyncio import get_event_loop_thread
 from dramatiq.middleware import CurrentMessage
 
-from db.engine import make_engine
-from tasks.errors import ConfigurationError, MessageValidationError, PermanentError
+from tasks.errors import MessageValidationError, PermanentError
 from tasks.messages import BILLING_QUEUE, PAYMENTS_QUEUE
-from tasks.signing import SIGNATURE_OPTION, signing_keys_from_env
+from tasks.signing import SIGNATURE_OPTION
 
+from .app import build_service
 from .billing import BillingService, Delivery
 from .broker import make_broker
-from .crash import parse_crashpoints
 from .logging import configure_logging
 from .metrics import PrometheusMetrics
 from .middleware import OutboxSweeper, UnknownActorRecorder
-from .middleware.shutdown import ShutdownDeadline, shutdown_timeout_ms_from_env
-from .providers import make_provider
+from .middleware.shutdown import ShutdownDeadline
 from .settings import get_settings
 
 __all__ = ["broker", "subscribe", "renew", "auto_top_up", "revoke_key", "get_service", "ACTORS"]
@@ -39,7 +37,7 @@ settings = get_settings()
 configure_logging(settings.log_format, settings.log_level)
 broker = make_broker(settings)
 dramatiq.set_broker(broker)
-signing_keys = signing_keys_from_env()
+signing_keys = settings.message_signing_keys()
 if signing_keys is None:
     structlog.get_logger("billing").warning(
         "message_signing_disabled",
@@ -65,22 +63,7 @@ def get_service() -> BillingService:
     """The process's BillingService, created on first use (on the AsyncIO event loop)."""
     global _service
     if _service is None:
-        if not settings.database_url:
-            raise ConfigurationError("BILLING_DATABASE_URL is not set")
-        engine = make_engine(settings.database_url, pool_size=settings.db_pool_size)
-        _service = BillingService(
-            engine=engine,
-            provider=make_provider(settings, engine),
-            broker=broker,
-            policy=settings.billing_policy(),
-            max_deliveries=settings.max_deliveries,
-            crashpoints=parse_crashpoints(settings.crashpoints),
-            exit_on_crash=True,
-            signing_keys=signing_keys,
-            renew_fast_path=settings.renew_fast_path,
-            max_batch=settings.max_batch,
-            max_batches_in_flight=settings.max_batches_in_flight,
-        )
+        _service = build_service(settings, broker=broker, exit_on_crash=True)
     return _service
 
 
@@ -95,7 +78,7 @@ broker.add_middleware(
 )
 
 # a worker process exits within BILLING_WORKER_SHUTDOWN_TIMEOUT_MS + 2 s of a stop signal, however sent
-broker.add_middleware(ShutdownDeadline(shutdown_timeout_ms_from_env()))
+broker.add_middleware(ShutdownDeadline(settings.worker_shutdown_timeout_ms))
 
 if settings.metrics_enabled:
     # Dramatiq's Prometheus middleware (started at process boot) and the billing metrics
@@ -123,7 +106,7 @@ async def _run(actor_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     if args:
         payload: Any = {"args": list(args), "kwargs": kwargs}
         error = MessageValidationError("positional arguments are not accepted: send keyword arguments only")
-        await service._record_failure(
+        await service.record_failure(
             actor_name, payload, None, delivery, error, attempts=delivery.retries + 1
         )
         raise error
@@ -162,7 +145,7 @@ async def _record_unknown_actor(message: dramatiq.Message[Any]) -> None:
         f"unknown actor {str(message.actor_name)[:100]!r}: the contract's actors are {sorted(ACTORS)}"
     )
     delivery = Delivery(message_id=message.message_id, queue_name=message.queue_name)
-    await get_service()._record_failure(
+    await get_service().record_failure(
         str(message.actor_name),
         {"args": list(message.args), "kwargs": message.kwargs},
         None,

@@ -157,8 +157,8 @@ class BillingService:
                     raise MessageAuthenticationFailed(problem)
             message = validate_message(actor_name, kwargs, text_checked=True)
         except (MessageValidationError, MessageAuthenticationFailed) as exc:
-            # recorded and logged (one message_failed line) by _record_failure
-            await self._record_failure(actor_name, kwargs, None, delivery, exc, attempts=delivery.retries + 1)
+            # recorded and logged (one message_failed line) by record_failure
+            await self.record_failure(actor_name, kwargs, None, delivery, exc, attempts=delivery.retries + 1)
             raise
         account_id = getattr(message, "account_id", None)
         structlog.contextvars.bind_contextvars(idempotency_key=message.idempotency_key, account_id=account_id)
@@ -219,14 +219,14 @@ class BillingService:
             if not isinstance(exc, IdempotencyConflict):
                 status = "dead" if isinstance(exc, TooManyDeliveries) else "failed"
                 await self._mark_key(message, fingerprint, status, exc)
-            await self._record_failure(
+            await self.record_failure(
                 actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1
             )
             raise
         except Exception as exc:
             if delivery.retries >= delivery.max_retries:
                 await self._mark_key(message, fingerprint, "failed", exc)
-                await self._record_failure(
+                await self.record_failure(
                     actor_name,
                     kwargs,
                     message,
@@ -436,7 +436,7 @@ class BillingService:
         except BillingError:
             log.error("could_not_mark_key", status=status)
 
-    async def _record_failure(
+    async def record_failure(
         self,
         actor_name: str,
         kwargs: Any,

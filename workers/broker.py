@@ -22,7 +22,7 @@ from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.middleware import AsyncIO, CurrentMessage
 
 from tasks.errors import ConfigurationError
-from tasks.signing import SigningMiddleware, forwarding, signing_keys_from_env
+from tasks.signing import SigningMiddleware, forwarding
 
 from .settings import Settings
 
@@ -351,7 +351,9 @@ class BillingRedisBroker(RedisBroker):
 
 
 def make_broker(settings: Settings, *, url: str | None = None, client: Any = None) -> BillingRedisBroker:
-    """Create the broker from settings (``BILLING_REDIS_URL`` and the redelivery knobs).
+    """Create the broker from settings (``BILLING_REDIS_URL``, the redelivery knobs, ``BILLING_SIGNING_KEYS``).
+
+    Use :func:`workers.app.build_broker`, the composition root, rather than this.
 
     Parameters:
       url: Overrides ``settings.redis_url``.
@@ -376,7 +378,7 @@ def make_broker(settings: Settings, *, url: str | None = None, client: Any = Non
     )
     broker.add_middleware(AsyncIO())
     broker.add_middleware(CurrentMessage())
-    keys = signing_keys_from_env()
+    keys = settings.message_signing_keys()
     if keys is not None:
         # every enqueue of this process is signed: the outbox relay, the scheduler, operator retries
         broker.add_middleware(SigningMiddleware(keys))

@@ -14,6 +14,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from db.config import check_url
 from db.money import BillingPolicy
 from tasks.errors import ConfigurationError
+from tasks.signing import SigningKeys, signing_keys_from_env
+
+from .middleware.shutdown import (
+    DEFAULT_SHUTDOWN_TIMEOUT_MS,
+    SHUTDOWN_TIMEOUT_ENV,
+    shutdown_timeout_ms_from_env,
+)
 
 __all__ = ["Settings", "get_settings"]
 
@@ -172,6 +179,17 @@ class Settings(BaseSettings):
     #: is flagged by ``billing audit`` (24 hours).
     key_delivery_deadline_ms: int = Field(86_400_000, ge=60_000)
 
+    #: Message signing (:mod:`tasks.signing`): a JSON object of key id -> secret
+    #: (32 characters at least each).  Set: every message this process
+    #: creates is signed, and workers apply only messages with a valid
+    #: signature.  Unset: nothing is signed or checked; the worker warns at start-up.
+    signing_keys: SecretStr | None = None
+    #: The key of ``signing_keys`` new signatures use (default: the only one).
+    signing_key_id: str | None = None
+    #: ``billing worker``: a worker process stops within this long of a stop
+    #: signal (plus 2 s for Dramatiq to requeue what it prefetched), in milliseconds.
+    worker_shutdown_timeout_ms: int = DEFAULT_SHUTDOWN_TIMEOUT_MS
+
     def billing_policy(self) -> BillingPolicy:
         """The money path's rules (:class:`db.money.BillingPolicy`) from these settings."""
         return BillingPolicy(
@@ -188,7 +206,31 @@ class Settings(BaseSettings):
             key_delivery_deadline=timedelta(milliseconds=self.key_delivery_deadline_ms),
         )
 
+    def message_signing_keys(self) -> SigningKeys | None:
+        """The signing keys (``BILLING_SIGNING_KEYS`` / ``BILLING_SIGNING_KEY_ID``); None when unset.
+
+        Parsed by :func:`tasks.signing.signing_keys_from_env`, the producers'
+        own reader, so a worker and a producer read the same value the same way.
+
+        Raises:
+          ConfigurationError: Not a JSON object of strings, a short secret, or an unknown signing key id.
+        """
+        if self.signing_keys is None:
+            return None
+        env = {"BILLING_SIGNING_KEYS": self.signing_keys.get_secret_value()}
+        if self.signing_key_id:
+            env["BILLING_SIGNING_KEY_ID"] = self.signing_key_id
+        return signing_keys_from_env(env)
+
     # ----------------------------------------------------------------- checks at start-up
+
+    @field_validator("worker_shutdown_timeout_ms", mode="before")
+    @classmethod
+    def _shutdown_timeout_can_work(cls, value: Any) -> int:
+        try:
+            return shutdown_timeout_ms_from_env({SHUTDOWN_TIMEOUT_ENV: str(value)})
+        except ConfigurationError as exc:
+            raise ValueError(exc.message) from None
 
     @field_validator("database_url")
     @classmethod
