@@ -885,7 +885,7 @@ def contract() -> None:
 
 
 def _register_ops() -> None:
-    from .ops_cli import ops_app
+    from .operators.cli import ops_app
 
     app.add_command(ops_app)
 
@@ -894,7 +894,7 @@ _register_ops()
 
 
 def _register_dashboard() -> None:
-    from .dashboard import dashboard_command
+    from .operators.dashboard import dashboard_command
 
     app.add_command(dashboard_command)
 

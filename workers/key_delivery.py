@@ -19,7 +19,7 @@ from db import key_delivery as sql
 from db import money
 from db.engine import transaction
 from db.money import BillingPolicy
-from db.ops import record_action
+from db.operators import record_action
 from tasks.key_sealing import SealedKey, open_api_key, parse_private_key, public_key_of
 
 __all__ = ["ConsumedKey", "reissue_key", "consume_deliveries", "set_recipient"]

@@ -58,7 +58,7 @@ def set_recipient_command(account_id: str, public_key: str | None, clear: bool) 
     if (public_key is None) == (not clear):
         raise click.UsageError("give exactly one of --public-key and --clear")
     from .key_delivery import set_recipient
-    from .ops_cli import _run
+    from .operators.cli import _run
 
     _run(lambda engine, broker: set_recipient(engine, account_id, None if clear else public_key, now=_now()))
     click.echo(f"account {account_id}: keys sealed to {'the deployment key' if clear else 'its own key'}")
@@ -89,7 +89,7 @@ def fetch_command(private_key_env: str, limit: int, consumer: str, follow: bool,
     if not private_key:
         raise ConfigurationError(f"the environment variable {private_key_env} is empty or unset")
     from .key_delivery import ConsumedKey, consume_deliveries
-    from .ops_cli import _run
+    from .operators.cli import _run
 
     async def hand_over(item: ConsumedKey) -> None:
         line = {
@@ -129,7 +129,7 @@ def deliveries_command(account_id: str | None, status: str | None, limit: int, a
     from db.engine import transaction
     from db.key_delivery import list_deliveries
 
-    from .ops_cli import _json, _run, _table
+    from .operators.cli import _json, _run, _table
 
     async def go(engine: Any, broker: Any) -> list[dict[str, Any]]:
         async with transaction(engine) as conn:
@@ -165,8 +165,8 @@ def reissue_key_command(key_id: str, idempotency_key: str, as_json: bool) -> Non
     from db.money import KeyNotReissuable
 
     from .key_delivery import reissue_key
-    from .ops import operator_name
-    from .ops_cli import _json, _run
+    from .operators.actions import operator_name
+    from .operators.cli import _json, _run
     from .settings import get_settings
 
     policy = get_settings().billing_policy()
@@ -196,7 +196,7 @@ def reissue_key_command(key_id: str, idempotency_key: str, as_json: bool) -> Non
 
 def register(app: click.Group) -> None:
     """Add ``billing keys`` and ``billing ops reissue-key`` to the ``billing`` CLI."""
-    from .ops_cli import ops_app
+    from .operators.cli import ops_app
 
     app.add_command(keys_app)
     ops_app.add_command(reissue_key_command)

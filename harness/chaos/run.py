@@ -114,7 +114,7 @@ from tasks.producer import Producer
 from .clock import OffsetClock, write_clock_offset
 from .crash import CRASH_EXIT_STATUS
 from .local import embedded_postgres, inprocess_redis
-from .ops import queue_overview
+from workers.operators.redis_layout import queue_overview
 
 __all__ = ["ChaosConfig", "Fault", "plan_faults", "run_chaos", "main"]
 

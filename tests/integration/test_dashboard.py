@@ -18,7 +18,7 @@ CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 @pytest.fixture
 def dashboard(services: Any, broker: Any) -> Iterator[TestClient]:
     """The dashboard app on the session's database and broker (its own engine, closed after)."""
-    from workers.dashboard.app import create_app
+    from workers.operators.dashboard.app import create_app
     from workers.settings import Settings
 
     settings = Settings(
@@ -265,7 +265,7 @@ def test_security_headers_and_the_stylesheet(services, dashboard):
 
 
 def test_dev_mode_needs_no_login_shows_a_banner_and_answers_only_to_loopback_names(services, broker, db):
-    from workers.dashboard.app import create_app
+    from workers.operators.dashboard.app import create_app
     from workers.settings import Settings
 
     settings = Settings(
@@ -313,7 +313,7 @@ def test_the_queues_page_with_redis_down_says_so_and_still_shows_postgres(
     import socket
 
     from workers.broker import make_broker
-    from workers.dashboard.app import create_app
+    from workers.operators.dashboard.app import create_app
     from workers.settings import Settings
 
     fail_a_subscribe(setup, producer, drain)  # one dead failure, recorded in PostgreSQL

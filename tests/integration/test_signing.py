@@ -293,7 +293,7 @@ def test_the_workers_own_new_messages_are_still_signed(signing_broker):
 def test_an_operator_retry_of_a_dead_lettered_copy_keeps_its_signature(services, db, signing_broker):
     """The dead-letter queue is writable by producers: a retried copy from it is verified, never signed by ops."""
     from db.engine import make_engine
-    from workers.ops import retry_failures
+    from workers.operators.actions import retry_failures
 
     client = signing_broker.client
     kwargs = {**KWARGS, "idempotency_key": "s-xq"}
@@ -328,7 +328,7 @@ def test_an_operator_retry_of_a_dead_lettered_copy_keeps_its_signature(services,
 
 def test_an_operator_retry_of_an_authentication_failure_is_refused(services, db, signing_broker):
     from db.engine import make_engine
-    from workers.ops import retry_failures
+    from workers.operators.actions import retry_failures
 
     db(
         "INSERT INTO failed_messages (message_id, actor_name, queue_name, kwargs, error_type, error_message, "

@@ -45,7 +45,7 @@ def test_the_command_refuses_to_start_without_a_token_unless_dev_on_loopback(arg
 
 
 def _app(**overrides):
-    from workers.dashboard.app import create_app
+    from workers.operators.dashboard.app import create_app
     from workers.settings import Settings
 
     return create_app(Settings(**{"dashboard_token": TOKEN, **overrides}))
@@ -53,7 +53,7 @@ def _app(**overrides):
 
 def test_create_app_refuses_a_missing_or_short_token():
     from tasks.errors import ConfigurationError
-    from workers.dashboard.app import create_app
+    from workers.operators.dashboard.app import create_app
     from workers.settings import Settings
 
     for token in (None, "", "x" * 15):

@@ -4,20 +4,7 @@ Shared by ``billing ops ...`` and the web dashboard; both pass who acts
 (``operator``) and through what (``via``), and every state-changing call
 writes one row to the audit log (``operator_actions``).
 
-Built on Dramatiq's own Redis layout (``dramatiq/brokers/redis/dispatch.lua``),
-in the default namespace ``dramatiq``:
-
-====================================== =========================================
-key                                    holds
-====================================== =========================================
-``dramatiq:{queue}``                   ready message ids (a list)
-``dramatiq:{queue}.msgs``              id -> encoded message (ready and in flight)
-``dramatiq:{queue}.DQ``                delayed messages (retries with backoff)
-``dramatiq:{queue}.XQ``                dead-lettered ids, scored by time (ms)
-``dramatiq:{queue}.XQ.msgs``           id -> encoded dead-lettered message
-``dramatiq:__acks__.{worker}.{queue}`` ids a worker fetched and has not acked
-``dramatiq:__heartbeats__``            worker ids scored by last heartbeat (ms)
-====================================== =========================================
+Queues are read through :mod:`workers.operators.redis_layout`.
 
 A retry re-enqueues the message with its own message id and idempotency
 key (safe: processing is idempotent), taken from Dramatiq's dead-letter
@@ -30,7 +17,6 @@ import asyncio
 import getpass
 import os
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,30 +25,24 @@ from typing import Any
 import dramatiq
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db import ops as sql
+from db import operators as sql
 from db.engine import transaction
-from db.ops import NOT_RETRYABLE, FailureFilter
+from db.operators import NOT_RETRYABLE, FailureFilter
 from db.queries import account_snapshot
 from tasks.errors import AlreadyReplayed
-from tasks.messages import BILLING_QUEUE, PAYMENTS_QUEUE, validate_message
+from tasks.messages import validate_message
+
+from .redis_layout import QUEUES, dead_ids_older_than, dead_lettered, remove_dead
 
 __all__ = [
-    "QUEUES",
-    "QueueStats",
-    "WorkerSeen",
     "RetryReport",
     "operator_name",
-    "queue_overview",
     "failure_detail",
     "retry_failures",
     "replay_with_new_key",
     "purge_dead",
     "resolve",
 ]
-
-#: The contract's queues.
-QUEUES = (BILLING_QUEUE, PAYMENTS_QUEUE)
-NAMESPACE = "dramatiq"
 
 
 def operator_name() -> str:
@@ -71,120 +51,6 @@ def operator_name() -> str:
     if configured:
         return configured[:200]
     return f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-# --------------------------------------------------------------------------- queues
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """Counts of one queue.
-
-    Attributes:
-      ready: Messages waiting to be fetched.
-      delayed: Messages waiting for their eta (retries with backoff).
-      in_flight: Messages fetched by a worker and not acknowledged yet.
-      dead: Dead-lettered messages still in Redis (kept ``dead_message_ttl``).
-      oldest_ready_age_s: Age in seconds of the oldest ready message (None: empty).
-    """
-
-    queue: str
-    ready: int
-    delayed: int
-    in_flight: int
-    dead: int
-    oldest_ready_age_s: float | None
-
-
-@dataclass(frozen=True)
-class WorkerSeen:
-    """A Dramatiq broker id seen in the heartbeats set.
-
-    Every process that talks to the queues through Dramatiq's script beats
-    (producers too); ``holding`` counts the messages it has in flight.
-    """
-
-    worker_id: str
-    last_heartbeat_age_s: float
-    alive: bool
-    holding: int
-
-
-def _decode(raw: bytes | str | None) -> dramatiq.Message[Any] | None:
-    if raw is None:
-        return None
-    try:
-        return dramatiq.Message.decode(raw if isinstance(raw, bytes) else raw.encode())
-    except Exception:  # noqa: BLE001 - an undecodable entry is shown as unknown, never fatal here
-        return None
-
-
-def queue_overview(client: Any, *, heartbeat_timeout_ms: int) -> tuple[list[QueueStats], list[WorkerSeen]]:
-    """Per-queue counts and the workers seen, read from Redis (a ``redis.Redis`` client).
-
-    Parameters:
-      heartbeat_timeout_ms: A worker whose last heartbeat is older is shown as not alive.
-    """
-    now_ms = time.time() * 1000
-    beats = client.zrange(f"{NAMESPACE}:__heartbeats__", 0, -1, withscores=True)
-    workers = [(w.decode() if isinstance(w, bytes) else w, score) for w, score in beats]
-    holding: dict[str, int] = {w: 0 for w, _ in workers}
-    stats = []
-    for queue in QUEUES:
-        in_flight = 0
-        for worker_id, _ in workers:
-            n = sum(
-                int(client.scard(f"{NAMESPACE}:__acks__.{worker_id}.{q}")) for q in (queue, f"{queue}.DQ")
-            )
-            holding[worker_id] += n
-            in_flight += n
-        oldest = None
-        head = client.lindex(f"{NAMESPACE}:{queue}", 0)
-        if head is not None:
-            message = _decode(client.hget(f"{NAMESPACE}:{queue}.msgs", head))
-            if message is not None:
-                oldest = max(0.0, (now_ms - message.message_timestamp) / 1000)
-        stats.append(
-            QueueStats(
-                queue=queue,
-                ready=int(client.llen(f"{NAMESPACE}:{queue}")),
-                delayed=int(client.llen(f"{NAMESPACE}:{queue}.DQ")),
-                in_flight=in_flight,
-                dead=int(client.zcard(f"{NAMESPACE}:{queue}.XQ")),
-                oldest_ready_age_s=oldest,
-            )
-        )
-    seen = [
-        WorkerSeen(
-            worker_id=w,
-            last_heartbeat_age_s=max(0.0, (now_ms - score) / 1000),
-            alive=(now_ms - score) < heartbeat_timeout_ms,
-            holding=holding[w],
-        )
-        for w, score in sorted(workers, key=lambda ws: -ws[1])
-    ]
-    return stats, seen
-
-
-def _dead_lettered(client: Any, queue: str) -> dict[str, tuple[str, dramatiq.Message[Any] | None]]:
-    """Dramatiq message id -> (Redis id, message) of a queue's dead-letter hash."""
-    found: dict[str, tuple[str, dramatiq.Message[Any] | None]] = {}
-    for redis_id, raw in client.hscan_iter(f"{NAMESPACE}:{queue}.XQ.msgs"):
-        message = _decode(raw)
-        if message is not None:
-            found[message.message_id] = (
-                redis_id.decode() if isinstance(redis_id, bytes) else redis_id,
-                message,
-            )
-    return found
-
-
-def _remove_dead(client: Any, queue: str, redis_ids: list[str]) -> None:
-    if redis_ids:
-        pipe = client.pipeline(transaction=True)
-        pipe.zrem(f"{NAMESPACE}:{queue}.XQ", *redis_ids)
-        pipe.hdel(f"{NAMESPACE}:{queue}.XQ.msgs", *redis_ids)
-        pipe.execute()
 
 
 # --------------------------------------------------------------------------- failures
@@ -267,7 +133,7 @@ async def retry_failures(
     only ``dead`` failures). Each message: in one transaction, reset its
     key and mark the failure ``retried``, enqueue, remove it from Dramatiq's
     dead-letter queue, commit.  Malformed messages and idempotency conflicts
-    are skipped with the reason (:data:`db.ops.NOT_RETRYABLE`).
+    are skipped with the reason (:data:`db.operators.NOT_RETRYABLE`).
 
     Parameters:
       operator, via: Who acts, and through ``cli`` or ``dashboard`` (audit log).
@@ -296,7 +162,7 @@ async def retry_failures(
     dead: dict[str, tuple[str, dramatiq.Message[Any] | None]] = {}
     if client is not None:
         for queue in {f["queue_name"] for f in failures}:
-            dead.update(await asyncio.to_thread(_dead_lettered, client, queue))
+            dead.update(await asyncio.to_thread(dead_lettered, client, queue))
     for done, failure in enumerate(failures, 1):
         mid = failure["message_id"]
         if failure["error_type"] in NOT_RETRYABLE:
@@ -309,7 +175,7 @@ async def retry_failures(
                 await sql.prepare_retry(conn, failure, operator=operator)
                 await asyncio.to_thread(broker.enqueue, message)
             if client is not None and mid in dead:
-                await asyncio.to_thread(_remove_dead, client, message.queue_name, [dead[mid][0]])
+                await asyncio.to_thread(remove_dead, client, message.queue_name, [dead[mid][0]])
             report.retried.append(mid)
         if on_progress is not None:
             on_progress(done, len(failures))
@@ -450,13 +316,10 @@ async def purge_dead(
     def purge() -> dict[str, int]:
         counts = {}
         for queue in QUEUES:
-            ids = [
-                i.decode() if isinstance(i, bytes) else i
-                for i in client.zrangebyscore(f"{NAMESPACE}:{queue}.XQ", 0, cutoff_ms)
-            ]
+            ids = dead_ids_older_than(client, queue, cutoff_ms)
             if not dry_run:
                 for start in range(0, len(ids), 500):
-                    _remove_dead(client, queue, ids[start : start + 500])
+                    remove_dead(client, queue, ids[start : start + 500])
             counts[queue] = len(ids)
         return counts
 

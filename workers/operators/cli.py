@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from db.ops import FailureFilter
+from db.operators import FailureFilter
 from tasks.errors import ConfigurationError
 
 __all__ = ["ops_app", "parse_duration"]
@@ -60,7 +60,7 @@ def _run(fn: Any, *, needs_redis: bool = False) -> Any:
     """Run ``await fn(engine, broker)`` on the configured database (and Redis when needed)."""
     from db.engine import make_engine
 
-    from .settings import get_settings
+    from ..settings import get_settings
 
     settings = get_settings()
     if not settings.database_url:
@@ -70,7 +70,7 @@ def _run(fn: Any, *, needs_redis: bool = False) -> Any:
     database_url = settings.database_url
     broker = None
     if settings.redis_url:
-        from .broker import make_broker
+        from ..broker import make_broker
 
         broker = make_broker(settings)
 
@@ -128,8 +128,8 @@ def ops_app() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def queues(as_json: bool) -> None:
     """Per queue: ready, delayed, in flight, dead-lettered, age of the oldest ready; workers seen."""
-    from .ops import queue_overview
-    from .settings import get_settings
+    from ..settings import get_settings
+    from .redis_layout import queue_overview
 
     settings = get_settings()
 
@@ -173,7 +173,7 @@ def failures(
     as_json: bool,
 ) -> None:
     """Failed messages, newest first."""
-    from db import ops as sql
+    from db import operators as sql
 
     filt = FailureFilter(actor=actor, account=account, since=_since(since), error=error, status=status)
 
@@ -206,7 +206,7 @@ def failures(
 @click.option("--json", "as_json", is_flag=True)
 def show(message_id: str, as_json: bool) -> None:
     """A failed message: arguments, error, traceback, its idempotency record and its account."""
-    from .ops import failure_detail
+    from .actions import failure_detail
 
     detail = _run(lambda engine, broker: failure_detail(engine, message_id))
     if detail is None:
@@ -251,7 +251,7 @@ def retry(
     as_json: bool,
 ) -> None:
     """Re-enqueue failed messages with the same idempotency key (safe: processing is idempotent)."""
-    from .ops import operator_name, retry_failures
+    from .actions import operator_name, retry_failures
 
     if bool(message_ids) == retry_all:
         raise click.UsageError("give MESSAGE_ID... or --all (with optional filters)")
@@ -310,7 +310,7 @@ def retry(
 @click.option("--json", "as_json", is_flag=True)
 def replay(message_id: str, new_key: str, yes: bool, as_json: bool) -> None:
     """Publish a failed message again under a NEW key: a new request, which may charge again."""
-    from .ops import operator_name, replay_with_new_key
+    from .actions import operator_name, replay_with_new_key
 
     if not yes:
         click.confirm(
@@ -338,7 +338,7 @@ def replay(message_id: str, new_key: str, yes: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def resolve_cmd(message_id: str, note: str, as_json: bool) -> None:
     """Mark a failure resolved without retrying it."""
-    from .ops import operator_name, resolve
+    from .actions import operator_name, resolve
 
     done = _run(
         lambda engine, broker: resolve(
@@ -357,7 +357,7 @@ def resolve_cmd(message_id: str, note: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def purge_dead_cmd(older_than: str, yes: bool, dry_run: bool, as_json: bool) -> None:
     """Delete dead-lettered messages older than a duration from Redis (PostgreSQL keeps their record)."""
-    from .ops import operator_name, purge_dead
+    from .actions import operator_name, purge_dead
 
     age = parse_duration(older_than)
     if not yes and not dry_run:
@@ -380,7 +380,7 @@ def purge_dead_cmd(older_than: str, yes: bool, dry_run: bool, as_json: bool) -> 
 @click.option("--json", "as_json", is_flag=True)
 def key(idempotency_key: str, as_json: bool) -> None:
     """The stored state and outcome of an idempotency key."""
-    from db import ops as sql
+    from db import operators as sql
 
     async def go(engine: Any, broker: Any) -> Any:
         async with engine.connect() as conn:
@@ -397,7 +397,7 @@ def key(idempotency_key: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def account(account_id: str, as_json: bool) -> None:
     """A timeline of the account: ledger, subscriptions, keys (no secrets), top-ups, failures."""
-    from db import ops as sql
+    from db import operators as sql
 
     async def go(engine: Any, broker: Any) -> Any:
         async with engine.connect() as conn:
@@ -421,7 +421,7 @@ def account(account_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def actions(limit: int, as_json: bool) -> None:
     """The audit log of operator actions, newest first."""
-    from db import ops as sql
+    from db import operators as sql
 
     async def go(engine: Any, broker: Any) -> Any:
         async with engine.connect() as conn:

@@ -1,6 +1,6 @@
-"""The operator dashboard (``billing dashboard``): server-rendered pages over :mod:`workers.ops`.
+"""The operator dashboard (``billing dashboard``): server-rendered pages over :mod:`workers.operators.actions`.
 
-The application factory is :func:`workers.dashboard.app.create_app`; it is
+The application factory is :func:`workers.operators.dashboard.app.create_app`; it is
 not imported here, so the ``billing`` CLI loads Starlette only for this command.
 """
 

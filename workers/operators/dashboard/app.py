@@ -1,4 +1,4 @@
-"""The operator dashboard: Starlette routes over :mod:`workers.ops`, rendered with Jinja2.
+"""The operator dashboard: Starlette routes over :mod:`workers.operators.actions`, rendered with Jinja2.
 
 Pages (GET): ``/`` queues, ``/failures`` (filters in the query string),
 ``/messages/{id}``, ``/accounts/{id}``, ``/actions``, ``/login``.
@@ -47,8 +47,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from db import ops as sql
-from db.ops import NOT_RETRYABLE, FailureFilter
+from db import operators as sql
+from db.operators import NOT_RETRYABLE, FailureFilter
 from db.queries import account_snapshot
 from tasks.errors import (
     AlreadyReplayed,
@@ -57,8 +57,9 @@ from tasks.errors import (
     ConfigurationError,
     MessageValidationError,
 )
-from workers import ops
 from workers.dependencies import dependency_error
+from workers.operators import actions
+from workers.operators.redis_layout import queue_overview
 from workers.settings import Settings
 
 __all__ = ["create_app", "session_secret", "MIN_TOKEN_LENGTH", "SECURITY_HEADERS"]
@@ -369,7 +370,7 @@ async def queues_page(request: Request, operator: str) -> Response:
     client = getattr(_broker(request), "client", None)
     try:
         stats, workers = await asyncio.to_thread(
-            ops.queue_overview, client, heartbeat_timeout_ms=request.app.state.settings.heartbeat_timeout_ms
+            queue_overview, client, heartbeat_timeout_ms=request.app.state.settings.heartbeat_timeout_ms
         )
     except Exception as exc:
         error = dependency_error(exc)
@@ -389,7 +390,7 @@ async def queues_page(request: Request, operator: str) -> Response:
 
 def _since(value: str) -> datetime:
     """``2h``-style durations back from now, or ISO 8601 (UTC if no offset)."""
-    from workers.ops_cli import parse_duration
+    from workers.operators.cli import parse_duration
 
     try:
         return datetime.now(UTC) - parse_duration(value)
@@ -455,7 +456,7 @@ async def failures_page(request: Request, operator: str) -> Response:
 async def message_page(request: Request, operator: str) -> Response:
     """A failed message: arguments, error, traceback, idempotency record, account summary; actions."""
     message_id = request.path_params["message_id"]
-    detail = await ops.failure_detail(_engine(request), message_id)
+    detail = await actions.failure_detail(_engine(request), message_id)
     if detail is None:
         raise HTTPException(404, f"no failed message {message_id!r}")
     return _render(request, "message.html", detail=detail, f=detail["failure"])
@@ -512,7 +513,7 @@ async def retry(request: Request, operator: str, form: FormData) -> Response:
     except ValueError as exc:
         _flash(request, "error", f"Nothing retried: {exc}.")
         return RedirectResponse(back, status_code=303)
-    report = await ops.retry_failures(
+    report = await actions.retry_failures(
         _engine(request),
         _broker(request),
         operator=operator,
@@ -524,7 +525,7 @@ async def retry(request: Request, operator: str, form: FormData) -> Response:
     return RedirectResponse(back, status_code=303)
 
 
-def _retry_summary(report: ops.RetryReport, mode: str) -> str:
+def _retry_summary(report: actions.RetryReport, mode: str) -> str:
     skipped = "; ".join(f"{mid}: {why}" for mid, why in list(report.skipped.items())[:5])
     more = f" (and {len(report.skipped) - 5} more)" if len(report.skipped) > 5 else ""
     if mode == "preview":
@@ -549,7 +550,9 @@ async def resolve(request: Request, operator: str, form: FormData) -> Response:
         _flash(
             request, "error", "Not resolved: say why no retry is needed (the note is kept with the failure)."
         )
-    elif await ops.resolve(_engine(request), message_id, operator=operator, via="dashboard", resolution=note):
+    elif await actions.resolve(
+        _engine(request), message_id, operator=operator, via="dashboard", resolution=note
+    ):
         _flash(request, "ok", f"Resolved message {message_id}.")
     else:
         _flash(request, "error", f"Not resolved: message {message_id} is unknown or already resolved.")
@@ -570,7 +573,7 @@ async def replay(request: Request, operator: str, form: FormData) -> Response:
         )
         return RedirectResponse(back, status_code=303)
     try:
-        new_id = await ops.replay_with_new_key(
+        new_id = await actions.replay_with_new_key(
             _engine(request),
             _broker(request),
             message_id,
@@ -610,9 +613,9 @@ def create_app(
         when ``engine`` / ``broker`` are not given (then they are created at
         startup and closed at shutdown).
       engine, broker: Ready ones (tests); the caller closes them.
-      dev: No login (the local operator acts, see :func:`workers.ops.operator_name`),
+      dev: No login (the local operator acts, see :func:`workers.operators.actions.operator_name`),
         a DEV banner, and only ``127.0.0.1`` / ``localhost`` accepted as Host.
-      dev_operator: Who acts in dev mode (default: :func:`workers.ops.operator_name`).
+      dev_operator: Who acts in dev mode (default: :func:`workers.operators.actions.operator_name`).
 
     Raises:
       ConfigurationError: No ``dashboard_token`` (or one shorter than
@@ -685,6 +688,6 @@ def create_app(
     app.state.engine = engine
     app.state.broker = broker
     app.state.dev = dev
-    app.state.dev_operator = (dev_operator or ops.operator_name()) if dev else None
+    app.state.dev_operator = (dev_operator or actions.operator_name()) if dev else None
     app.state.templates = _templates()
     return app
