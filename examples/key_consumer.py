@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""A consumer of durable API key deliveries, with asyncpg and PyNaCl only (README "API key delivery").
+"""A consumer of durable API key deliveries, with asyncpg and PyNaCl only (docs/operations.md, "API key delivery").
 
 The billing worker seals every issued managed key to your X25519 public key
 and keeps the ciphertext in PostgreSQL (``api_key_deliveries``) until you
