@@ -32,6 +32,7 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from . import money
+from .errors import NoStoredRequest
 from .money import BillingPolicy, Effect, OutboxMessage, TopUpIntent
 
 __all__ = [
@@ -105,10 +106,10 @@ async def redrive_key(
     """Re-send a stale key's message through the outbox (a new message id, the same key) and renew its lease.
 
     Raises:
-      ValueError: The key has no stored request.
+      db.errors.NoStoredRequest: The key has no stored request (a ``ValueError``).
     """
     if stale.request is None:
-        raise ValueError(f"key {stale.key!r} has no stored request to re-send")
+        raise NoStoredRequest(f"key {stale.key!r} has no stored request to re-send")
     message = OutboxMessage(stale.request["queue_name"], stale.request["actor_name"], stale.request["kwargs"])
     await money.insert_outbox(conn, [message])
     await conn.execute(_REDRIVE, {"key": stale.key, "now": now, "lease_expires_at": now + policy.key_lease})

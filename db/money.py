@@ -39,7 +39,6 @@ from tasks.errors import (
     ConfigurationError,
     CurrencyMismatch,
     IdempotencyConflict,
-    PermanentError,
     UnknownAccount,
     UnknownApiKey,
     UnknownPlan,
@@ -55,6 +54,7 @@ from tasks.messages import (
 )
 
 from . import key_delivery
+from .errors import InvalidValue, KeyNotReissuable, refusing_settings
 from .periods import period_bounds, top_up_period
 
 __all__ = [
@@ -1621,10 +1621,10 @@ async def finish_top_up(
       repeat); None when skipped (``unless_charged_since``).
 
     Raises:
-      ValueError: An unknown ``state``.
+      db.errors.InvalidValue: An unknown ``state`` (a ``ValueError``).
     """
     if state not in TOP_UP_STATES:
-        raise ValueError(f"unknown top-up state {state!r}")
+        raise InvalidValue(f"unknown top-up state {state!r}")
     await _lock_account(conn, intent.account_id)
     attempt = await _one(conn, _LOCK_ATTEMPT, id=intent.attempt_id)
     assert attempt is not None
@@ -1773,19 +1773,24 @@ async def create_account(
 
     Returns:
       bool: False when the account already existed (nothing changed).
+
+    Raises:
+      db.errors.SettingRefused: A constraint refuses the settings (e.g. a
+        monthly cap below one top-up: ``accounts_top_up_cap_covers_amount``).
     """
     enabled = None not in (auto_top_up_threshold_micros, auto_top_up_amount_micros, payment_method_ref)
-    row = await _one(
-        conn,
-        _INSERT_ACCOUNT,
-        id=account_id,
-        currency=currency,
-        enabled=enabled,
-        threshold=auto_top_up_threshold_micros,
-        amount=auto_top_up_amount_micros,
-        payment_method_ref=payment_method_ref,
-        monthly_cap=auto_top_up_monthly_cap_micros,
-    )
+    async with refusing_settings():
+        row = await _one(
+            conn,
+            _INSERT_ACCOUNT,
+            id=account_id,
+            currency=currency,
+            enabled=enabled,
+            threshold=auto_top_up_threshold_micros,
+            amount=auto_top_up_amount_micros,
+            payment_method_ref=payment_method_ref,
+            monthly_cap=auto_top_up_monthly_cap_micros,
+        )
     if row is None:
         return False
     if balance_micros:
@@ -1819,17 +1824,22 @@ async def create_plan(
     interval: str,
     interval_count: int = 1,
 ) -> bool:
-    """Create a plan. Returns False when the plan already existed (nothing changed)."""
-    row = await _one(
-        conn,
-        _INSERT_PLAN,
-        id=plan_id,
-        name=name,
-        price_micros=price_micros,
-        currency=currency,
-        interval=interval,
-        interval_count=interval_count,
-    )
+    """Create a plan. Returns False when the plan already existed (nothing changed).
+
+    Raises:
+      db.errors.SettingRefused: A constraint refuses the plan (price, currency, interval).
+    """
+    async with refusing_settings():
+        row = await _one(
+            conn,
+            _INSERT_PLAN,
+            id=plan_id,
+            name=name,
+            price_micros=price_micros,
+            currency=currency,
+            interval=interval,
+            interval_count=interval_count,
+        )
     return row is not None
 
 
@@ -1865,10 +1875,10 @@ async def credit_account(
     Raises:
       UnknownAccount: No such account.
       IdempotencyConflict: The key credited another account or amount before.
-      ValueError: Amount not in 1..10**15.
+      db.errors.InvalidValue: Amount not in 1..10**15 (a ``ValueError``).
     """
     if not 0 < amount_micros <= 10**15:
-        raise ValueError("amount_micros must be between 1 and 10**15")
+        raise InvalidValue("amount_micros must be between 1 and 10**15")
     account = await _lock_account(conn, account_id)
     key = f"credit:{idempotency_key}"
     before = await _one(conn, _CREDIT_EXISTS, key=key)
@@ -1931,23 +1941,25 @@ async def configure_auto_top_up(
 
     Raises:
       UnknownAccount: No such account.
-      sqlalchemy.exc.IntegrityError: Enabling without amount, threshold and payment method
-        (CHECK ``accounts_top_up_configured``), or an amount out of range.
+      db.errors.SettingRefused: Enabling without amount, threshold and payment method
+        (``accounts_top_up_configured``), a cap below the amount
+        (``accounts_top_up_cap_covers_amount``), or an amount out of range.
     """
     await _lock_account(conn, account_id)
-    await conn.execute(
-        _CONFIGURE_TOP_UP,
-        {
-            "id": account_id,
-            "enabled": enabled,
-            "threshold": threshold_micros,
-            "amount": amount_micros,
-            "payment_method_ref": payment_method_ref,
-            "monthly_cap": monthly_cap_micros,
-            "clear_cap": clear_monthly_cap,
-            "now": now,
-        },
-    )
+    async with refusing_settings():
+        await conn.execute(
+            _CONFIGURE_TOP_UP,
+            {
+                "id": account_id,
+                "enabled": enabled,
+                "threshold": threshold_micros,
+                "amount": amount_micros,
+                "payment_method_ref": payment_method_ref,
+                "monthly_cap": monthly_cap_micros,
+                "clear_cap": clear_monthly_cap,
+                "now": now,
+            },
+        )
 
 
 _SET_CANCEL_AT_PERIOD_END = text(
@@ -2047,10 +2059,6 @@ async def claim_stale_outbox(
 
 
 # --------------------------------------------------------------------------- reissue a managed key (operators)
-
-
-class KeyNotReissuable(PermanentError):
-    """Only an active managed key of a live subscription can be reissued."""
 
 
 _REISSUE_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended('reissue_key:' || :key, 0))")

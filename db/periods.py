@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 
 from dateutil.relativedelta import relativedelta
 
+from .errors import InvalidValue
+
 __all__ = ["period_bounds", "top_up_period"]
 
 
@@ -20,7 +22,7 @@ def _offset(interval: str, count: int) -> relativedelta:
         return relativedelta(months=count)
     if interval == "day":
         return relativedelta(days=count)
-    raise ValueError(f"unknown interval {interval!r}")
+    raise InvalidValue(f"unknown interval {interval!r}")
 
 
 def period_bounds(
@@ -35,7 +37,7 @@ def period_bounds(
       index: The period number, 0 for the first.
 
     Raises:
-      ValueError: Unknown interval.
+      db.errors.InvalidValue: Unknown interval (a ``ValueError``).
     """
     anchor = anchor.astimezone(UTC)
     start = anchor + _offset(interval, interval_count * index)

@@ -18,6 +18,8 @@ from __future__ import annotations
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from .errors import InvalidValue
+
 __all__ = ["WORKER_GRANTS", "grant_worker_role"]
 
 #: Table -> privileges of the worker role.  Tables not listed get none.
@@ -47,7 +49,7 @@ WORKER_GRANTS: dict[str, str] = {
 
 def _ident(name: str) -> str:
     if not name or not all(c.isalnum() or c == "_" for c in name):
-        raise ValueError(f"role name {name!r}: letters, digits and _ only")
+        raise InvalidValue(f"role name {name!r}: letters, digits and _ only")
     return '"' + name + '"'
 
 
@@ -62,7 +64,7 @@ async def grant_worker_role(conn: AsyncConnection, role: str, *, password: str |
       password: Sets the role's password when given (stored by PostgreSQL as a SCRAM hash).
 
     Raises:
-      ValueError: A role name with other characters.
+      db.errors.InvalidValue: A role name with other characters (a ``ValueError``).
       sqlalchemy.exc.ProgrammingError: The caller may not create roles or does not own the tables.
     """
     quoted = _ident(role)
