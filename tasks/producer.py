@@ -10,6 +10,11 @@ the contract's queue, so that any worker of this project picks them up::
     await producer.publish_async(RenewMessage(...))
 
 Paired sync/async calls: :meth:`Producer.publish` / :meth:`Producer.publish_async`.
+
+Configuration: a producer imports nothing of the workers, so it reads its
+own two settings from the environment, ``BILLING_REDIS_URL`` (unless given a
+URL or a broker) and the signing keys (:func:`tasks.signing.signing_keys_from_env`),
+the same variables the workers read through their settings.
 """
 
 from __future__ import annotations

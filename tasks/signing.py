@@ -128,6 +128,12 @@ class SigningKeys:
 def signing_keys_from_env(environ: dict[str, str] | None = None) -> SigningKeys | None:
     """Keys from ``BILLING_SIGNING_KEYS`` (JSON object) and ``BILLING_SIGNING_KEY_ID``; None when unset.
 
+    This is the producer's own configuration: :mod:`tasks` imports nothing of
+    the workers, so a producer reads its keys here (from ``environ``, default
+    ``os.environ``).  The workers read the same two variables through their
+    settings (``workers.settings.Settings.message_signing_keys``), which
+    parse them with this function.
+
     Raises:
       ConfigurationError: Not a JSON object of strings, a short secret, or an unknown signing key id.
     """

@@ -17,28 +17,43 @@ they are first used on, so build them on the loop that will use them.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import dramatiq
+import structlog
+from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.middleware import CurrentMessage
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engine import make_engine
-from tasks.errors import ConfigurationError
+from tasks.errors import ConfigurationError, MessageValidationError, PermanentError
+from tasks.messages import MESSAGE_MODELS
+from tasks.signing import SIGNATURE_OPTION
 
-from .billing import BillingService
+from .billing import BillingService, Delivery
 from .broker import BillingRedisBroker, make_broker
 from .crash import parse_crashpoints
+from .logging import configure_logging
+from .middleware import OutboxSweeper, UnknownActorRecorder
+from .middleware.shutdown import ShutdownDeadline
 from .providers import make_provider
 from .providers.base import PaymentProvider
 from .scheduler import Scheduler
 from .settings import Settings, get_settings
 
 __all__ = [
+    "WorkerRuntime",
+    "actor_options",
     "build_broker",
     "build_engine",
     "build_provider",
     "build_scheduler",
     "build_service",
+    "worker",
+    "worker_broker",
 ]
 
 
@@ -151,3 +166,168 @@ def build_scheduler(
         # the reconciler asks it about top-ups still pending past their deadline
         options["provider"] = build_provider(settings, engine)
     return Scheduler(engine, broker, **options)
+
+
+# ---------------------------------------------------------------------- the worker process
+
+
+class WorkerRuntime:
+    """What a worker process runs the actors with: its settings, its broker and, built on first use, its service.
+
+    The broker carries the worker's middleware: the outbox sweeper, the
+    shutdown deadline, the metrics (``BILLING_METRICS_ENABLED``) and the
+    recorder of messages for unknown actors; undecodable payloads are
+    recorded through :meth:`record_undecodable`.  Build it with
+    :func:`worker`, once per process.
+
+    Attributes:
+      settings: The process's settings.
+      broker: The broker the actors are declared on.
+      service_factory: Builds the service on first use (on the AsyncIO
+        middleware's event loop, which the engine is bound to).  A harness may
+        replace it before the first message, e.g. to run the service on an
+        injected clock.
+    """
+
+    def __init__(self, settings: Settings, broker: BillingRedisBroker) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.service_factory: Callable[[], BillingService] = functools.partial(
+            build_service, settings, broker=broker, exit_on_crash=True
+        )
+        self._service: BillingService | None = None
+
+    def service(self) -> BillingService:
+        """The process's service, built by :attr:`service_factory` on first use."""
+        if self._service is None:
+            self._service = self.service_factory()
+        return self._service
+
+    async def run(self, actor_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The body of every actor: the current Dramatiq message through :meth:`BillingService.handle`.
+
+        Raises:
+          MessageValidationError: Positional arguments (recorded, never retried).
+          PermanentError / TransientError: As :meth:`BillingService.handle`.
+        """
+        message = CurrentMessage.get_current_message()
+        assert message is not None
+        delivery = Delivery(
+            message_id=message.message_id,
+            retries=int(message.options.get("retries", 0)),
+            max_retries=int(message.options.get("max_retries", self.settings.max_retries)),
+            queue_name=message.queue_name,
+            signature=message.options.get(SIGNATURE_OPTION),
+        )
+        service = self.service()
+        if args:
+            payload: Any = {"args": list(args), "kwargs": kwargs}
+            error = MessageValidationError(
+                "positional arguments are not accepted: send keyword arguments only"
+            )
+            await service.record_failure(
+                actor_name, payload, None, delivery, error, attempts=delivery.retries + 1
+            )
+            raise error
+        return await service.handle(actor_name, kwargs, delivery)
+
+    async def sweep(self, older_than_s: float) -> int:
+        """Relay the outbox rows a dead worker left behind (the outbox sweeper's pass)."""
+        return await self.service().sweep_outbox(older_than_s=older_than_s)
+
+    async def record_unknown_actor(self, message: dramatiq.Message[Any]) -> None:
+        """Record a message Dramatiq dead-lettered because its actor does not exist."""
+        error = MessageValidationError(
+            f"unknown actor {str(message.actor_name)[:100]!r}: the contract's actors are {sorted(MESSAGE_MODELS)}"
+        )
+        delivery = Delivery(message_id=message.message_id, queue_name=message.queue_name)
+        await self.service().record_failure(
+            str(message.actor_name),
+            {"args": list(message.args), "kwargs": message.kwargs},
+            None,
+            delivery,
+            error,
+            attempts=1,
+        )
+
+    def record_undecodable(
+        self, queue_name: str, redis_id: str, payload: bytes, error: BaseException
+    ) -> None:
+        """Record a payload that is not a Dramatiq message, on the AsyncIO event loop (the broker's handler).
+
+        Raises:
+          RuntimeError: The event loop thread is not running.
+          DatabaseUnavailable: It could not be recorded (the consumer requeues it).
+        """
+        loop = get_event_loop_thread()
+        if loop is None:
+            raise RuntimeError("the AsyncIO event loop thread is not running")
+        loop.run_coroutine(self.service().record_undecodable(queue_name, redis_id, payload, error))
+
+
+def actor_options(settings: Settings) -> dict[str, Any]:
+    """Dramatiq options of every actor: retries with backoff, and no retry of a :class:`PermanentError`."""
+    return {
+        "max_retries": settings.max_retries,
+        "min_backoff": settings.min_backoff_ms,
+        "max_backoff": settings.max_backoff_ms,
+        "throws": (PermanentError,),
+    }
+
+
+@functools.cache
+def worker() -> WorkerRuntime:
+    """The worker process's runtime, built once: logging, start-up checks, the broker and its middleware.
+
+    Configures logging (``BILLING_LOG_FORMAT``, ``BILLING_LOG_LEVEL``),
+    refuses a bad ``BILLING_KEY_DELIVERY_PUBLIC_KEY``, warns when messages
+    are not signed or API keys not delivered durably, builds the broker
+    (Dramatiq's global broker from now on) and adds the worker's middleware.
+
+    Raises:
+      ConfigurationError: A setting that cannot work.
+    """
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    log = structlog.get_logger("billing")
+    if settings.message_signing_keys() is None:
+        log.warning(
+            "message_signing_disabled",
+            reason="BILLING_SIGNING_KEYS is not set: anyone who can write to Redis can enqueue billing messages",
+        )
+    if settings.key_delivery_public_key:
+        from tasks.key_sealing import parse_public_key
+
+        # refuse a bad key at start-up, not at the first subscribe
+        parse_public_key(settings.key_delivery_public_key, "BILLING_KEY_DELIVERY_PUBLIC_KEY")
+    else:
+        log.warning(
+            "api_key_delivery_not_durable",
+            reason="BILLING_KEY_DELIVERY_PUBLIC_KEY is not set: issued API keys go out once on Redis pub/sub "
+            "and are lost if nobody is listening (accounts with their own recipient key excepted)",
+        )
+    broker = build_broker(settings)
+    dramatiq.set_broker(broker)
+    runtime = WorkerRuntime(settings, broker)
+    broker.add_middleware(
+        OutboxSweeper(
+            runtime.sweep,
+            interval_ms=settings.outbox_sweep_interval_ms,
+            older_than_ms=settings.outbox_sweep_after_ms,
+        )
+    )
+    # a worker process exits within BILLING_WORKER_SHUTDOWN_TIMEOUT_MS + 2 s of a stop signal, however sent
+    broker.add_middleware(ShutdownDeadline(settings.worker_shutdown_timeout_ms))
+    if settings.metrics_enabled:
+        from .metrics import PrometheusMetrics
+
+        # Dramatiq's Prometheus middleware (started at process boot) and the billing metrics
+        broker.add_middleware(PrometheusMetrics())
+    broker.add_middleware(UnknownActorRecorder(set(MESSAGE_MODELS), runtime.record_unknown_actor))
+    broker.undecodable_handler = runtime.record_undecodable
+    return runtime
+
+
+def worker_broker() -> BillingRedisBroker:
+    """The worker process's broker (:func:`worker`), which ``workers.actors`` declares the actors on."""
+    return worker().broker

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from datetime import timedelta
-from functools import lru_cache
 from typing import Any, Self
 from urllib.parse import urlsplit
 
@@ -322,20 +322,39 @@ class Settings(BaseSettings):
             raise ConfigurationError(message + more) from None
 
 
+class _ProcessSettings:
+    """:func:`get_settings`: the settings read once per value of the ``BILLING_*`` environment."""
+
+    def __init__(self) -> None:
+        self._read: dict[tuple[tuple[str, str], ...], Settings] = {}
+
+    def __call__(self) -> Settings:
+        """The process's settings, read once and checked (:meth:`Settings.checked`).
+
+        Read again only when a ``BILLING_*`` variable has changed since (a
+        test's or a harness's environment); each of :meth:`Settings.notices`
+        is printed once on stderr as ``billing: warning: ...``.
+
+        Raises:
+          ConfigurationError: A setting, or a combination of settings, that cannot work.
+        """
+        env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(ENV_PREFIX)))
+        settings = self._read.get(env)
+        if settings is None:
+            settings = Settings.checked()
+            for notice in settings.notices():
+                print(f"billing: warning: {notice}", file=sys.stderr)
+            self._read = {env: settings}
+        return settings
+
+    def cache_clear(self) -> None:
+        """Read the settings again on the next call."""
+        self._read = {}
+
+
 _REDIS_SCHEMES = {"redis", "rediss", "unix"}
 
+#: The prefix of every setting's environment variable.
+ENV_PREFIX = "BILLING_"
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process's settings, read once and checked (:meth:`Settings.checked`).
-
-    Each of :meth:`Settings.notices` is printed once on stderr as
-    ``billing: warning: ...``.
-
-    Raises:
-      ConfigurationError: A setting, or a combination of settings, that cannot work.
-    """
-    settings = Settings.checked()
-    for notice in settings.notices():
-        print(f"billing: warning: {notice}", file=sys.stderr)
-    return settings
+get_settings = _ProcessSettings()

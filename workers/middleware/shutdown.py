@@ -72,6 +72,9 @@ _Handler = Callable[[int, FrameType | None], Any]
 def shutdown_timeout_ms_from_env(environ: Mapping[str, str] = os.environ) -> int:
     """The graceful shutdown timeout from ``BILLING_WORKER_SHUTDOWN_TIMEOUT_MS`` (default 20000).
 
+    The worker reads it through its settings (``Settings.worker_shutdown_timeout_ms``),
+    which check the value with this function.
+
     Raises:
       ConfigurationError: The value is not an integer within 100..600000.
     """
