@@ -40,6 +40,7 @@ import structlog
 from dramatiq.middleware import CurrentMessage, Middleware
 
 from tasks.errors import BillingError
+from tasks.messages import MESSAGE_MODELS, AutoTopUpMessage
 
 if TYPE_CHECKING:
     from dramatiq.broker import MessageProxy
@@ -105,7 +106,8 @@ TOP_UP_STATUS_OF_OUTCOME = {
     "top_up_reconciling": "reconciling",
 }
 
-ACTOR_NAMES = ("subscribe", "renew", "auto_top_up", "revoke_key")
+#: The ``actor`` label values known in advance: the contract's actors (:data:`tasks.messages.MESSAGE_MODELS`).
+ACTOR_NAMES = tuple(MESSAGE_MODELS)
 
 #: File name prefixes of prometheus_client's multiprocess files
 #: (``counter_<pid>.db``, ``gauge_livesum_<pid>.db``...).
@@ -234,7 +236,10 @@ def effect_committed(actor_name: str, effect: Effect) -> None:
     if (kind := CHARGE_KIND_OF_OUTCOME.get(outcome)) is not None:
         m.charges.labels(kind=kind).inc()
         m.charged_micros.labels(kind=kind).inc(int(effect.result.get("charged_micros", 0)))
-    elif actor_name == "auto_top_up" and (status := TOP_UP_STATUS_OF_OUTCOME.get(outcome)) is not None:
+    elif (
+        actor_name == AutoTopUpMessage.actor_name
+        and (status := TOP_UP_STATUS_OF_OUTCOME.get(outcome)) is not None
+    ):
         m.top_ups.labels(status=status).inc()
     elif outcome == "revoked":
         m.revocations.inc(len(effect.result.get("key_ids", ())))

@@ -57,6 +57,7 @@ from tasks.errors import (
     ConfigurationError,
     MessageValidationError,
 )
+from tasks.messages import MESSAGE_MODELS
 from workers.dependencies import dependency_error
 from workers.operators import actions
 from workers.operators.redis_layout import queue_overview
@@ -84,7 +85,8 @@ SECURITY_HEADERS = {
     "cache-control": "no-store",
 }
 
-ACTORS = ("subscribe", "renew", "auto_top_up", "revoke_key")
+#: The failures filter's actors: the contract's (:data:`tasks.messages.MESSAGE_MODELS`).
+ACTORS = tuple(MESSAGE_MODELS)
 STATUSES = ("dead", "retried", "resolved")
 #: Most rows a list page shows (the filters narrow it down).
 MAX_ROWS = 500
