@@ -16,18 +16,15 @@ import json
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 import click
 
 from tasks.errors import ConfigurationError
 
-__all__ = ["keys_app", "reissue_key_command", "register"]
+from .common import json_text, now, print_table, run_services
 
-
-def _now() -> datetime:
-    return datetime.now(UTC)
+__all__ = ["keys_app"]
 
 
 @click.group("keys")
@@ -57,10 +54,11 @@ def set_recipient_command(account_id: str, public_key: str | None, clear: bool) 
     """Seal this account's keys to its own public key (or, with --clear, to the deployment's)."""
     if (public_key is None) == (not clear):
         raise click.UsageError("give exactly one of --public-key and --clear")
-    from .key_delivery import set_recipient
-    from .operators.cli import _run
+    from ..key_delivery import set_recipient
 
-    _run(lambda engine, broker: set_recipient(engine, account_id, None if clear else public_key, now=_now()))
+    run_services(
+        lambda engine, broker: set_recipient(engine, account_id, None if clear else public_key, now=now())
+    )
     click.echo(f"account {account_id}: keys sealed to {'the deployment key' if clear else 'its own key'}")
 
 
@@ -88,8 +86,7 @@ def fetch_command(private_key_env: str, limit: int, consumer: str, follow: bool,
     private_key = os.environ.get(private_key_env, "").strip()
     if not private_key:
         raise ConfigurationError(f"the environment variable {private_key_env} is empty or unset")
-    from .key_delivery import ConsumedKey, consume_deliveries
-    from .operators.cli import _run
+    from ..key_delivery import ConsumedKey, consume_deliveries
 
     async def hand_over(item: ConsumedKey) -> None:
         line = {
@@ -107,12 +104,12 @@ def fetch_command(private_key_env: str, limit: int, consumer: str, follow: bool,
 
     async def once(engine: Any, broker: Any) -> int:
         done = await consume_deliveries(
-            engine, private_key, hand_over, consumer=consumer, now=_now(), limit=limit
+            engine, private_key, hand_over, consumer=consumer, now=now(), limit=limit
         )
         return len(done)
 
     while True:
-        got = _run(once)
+        got = run_services(once)
         if not follow:
             return
         if got < limit:
@@ -129,74 +126,16 @@ def deliveries_command(account_id: str | None, status: str | None, limit: int, a
     from db.engine import transaction
     from db.key_delivery import list_deliveries
 
-    from .operators.cli import _json, _run, _table
-
     async def go(engine: Any, broker: Any) -> list[dict[str, Any]]:
         async with transaction(engine) as conn:
             return await list_deliveries(conn, account_id=account_id, status=status, limit=limit)
 
-    rows = _run(go)
+    rows = run_services(go)
     if as_json:
-        click.echo(_json(rows))
+        click.echo(json_text(rows))
         return
-    _table(
+    print_table(
         "API key deliveries",
         rows,
         ["delivery_id", "key_id", "account_id", "reason", "status", "created_at", "deliver_by"],
     )
-
-
-@click.command("reissue-key")
-@click.argument("key_id")
-@click.option(
-    "--idempotency-key",
-    "idempotency_key",
-    required=True,
-    help="The request's key: a repeat returns the first outcome; another key id under it is a conflict.",
-)
-@click.option("--json", "as_json", is_flag=True)
-def reissue_key_command(key_id: str, idempotency_key: str, as_json: bool) -> None:
-    """Revoke an active managed key and issue its replacement, sealed and kept until acknowledged (audit-logged).
-
-    One transaction: the old key is revoked, the new one inserted with its
-    sealed delivery, and the action written to the operator audit log.  The
-    new key reaches the subscriber like any issued key (``billing keys fetch``).
-    """
-    from db.money import KeyNotReissuable
-
-    from .key_delivery import reissue_key
-    from .operators.actions import operator_name
-    from .operators.cli import _json, _run
-    from .settings import get_settings
-
-    policy = get_settings().billing_policy()
-    try:
-        outcome = _run(
-            lambda engine, broker: reissue_key(
-                engine,
-                key_id=key_id,
-                idempotency_key=idempotency_key,
-                policy=policy,
-                operator=operator_name(),
-                via="cli",
-                now=_now(),
-            )
-        )
-    except KeyNotReissuable as exc:
-        raise click.UsageError(exc.message) from exc
-    if as_json:
-        click.echo(_json(outcome))
-        return
-    again = " (already done under this idempotency key; nothing changed)" if outcome["repeat"] else ""
-    click.echo(
-        f"key {key_id} revoked and replaced by {outcome['key_id']} ({outcome['key_prefix']}), "
-        f"delivery {outcome['delivery_id']} pending{again}"
-    )
-
-
-def register(app: click.Group) -> None:
-    """Add ``billing keys`` and ``billing ops reissue-key`` to the ``billing`` CLI."""
-    from .operators.cli import ops_app
-
-    app.add_command(keys_app)
-    ops_app.add_command(reissue_key_command)

@@ -19,9 +19,11 @@ from typing import Any
 import click
 
 from db.operators import FailureFilter
-from tasks.errors import ConfigurationError
+from tasks.messages import MESSAGE_MODELS
 
-__all__ = ["ops_app", "parse_duration"]
+from ..cli.common import json_text, print_table, run_services
+
+__all__ = ["ops_app", "parse_duration", "reissue_key_command"]
 
 _DURATION = re.compile(r"^(\d+)\s*(s|m|h|d|w)$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -52,60 +54,10 @@ def _since(value: str | None) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, indent=2, default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v))
-
-
-def _run(fn: Any, *, needs_redis: bool = False) -> Any:
-    """Run ``await fn(engine, broker)`` on the configured database (and Redis when needed)."""
-    from db.engine import make_engine
-
-    from ..settings import get_settings
-
-    settings = get_settings()
-    if not settings.database_url:
-        raise ConfigurationError("BILLING_DATABASE_URL is not set")
-    if needs_redis and not settings.redis_url:
-        raise ConfigurationError("BILLING_REDIS_URL is not set")
-    database_url = settings.database_url
-    broker = None
-    if settings.redis_url:
-        from ..broker import make_broker
-
-        broker = make_broker(settings)
-
-    async def go() -> Any:
-        engine = make_engine(database_url, pool_size=2)
-        try:
-            return await fn(engine, broker)
-        finally:
-            await engine.dispose()
-
-    try:
-        return asyncio.run(go())
-    finally:
-        if broker is not None:
-            broker.close()
-
-
-def _table(title: str, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console().print(table)
-
-
 def _filter_options(fn: Any) -> Any:
     for option in reversed(
         [
-            click.option(
-                "--actor", "actor", type=click.Choice(["subscribe", "renew", "auto_top_up", "revoke_key"])
-            ),
+            click.option("--actor", "actor", type=click.Choice(list(MESSAGE_MODELS))),
             click.option("--account", "account", type=str, default=None, help="Account id."),
             click.option(
                 "--since", "since", type=str, default=None, help="ISO 8601 time or a duration (2h, 7d)."
@@ -138,16 +90,16 @@ def queues(as_json: bool) -> None:
             queue_overview, broker.client, heartbeat_timeout_ms=settings.heartbeat_timeout_ms
         )
 
-    stats, workers = _run(go, needs_redis=True)
+    stats, workers = run_services(go, needs_redis=True)
     if as_json:
-        click.echo(_json({"queues": [asdict(s) for s in stats], "workers": [asdict(w) for w in workers]}))
+        click.echo(json_text({"queues": [asdict(s) for s in stats], "workers": [asdict(w) for w in workers]}))
         return
-    _table(
+    print_table(
         "queues",
         [{**asdict(s), "oldest_ready_age_s": _age(s.oldest_ready_age_s)} for s in stats],
         ["queue", "ready", "delayed", "in_flight", "dead", "oldest_ready_age_s"],
     )
-    _table(
+    print_table(
         "workers seen (heartbeats; producers beat too)",
         [{**asdict(w), "last_heartbeat_age_s": _age(w.last_heartbeat_age_s)} for w in workers],
         ["worker_id", "alive", "holding", "last_heartbeat_age_s"],
@@ -181,11 +133,11 @@ def failures(
         async with engine.connect() as conn:
             return await sql.list_failures(conn, filt, limit=limit)
 
-    rows = _run(go)
+    rows = run_services(go)
     if as_json:
-        click.echo(_json(rows))
+        click.echo(json_text(rows))
         return
-    _table(
+    print_table(
         f"failed messages ({len(rows)})",
         rows,
         [
@@ -208,11 +160,11 @@ def show(message_id: str, as_json: bool) -> None:
     """A failed message: arguments, error, traceback, its idempotency record and its account."""
     from .actions import failure_detail
 
-    detail = _run(lambda engine, broker: failure_detail(engine, message_id))
+    detail = run_services(lambda engine, broker: failure_detail(engine, message_id))
     if detail is None:
         raise click.UsageError(f"no failed message {message_id!r}")
     if as_json:
-        click.echo(_json(detail))
+        click.echo(json_text(detail))
         return
     f = detail["failure"]
     click.echo(f"message {f['message_id']}  {f['actor_name']} on {f['queue_name']}  status {f['status']}")
@@ -283,9 +235,9 @@ def retry(
                 **kwargs,
             )
 
-    report = _run(go, needs_redis=True)
+    report = run_services(go, needs_redis=True)
     if as_json:
-        click.echo(_json(asdict(report)))
+        click.echo(json_text(asdict(report)))
     else:
         verb = "would retry" if dry_run else "retried"
         click.echo(f"{verb} {len(report.retried)}, skipped {len(report.skipped)}")
@@ -318,7 +270,7 @@ def replay(message_id: str, new_key: str, yes: bool, as_json: bool) -> None:
             abort=True,
         )
     try:
-        new_id = _run(
+        new_id = run_services(
             lambda engine, broker: replay_with_new_key(
                 engine, broker, message_id, new_key=new_key, operator=operator_name(), via="cli"
             ),
@@ -327,7 +279,7 @@ def replay(message_id: str, new_key: str, yes: bool, as_json: bool) -> None:
     except LookupError as exc:
         raise click.UsageError(str(exc)) from exc
     if as_json:
-        click.echo(_json({"message_id": new_id, "idempotency_key": new_key, "replayed": message_id}))
+        click.echo(json_text({"message_id": new_id, "idempotency_key": new_key, "replayed": message_id}))
     else:
         click.echo(f"replayed {message_id} as {new_id} with key {new_key}")
 
@@ -340,14 +292,14 @@ def resolve_cmd(message_id: str, note: str, as_json: bool) -> None:
     """Mark a failure resolved without retrying it."""
     from .actions import operator_name, resolve
 
-    done = _run(
+    done = run_services(
         lambda engine, broker: resolve(
             engine, message_id, operator=operator_name(), via="cli", resolution=note
         )
     )
     if not done:
         raise click.UsageError(f"no unresolved failed message {message_id!r}")
-    click.echo(_json({"resolved": message_id}) if as_json else f"resolved {message_id}")
+    click.echo(json_text({"resolved": message_id}) if as_json else f"resolved {message_id}")
 
 
 @ops_app.command("purge-dead")
@@ -362,14 +314,14 @@ def purge_dead_cmd(older_than: str, yes: bool, dry_run: bool, as_json: bool) -> 
     age = parse_duration(older_than)
     if not yes and not dry_run:
         click.confirm(f"Delete dead-lettered messages older than {older_than} from Redis?", abort=True)
-    counts = _run(
+    counts = run_services(
         lambda engine, broker: purge_dead(
             engine, broker.client, older_than=age, operator=operator_name(), via="cli", dry_run=dry_run
         ),
         needs_redis=True,
     )
     if as_json:
-        click.echo(_json({"dry_run": dry_run, "purged": counts}))
+        click.echo(json_text({"dry_run": dry_run, "purged": counts}))
     else:
         verb = "would purge" if dry_run else "purged"
         click.echo(", ".join(f"{verb} {n} from {q}" for q, n in counts.items()))
@@ -386,10 +338,10 @@ def key(idempotency_key: str, as_json: bool) -> None:
         async with engine.connect() as conn:
             return await sql.key_record(conn, idempotency_key)
 
-    record = _run(go)
+    record = run_services(go)
     if record is None:
         raise click.UsageError(f"no idempotency key {idempotency_key!r}")
-    click.echo(_json(record) if as_json else "\n".join(f"{k:>13}  {v}" for k, v in record.items()))
+    click.echo(json_text(record) if as_json else "\n".join(f"{k:>13}  {v}" for k, v in record.items()))
 
 
 @ops_app.command("account")
@@ -403,13 +355,13 @@ def account(account_id: str, as_json: bool) -> None:
         async with engine.connect() as conn:
             return await sql.account_timeline(conn, account_id)
 
-    events = _run(go)
+    events = run_services(go)
     if events is None:
         raise click.UsageError(f"unknown account {account_id!r}")
     if as_json:
-        click.echo(_json(events))
+        click.echo(json_text(events))
         return
-    _table(
+    print_table(
         f"account {account_id}",
         [{**e, "details": json.dumps(e["details"], default=str)} for e in events],
         ["at", "source", "event", "details"],
@@ -427,8 +379,55 @@ def actions(limit: int, as_json: bool) -> None:
         async with engine.connect() as conn:
             return await sql.list_actions(conn, limit=limit)
 
-    rows = _run(go)
+    rows = run_services(go)
     if as_json:
-        click.echo(_json(rows))
+        click.echo(json_text(rows))
         return
-    _table("operator actions", rows, ["at", "operator", "via", "action", "count", "target"])
+    print_table("operator actions", rows, ["at", "operator", "via", "action", "count", "target"])
+
+
+@ops_app.command("reissue-key")
+@click.argument("key_id")
+@click.option(
+    "--idempotency-key",
+    "idempotency_key",
+    required=True,
+    help="The request's key: a repeat returns the first outcome; another key id under it is a conflict.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def reissue_key_command(key_id: str, idempotency_key: str, as_json: bool) -> None:
+    """Revoke an active managed key and issue its replacement, sealed and kept until acknowledged (audit-logged).
+
+    One transaction: the old key is revoked, the new one inserted with its
+    sealed delivery, and the action written to the operator audit log.  The
+    new key reaches the subscriber like any issued key (``billing keys fetch``).
+    """
+    from db.errors import KeyNotReissuable
+
+    from ..key_delivery import reissue_key
+    from ..settings import get_settings
+    from .actions import operator_name
+
+    policy = get_settings().billing_policy()
+    try:
+        outcome = run_services(
+            lambda engine, broker: reissue_key(
+                engine,
+                key_id=key_id,
+                idempotency_key=idempotency_key,
+                policy=policy,
+                operator=operator_name(),
+                via="cli",
+                now=datetime.now(UTC),
+            )
+        )
+    except KeyNotReissuable as exc:
+        raise click.UsageError(exc.message) from exc
+    if as_json:
+        click.echo(json_text(outcome))
+        return
+    again = " (already done under this idempotency key; nothing changed)" if outcome["repeat"] else ""
+    click.echo(
+        f"key {key_id} revoked and replaced by {outcome['key_id']} ({outcome['key_prefix']}), "
+        f"delivery {outcome['delivery_id']} pending{again}"
+    )

@@ -1,0 +1,5 @@
+"""``python -m workers.cli``: the ``billing`` console script."""
+
+from .root import main
+
+main()
