@@ -1,24 +1,33 @@
-"""BillingService: runs one message through the idempotent money path.
+"""BillingService: runs one message through the idempotent money path, as a pipeline of named steps.
 
-For every delivery (SPEC "Processing rules"):
+For every delivery (SPEC "Processing rules"), :meth:`BillingService.handle` runs:
 
-1. validate the keyword arguments against the contract (a malformed message
-   is recorded for operators and never retried);
-2. claim the idempotency key in one autocommit statement, which also counts
-   the delivery (bounding poison messages) and returns a stored outcome for
-   a repeated key without touching money; the same key with other
-   arguments is an idempotency conflict: recorded, never applied;
-3. run the effect in one transaction: lock the key row, lock the account,
-   check the balance, write the ledger and the balance together, write
-   follow-up messages to the outbox, store the outcome, commit;
-4. after commit, relay the outbox to Redis and deliver a new API key's
-   plaintext on the pub/sub channel; a crash before this loses nothing, the
-   outbox sweeper relays what was left.
+1. :meth:`~BillingService.verify`: the arguments have a canonical JSON form
+   and, with signing keys, a valid signature;
+2. :meth:`~BillingService.validate`: the arguments against the contract (a
+   malformed or unauthenticated message is recorded for operators and never
+   retried);
+3. :meth:`~BillingService.route`: a plain renewal takes the fast path (a
+   group commit, :mod:`workers.renewal_batcher`), anything else the Python path;
+4. :meth:`~BillingService.claim`: claim the idempotency key in one
+   autocommit statement, which also counts the delivery (bounding poison
+   messages) and returns a stored outcome for a repeated key without
+   touching money (:meth:`~BillingService.settled`); the same key with
+   other arguments is an idempotency conflict: recorded, never applied;
+5. :meth:`~BillingService.apply`: the kind's transaction script
+   (:data:`workers.transactions.TRANSACTION_SCRIPTS`): lock the key row,
+   lock the account, check the balance, write the ledger and the balance
+   together, write follow-up messages to the outbox, store the outcome,
+   commit; ``auto_top_up`` runs in phases around the provider call
+   (:mod:`workers.top_up`), so a crash between two of them neither loses
+   the credit nor charges twice;
+6. :meth:`~BillingService.after_commit`: relay the outbox to Redis and
+   deliver a new API key's plaintext on the pub/sub channel; a crash before
+   this loses nothing, the outbox sweeper relays what was left.
 
-``auto_top_up`` splits step 3 into recoverable phases around the provider
-call (record intent / call with the provider's idempotency key / record the
-result and credit the ledger), so a crash between any two of them neither
-loses the credit nor charges twice.
+An error is classified once, in ``handle``: a :class:`PermanentError` is
+recorded and the key marked failed (or dead); any other error is retried,
+and recorded when the retries are exhausted.
 """
 
 from __future__ import annotations
@@ -42,16 +51,12 @@ from tasks.errors import (
     MessageAuthenticationFailed,
     MessageValidationError,
     PermanentError,
-    ProviderRejected,
     TooManyDeliveries,
 )
 from tasks.messages import (
     QUEUE_OF_ACTOR,
-    AutoTopUpMessage,
     BillingMessage,
     RenewMessage,
-    RevokeKeyMessage,
-    SubscribeMessage,
     check_json_text,
     validate_message,
 )
@@ -62,6 +67,8 @@ from .clock import Clock, SystemClock
 from .crash import FAST_PATH_CRASHPOINTS, crashpoint
 from .logging import mark_logged
 from .providers.base import PaymentProvider
+from .renewal_batcher import RenewalBatcher
+from .transactions import TRANSACTION_SCRIPTS
 
 __all__ = ["BillingService", "Delivery", "RenewalBatcher", "API_KEY_CHANNEL"]
 
@@ -135,7 +142,7 @@ class BillingService:
     # ------------------------------------------------------------------ entry point
 
     async def handle(self, actor_name: str, kwargs: Any, delivery: Delivery) -> dict[str, Any]:
-        """Process one delivery of ``actor_name`` with ``kwargs``.
+        """Process one delivery of ``actor_name`` with ``kwargs``: verify, validate, claim, route, apply, after commit.
 
         Returns:
           dict: The stored outcome (``{"outcome": ..., ...}``); a repeated key
@@ -147,74 +154,23 @@ class BillingService:
         """
         structlog.contextvars.bind_contextvars(message_id=delivery.message_id, actor=actor_name)
         try:
-            # what no JSON text can hold (a lone surrogate, NaN) first: it has no canonical form
-            check_json_text(actor_name, kwargs)
-            if self.signing_keys is not None:
-                problem = self.signing_keys.verify(
-                    actor_name, delivery.message_id, kwargs, delivery.signature
-                )
-                if problem is not None:
-                    raise MessageAuthenticationFailed(problem)
-            message = validate_message(actor_name, kwargs, text_checked=True)
+            self.verify(actor_name, kwargs, delivery)
+            message = self.validate(actor_name, kwargs)
         except (MessageValidationError, MessageAuthenticationFailed) as exc:
             # recorded and logged (one message_failed line) by record_failure
             await self.record_failure(actor_name, kwargs, None, delivery, exc, attempts=delivery.retries + 1)
             raise
-        account_id = getattr(message, "account_id", None)
-        structlog.contextvars.bind_contextvars(idempotency_key=message.idempotency_key, account_id=account_id)
+        structlog.contextvars.bind_contextvars(
+            idempotency_key=message.idempotency_key, account_id=getattr(message, "account_id", None)
+        )
         fingerprint = message.fingerprint()
         try:
-            fast: dict[str, Any] | None = None
-            if (
-                isinstance(message, RenewMessage)
-                and self.renew_fast_path
-                # a simulated crash at one of the Python path's steps needs that path
-                and not any(
-                    f in message.idempotency_key
-                    for name, f in self.crashpoints.items()
-                    if name not in FAST_PATH_CRASHPOINTS
-                )
-            ):
-                claim, fast = await self._renewals.submit(message, fingerprint, delivery.message_id)
-            else:
-                async with translate_errors(), self.autocommit.connect() as conn:
-                    claim = await money.claim_key(
-                        conn,
-                        key=message.idempotency_key,
-                        kind=actor_name,
-                        fingerprint=fingerprint,
-                        account_id=account_id,
-                        message_id=delivery.message_id,
-                        lease_expires_at=self.clock.now() + self.policy.key_lease,
-                        request=money.message_request(actor_name, message.queue_name, message.kwargs()),
-                    )
-            if claim.conflict:
-                metrics.idempotency_conflict(actor_name)
-                raise IdempotencyConflict(
-                    f"idempotency key {message.idempotency_key!r} was used before with different arguments"
-                )
-            if claim.status == "completed":
-                log.info("duplicate_suppressed", outcome=(claim.result or {}).get("outcome"))
-                metrics.duplicate_suppressed(actor_name)
-                return {**(claim.result or {}), "duplicate": True}
-            if claim.status == "waiting_for_funds":
-                # a re-send (the scheduler's next pass) of a key that waits for a
-                # top-up: not a delivery; the top-up settling resumes it once
-                log.info("waiting_for_funds", outcome=(claim.result or {}).get("outcome"))
-                return {**(claim.result or {}), "waiting": True}
-            if claim.attempts > self.max_deliveries:
-                raise TooManyDeliveries(
-                    f"delivered {claim.attempts} times without finishing (limit {self.max_deliveries})"
-                )
-            if fast is not None:
-                result = fast
-                if not fast.get("duplicate"):
-                    metrics.effect_committed(actor_name, Effect(fast["outcome"], fast))
-                    structlog.contextvars.bind_contextvars(account_id=fast.get("account_id"))
-            elif isinstance(message, AutoTopUpMessage):
-                result = await self._auto_top_up(message)
-            else:
-                result = await self._apply(message)
+            claim, applied = await self.claim(message, fingerprint, delivery, fast=self.route(message))
+            result = self.settled(message, claim)
+            if result is None and applied is not None:
+                result = self._applied_on_fast_path(message, applied)
+            elif result is None:
+                result = await self.apply(message)
         except PermanentError as exc:
             if not isinstance(exc, IdempotencyConflict):
                 status = "dead" if isinstance(exc, TooManyDeliveries) else "failed"
@@ -224,133 +180,122 @@ class BillingService:
             )
             raise
         except Exception as exc:
-            if delivery.retries >= delivery.max_retries:
-                await self._mark_key(message, fingerprint, "failed", exc)
-                await self.record_failure(
-                    actor_name,
-                    kwargs,
-                    message,
-                    delivery,
-                    exc,
-                    attempts=delivery.retries + 1,
-                    event="retries_exhausted",
-                )
-            else:
-                # one line; a traceback only for an exception we did not classify
-                log.warning(
-                    "transient_error",
-                    error=type(exc).__name__,
-                    reason=str(exc),
-                    retries=delivery.retries,
-                    exc_info=None if isinstance(exc, BillingError) else exc,
-                )
-                mark_logged(exc)
+            await self._transient(message, fingerprint, kwargs, delivery, exc)
             raise
-        if result.get("duplicate"):  # completed by a concurrent delivery (seen under the key's lock)
+        if result.get("duplicate"):  # a stored outcome, or completed by a concurrent delivery
             metrics.duplicate_suppressed(actor_name)
             log.info("duplicate_suppressed", outcome=result.get("outcome"))
-        elif result.get("waiting"):  # left waiting for funds by a concurrent delivery (under the lock)
+        elif result.get("waiting"):  # left waiting for funds (a re-send, or seen under the key's lock)
             log.info("waiting_for_funds", outcome=result.get("outcome"))
         else:
             log.info("message_processed", outcome=result.get("outcome"))
         return result
 
-    # ------------------------------------------------------------------ effects
+    # ------------------------------------------------------------------ the steps
 
-    async def _apply(self, message: BillingMessage) -> dict[str, Any]:
-        key = message.idempotency_key
-        async with transaction(self.engine) as conn:
-            if (stored := await money.lock_key(conn, key)) is not None:
-                return stored
-            now = self.clock.now()
-            effect: Effect
-            if isinstance(message, SubscribeMessage):
-                effect = await money.apply_subscribe(conn, message, now, self.policy)
-            elif isinstance(message, RenewMessage):
-                effect = await money.apply_renew(conn, message, now, self.policy)
-            elif isinstance(message, RevokeKeyMessage):
-                effect = await money.apply_revoke_key(conn, message, now)
-            else:  # pragma: no cover - validate_message knows only four models
-                raise MessageValidationError(f"no effect for {message.actor_name}")
-            await money.record_effect(conn, key, effect, now)
-            self._crash("before_commit", key)
-        metrics.effect_committed(message.actor_name, effect)
-        self._crash("after_commit", key)
-        if "account_id" in effect.result:  # renew and revoke_key learn it from the database
-            structlog.contextvars.bind_contextvars(account_id=effect.result["account_id"])
-        await self._after_commit(effect)
-        return effect.stored_result()
+    def verify(self, actor_name: str, kwargs: Any, delivery: Delivery) -> None:
+        """Step 1: the arguments have a canonical JSON form and, with signing keys, a valid signature.
 
-    async def _auto_top_up(self, message: AutoTopUpMessage) -> dict[str, Any]:
-        key = message.idempotency_key
-        # phase 1: record the attempt and the provider's idempotency key
-        async with transaction(self.engine) as conn:
-            if (stored := await money.lock_key(conn, key)) is not None:
-                return stored
-            now = self.clock.now()
-            begun = await money.begin_top_up(conn, message, now, self.policy)
-            if isinstance(begun, Effect):
-                await money.record_effect(conn, key, begun, now)
-        if isinstance(begun, Effect):
-            metrics.effect_committed(message.actor_name, begun)
-            await self._after_commit(begun)
-            return begun.stored_result()
-        intent = begun
-        self._crash("after_top_up_intent", key)
-        # phase 2: the provider call, alone, with a key derived from our row id,
-        # under a charge lease (never past the provider's key window)
-        state, charge_id, reason = "", None, None  # "": no answer from the provider in this delivery
-        if intent.status == "pending":
-            async with translate_errors(), self.autocommit.connect() as conn:
-                permitted = await money.take_charge_lease(
-                    conn,
-                    intent,
-                    now=self.clock.now(),
-                    key_window=self.provider.key_window,
-                    policy=self.policy,
-                )
-            if permitted:
-                try:
-                    charge = await self.provider.charge(
-                        amount_micros=intent.amount_micros,
-                        currency=intent.currency,
-                        payment_method_ref=intent.payment_method_ref,
-                        idempotency_key=intent.provider_idempotency_key,
-                    )
-                except ProviderRejected as exc:
-                    # the provider refused the request itself: nothing was charged, nothing will be
-                    state, reason = "failed", exc.message
-                else:
-                    state, charge_id, reason = charge.state, charge.charge_id, charge.decline_code
-        self._crash("after_provider_charge", key)
-        # phase 3: record the result, credit the ledger, resume waiting work
-        async with transaction(self.engine) as conn:
-            if (stored := await money.lock_key(conn, key)) is not None:
-                return stored
-            now = self.clock.now()
-            # state "unknown": no charge request could go out (settled meanwhile, past the
-            # key window, or processing at the provider): the stored state, or the reconciler's turn
-            effect = await money.finish_top_up(
-                conn,
-                intent,
-                state=state or "unknown",
-                charge_id=charge_id,
-                reason=reason,
-                now=now,
-                policy=self.policy,
+        Raises:
+          MessageValidationError: What no JSON text can hold (a lone surrogate, NaN).
+          MessageAuthenticationFailed: Unsigned, unknown key, forged or tampered with.
+        """
+        check_json_text(actor_name, kwargs)
+        if self.signing_keys is not None:
+            problem = self.signing_keys.verify(actor_name, delivery.message_id, kwargs, delivery.signature)
+            if problem is not None:
+                raise MessageAuthenticationFailed(problem)
+
+    def validate(self, actor_name: str, kwargs: Any) -> BillingMessage:
+        """Step 2: the arguments against the contract (:func:`tasks.messages.validate_message`).
+
+        Raises:
+          MessageValidationError: An unknown actor, or arguments that break its contract.
+        """
+        return validate_message(actor_name, kwargs, text_checked=True)
+
+    def route(self, message: BillingMessage) -> bool:
+        """Step 3: True when ``message`` takes the renewal fast path (claimed and applied in a group commit).
+
+        Plain renewals do, with ``renew_fast_path`` on, unless a crash point
+        of the Python path's steps names their key (a crash test needs that path).
+        """
+        return (
+            isinstance(message, RenewMessage)
+            and self.renew_fast_path
+            and not any(
+                f in message.idempotency_key
+                for name, f in self.crashpoints.items()
+                if name not in FAST_PATH_CRASHPOINTS
             )
-            assert effect is not None
-            await money.record_effect(conn, key, effect, now)
-            self._crash("before_commit", key)
-        metrics.effect_committed(message.actor_name, effect)
-        self._crash("after_commit", key)
-        await self._after_commit(effect)
-        return effect.stored_result()
+        )
+
+    async def claim(
+        self, message: BillingMessage, fingerprint: str, delivery: Delivery, *, fast: bool
+    ) -> tuple[money.ClaimedKey, dict[str, Any] | None]:
+        """Step 4: claim the idempotency key (one autocommit statement, counting the delivery).
+
+        On the fast path the renewal batcher claims it with the renewals
+        that arrive together and applies it if it is plain.
+
+        Returns:
+          The claim, and the outcome when the fast path applied the message (else None).
+        """
+        if fast:
+            assert isinstance(message, RenewMessage)
+            return await self._renewals.submit(message, fingerprint, delivery.message_id)
+        async with translate_errors(), self.autocommit.connect() as conn:
+            claim = await money.claim_key(
+                conn,
+                key=message.idempotency_key,
+                kind=message.actor_name,
+                fingerprint=fingerprint,
+                account_id=getattr(message, "account_id", None),
+                message_id=delivery.message_id,
+                lease_expires_at=self.clock.now() + self.policy.key_lease,
+                request=money.message_request(message.actor_name, message.queue_name, message.kwargs()),
+            )
+        return claim, None
+
+    def settled(self, message: BillingMessage, claim: money.ClaimedKey) -> dict[str, Any] | None:
+        """What the claim alone decides: the stored outcome of a repeat or of a wait; None to apply.
+
+        Raises:
+          IdempotencyConflict: The key was used with other arguments.
+          TooManyDeliveries: Delivered more than ``max_deliveries`` times (a poison message).
+        """
+        if claim.conflict:
+            metrics.idempotency_conflict(message.actor_name)
+            raise IdempotencyConflict(
+                f"idempotency key {message.idempotency_key!r} was used before with different arguments"
+            )
+        if claim.status == "completed":
+            return {**(claim.result or {}), "duplicate": True}
+        if claim.status == "waiting_for_funds":
+            # a re-send (the scheduler's next pass) of a key that waits for a
+            # top-up: not a delivery; the top-up settling resumes it once
+            return {**(claim.result or {}), "waiting": True}
+        if claim.attempts > self.max_deliveries:
+            raise TooManyDeliveries(
+                f"delivered {claim.attempts} times without finishing (limit {self.max_deliveries})"
+            )
+        return None
+
+    def _applied_on_fast_path(self, message: BillingMessage, outcome: dict[str, Any]) -> dict[str, Any]:
+        """Count and tag a renewal the fast path committed (its outcome as stored)."""
+        if not outcome.get("duplicate"):
+            metrics.effect_committed(message.actor_name, Effect(outcome["outcome"], outcome))
+            structlog.contextvars.bind_contextvars(account_id=outcome.get("account_id"))
+        return outcome
+
+    async def apply(self, message: BillingMessage) -> dict[str, Any]:
+        """Step 5: run the kind's transaction script (:data:`workers.transactions.TRANSACTION_SCRIPTS`)."""
+        return await TRANSACTION_SCRIPTS[message.actor_name](self, message)
 
     # ------------------------------------------------------------------ after commit
 
-    async def _after_commit(self, effect: Effect) -> None:
-        """Deliver a new key and relay the outbox; the effect is committed, so nothing here fails the message.
+    async def after_commit(self, effect: Effect) -> None:
+        """Step 6: deliver a new key and relay the outbox; the effect is committed, so nothing here fails the message.
 
         A relay that fails leaves its rows in the outbox, where the sweeper of
         any worker picks them up (``outbox_sweep_after_ms``).
@@ -423,9 +368,36 @@ class BillingService:
 
     # ------------------------------------------------------------------ failures
 
-    def _crash(self, name: str, key: str) -> None:
+    def crash(self, name: str, key: str) -> None:
+        """Simulate a process death at step ``name`` of ``key`` if a crash point names it (tests only)."""
         if self.crashpoints:
             crashpoint(self.crashpoints, name, key, exit_process=self.exit_on_crash)
+
+    async def _transient(
+        self, message: BillingMessage, fingerprint: str, kwargs: Any, delivery: Delivery, exc: Exception
+    ) -> None:
+        """A transient error: logged for a retry, or recorded as ``retries_exhausted`` at the last one."""
+        if delivery.retries >= delivery.max_retries:
+            await self._mark_key(message, fingerprint, "failed", exc)
+            await self.record_failure(
+                message.actor_name,
+                kwargs,
+                message,
+                delivery,
+                exc,
+                attempts=delivery.retries + 1,
+                event="retries_exhausted",
+            )
+            return
+        # one line; a traceback only for an exception we did not classify
+        log.warning(
+            "transient_error",
+            error=type(exc).__name__,
+            reason=str(exc),
+            retries=delivery.retries,
+            exc_info=None if isinstance(exc, BillingError) else exc,
+        )
+        mark_logged(exc)
 
     async def _mark_key(
         self, message: BillingMessage, fingerprint: str, status: str, exc: BaseException
@@ -533,131 +505,6 @@ class BillingService:
         log.error(
             "undecodable_payload_recorded", queue=queue_name, redis_message_id=redis_id, bytes=len(payload)
         )
-
-
-class RenewalBatcher:
-    """Group commit for ``renew``: claims, then applies, the renewals that arrive together, in two statements.
-
-    Each of a worker's threads hands its renewal to the process's event
-    loop; while one batch is at PostgreSQL the next ones gather here.  A
-    batch costs two round trips and two commits whatever its size: one
-    autocommit statement claims every key (:func:`db.money.claim_keys`,
-    committed first, so deliveries are counted even if the effect never
-    commits), one applies every plain renewal whose claim allows it
-    (:func:`db.money.renew_fast_batch`, each in its own subtransaction).
-    Every message keeps its own key, outcome and errors: a renewal that is
-    not plain (short funds, past_due, cancel at period end, catch-up) or
-    failed comes back as None and takes the Python path alone; a batch that
-    fails as a whole (PostgreSQL unreachable) fails each of its messages
-    with the same transient error, to be retried.  A key that is already in
-    the forming batch waits for the next one (one statement cannot claim a
-    key twice).  Idle, a renewal goes alone at once: no added latency.
-
-    Parameters:
-      service: The service (engine, clock, max deliveries).
-      max_batch: Most renewals per batch.
-    """
-
-    def __init__(self, service: BillingService, *, max_batch: int = 64, max_in_flight: int = 1) -> None:
-        self.service = service
-        self.max_batch = max(1, max_batch)
-        self.max_in_flight = max(1, max_in_flight)
-        self._waiting: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
-        self._in_flight = 0
-        #: Batches run, the largest one, and renewals applied by the fast path (for tests and profiles).
-        self.batches = 0
-        self.largest_batch = 0
-        self.applied = 0
-        #: Why renewals took the Python path instead: reason -> count.
-        self.fallbacks: dict[str, int] = {}
-
-    async def submit(
-        self, message: RenewMessage, fingerprint: str, message_id: str
-    ) -> tuple[money.ClaimedKey, dict[str, Any] | None]:
-        """Claim ``message``'s key and apply it if plain; returns its claim and its outcome (None: not applied).
-
-        Raises:
-          DatabaseUnavailable: The batch could not reach PostgreSQL (transient).
-        """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append((message, fingerprint, message_id, future))
-        self._start_batches()
-        result: tuple[money.ClaimedKey, dict[str, Any] | None] = await future
-        return result
-
-    def _start_batches(self) -> None:
-        """Send what is waiting, in batches, while fewer than ``max_in_flight`` batches are at PostgreSQL."""
-        while self._waiting and self._in_flight < self.max_in_flight:
-            batch: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
-            later: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]] = []
-            keys: set[str] = set()
-            for item in self._waiting:
-                if len(batch) < self.max_batch and item[0].idempotency_key not in keys:
-                    batch.append(item)
-                    keys.add(item[0].idempotency_key)
-                else:
-                    later.append(item)
-            self._waiting = later
-            self._in_flight += 1
-            self.batches += 1
-            self.largest_batch = max(self.largest_batch, len(batch))
-            asyncio.ensure_future(self._send(batch))
-
-    async def _send(self, batch: list[tuple[RenewMessage, str, str, asyncio.Future[Any]]]) -> None:
-        try:
-            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch])
-        except BaseException as exc:  # noqa: BLE001 - each message of the batch gets the batch's error
-            for *_, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-        else:
-            for message, _, _, future in batch:
-                if not future.done():
-                    future.set_result(outcomes[message.idempotency_key])
-        finally:
-            self._in_flight -= 1
-            self._start_batches()
-
-    async def _run(
-        self, batch: list[tuple[RenewMessage, str, str]]
-    ) -> dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]]:
-        service = self.service
-        async with translate_errors(), service.autocommit.connect() as conn:
-            claims = await money.claim_keys(
-                conn,
-                [money.KeyClaim(m.idempotency_key, "renew", f, None, i) for m, f, i in batch],
-                lease_expires_at=service.clock.now() + service.policy.key_lease,
-            )
-            to_apply = [
-                m
-                for m, _, _ in batch
-                if not (c := claims[m.idempotency_key]).conflict
-                and c.status not in ("completed", "waiting_for_funds")
-                and c.attempts <= service.max_deliveries
-            ]
-            for m, _, _ in batch:  # claimed (committed), nothing applied
-                service._crash("fast_after_claim", m.idempotency_key)
-            applied = await money.renew_fast_batch(conn, to_apply, service.clock.now()) if to_apply else {}
-        for m, _, _ in batch:  # applied (committed), no delivery told
-            service._crash("fast_after_apply", m.idempotency_key)
-        outcomes: dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]] = {}
-        for m, _, _ in batch:
-            result = applied.get(m.idempotency_key)
-            if result is not None and "fallback" in result:
-                self.fallbacks[result["fallback"]] = self.fallbacks.get(result["fallback"], 0) + 1
-                if (
-                    result["fallback"] == "error"
-                ):  # e.g. a deadlock between batches: the Python path retries it
-                    log.info(
-                        "renew_fast_path_fallback", idempotency_key=m.idempotency_key, error=result["error"]
-                    )
-                result = None
-            elif result is not None and not result.get("duplicate"):
-                self.applied += 1
-            outcomes[m.idempotency_key] = (claims[m.idempotency_key], result)
-        return outcomes
 
 
 def _describe(exc: BaseException) -> str:
