@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -94,10 +93,6 @@ class Producer:
     async def publish_async(self, message: BillingMessage, *, message_id: str | None = None) -> str:
         """:meth:`publish` without blocking the event loop."""
         return await asyncio.to_thread(self.publish, message, message_id=message_id)
-
-    def publish_many(self, messages: Iterable[BillingMessage]) -> list[str]:
-        """Enqueue several messages; returns their message ids in order."""
-        return [self.publish(m) for m in messages]
 
     def publish_raw(self, actor_name: str, kwargs: dict[str, Any]) -> str:
         """Validate plain keyword arguments for ``actor_name`` and enqueue them.

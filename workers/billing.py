@@ -76,7 +76,7 @@ log = structlog.get_logger("billing")
 
 #: Redis pub/sub channel on which a newly issued API key's plaintext is
 #: published once, after commit, **only when no public key is configured**
-#: for its account (the old, lossy delivery; the worker warns at start-up).
+#: for its account (a lossy delivery; the worker warns at start-up).
 #: With one, the key is sealed and kept in ``api_key_deliveries`` until the
 #: consumer acknowledges it (``db/key_delivery.py``), and nothing is published.
 #: Pub/sub keeps nothing: the plaintext is never stored, in PostgreSQL or in

@@ -95,8 +95,7 @@ class _BillingConsumer(_RedisConsumer):  # type: ignore[misc]
     in memory until their eta.  On a Redis connection error Dramatiq's
     consumer thread drops that memory, while the messages' ids stay in this
     worker's acknowledgement set in Redis: nothing delivers them again until
-    the worker process dies (found by ``make chaos``; Bogdanp/dramatiq issue
-    #527).  This consumer remembers the Redis ids it handed out and not yet
+    the worker process dies (upstream: Bogdanp/dramatiq issue #527).  This consumer remembers the Redis ids it handed out and not yet
     acked or nacked; when a delay queue's consumer closes with some left,
     the broker keeps them, and the next consumer of that queue requeues them
     (the ``requeue`` command of Dramatiq's script) as soon as Redis answers.
@@ -270,8 +269,8 @@ class BillingRedisBroker(RedisBroker):
         Dramatiq's Retries middleware enqueues a message's retry from inside
         ``after_process_message`` and only logs a failure there, after which the
         worker acks the original: with Redis down for a moment, a message
-        that failed transiently was lost (no retry, no record; found by
-        ``make chaos``; Bogdanp/dramatiq PR #545).  Like Dramatiq's own acks,
+        that failed transiently was lost (no retry, no record; upstream:
+        Bogdanp/dramatiq PR #545).  Like Dramatiq's own acks,
         an enqueue now waits for Redis instead.  An enqueue that reached
         Redis but lost its reply is sent twice: harmless, the consumer
         dedupes by idempotency key.

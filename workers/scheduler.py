@@ -1,6 +1,6 @@
 """The renewal scheduler: finds due subscriptions and enqueues their ``renew`` messages.
 
-A pass (SPEC "Messages", issue 3):
+A pass (SPEC "Messages"):
 
 1. takes a PostgreSQL advisory lock without waiting, so one scheduler scans
    at a time whatever the number of machines (a pass that finds the lock
@@ -74,6 +74,10 @@ class PassReport:
 
 class Scheduler:
     """Enqueues due renewals; see the module docstring for the rules.
+
+    Built from the settings by :func:`workers.app.build_scheduler` (the
+    composition root), which also gives it the payment provider its
+    reconciler asks.
 
     Parameters:
       engine: Async engine on the billing database.

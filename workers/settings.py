@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(10, ge=1)
     #: Apply plain renewals with the server-side fast path, grouped: the
     #: renewals that arrive together are claimed in one statement and applied
-    #: in one (migration 0005, ``RenewalBatcher``).  Off: every renewal runs
+    #: in one (``renew_fast_batch`` in PostgreSQL, ``RenewalBatcher``).  Off: every renewal runs
     #: the Python path in its own transaction.
     renew_fast_path: bool = True
     #: Most renewals per group commit.
@@ -172,7 +172,7 @@ class Settings(BaseSettings):
     #: The subscriber's X25519 public key (standard base64 of 32 bytes; ``billing keys
     #: generate-keypair``) that issued API keys are sealed to and kept in
     #: PostgreSQL until acknowledged (README "API key delivery").  Unset: the
-    #: old pub/sub delivery, which loses a key nobody is listening for; the
+    #: pub/sub delivery, which loses a key nobody is listening for; the
     #: worker warns loudly at start-up.
     key_delivery_public_key: str | None = None
     #: A sealed key delivery not acknowledged this long after it was written

@@ -18,11 +18,17 @@ log = structlog.get_logger("billing")
 class UnknownActorRecorder(Middleware):
     """Records messages for an actor that does not exist, which Dramatiq moves to the dead-letter queue.
 
-    Dramatiq's worker rejects such a message in ``handle_message`` (``Received
-    message for undefined actor``) without running any actor, so it would
-    otherwise be visible only in Redis until its dead-letter retention ends.
-    After the nack, ``record(message)`` writes it to ``failed_messages``
-    (error ``unknown_actor``) on the AsyncIO event loop thread.
+    Dramatiq's consumer thread looks the actor up when it hands a message to
+    the workers (``Worker.handle_message``; a delayed message when its eta
+    comes) and fails one whose actor is not declared (``Received message for
+    undefined actor ... Moving it to the DLQ``) without running any actor,
+    so it would otherwise be visible only in Redis until its dead-letter
+    retention ends.  After that nack, ``record(message)`` runs on the AsyncIO
+    event loop thread; the worker's recorder
+    (:meth:`workers.app.WorkerRuntime.record_unknown_actor`) writes it to
+    ``failed_messages`` as a ``message_validation_error`` naming the actor.
+    A nacked message of a known actor (a permanent error, exhausted retries)
+    is recorded by the service itself and ignored here.
 
     Parameters:
       known_actors: The actor names this worker serves.
