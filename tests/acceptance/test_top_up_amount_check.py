@@ -1,7 +1,7 @@
 """An auto-top-up amount the provider could never charge is refused when it is set, not at charge time.
 
-Through the CLI as an operator runs it (issue 11: ``auto_top_up_amount_micros``
-is never checked against the currency when it is set).  The rule is the
+Through the CLI as an operator runs it: ``auto_top_up_amount_micros`` is
+checked against the account's currency when it is set.  The rule is the
 provider's own (:meth:`PaymentProvider.check_amount`; Stripe's is
 :func:`workers.providers.stripe.to_minor_units`).
 """
