@@ -14,6 +14,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY tasks/ tasks/
 COPY workers/ workers/
+# the harness: `billing demo` (an entry point of the billing.commands group) and its services
+COPY harness/ harness/
 COPY db/ db/
 COPY migrations/ migrations/
 

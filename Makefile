@@ -50,13 +50,14 @@ test-unit: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy tasks db workers bench
+	$(BIN)/mypy tasks db workers bench harness
+	$(BIN)/lint-imports
 
 ## Chaos while load flows (docs/reliability.md): its own database and redis-server, SIGKILLed workers, a Redis
 ## restart, terminated PostgreSQL connections, a misbehaving provider, then the audit. CHAOS_SECONDS (120),
 ## CHAOS_SEED (random, printed: replays a run), CHAOS_FAULTS=0 for the soak; writes the figures to docs/reliability.md.
 chaos: $(STAMP)
-	$(BIN)/python -m workers.chaos --write-docs
+	$(BIN)/python -m harness.chaos --write-docs
 
 ## Benchmarks (docs/benchmarks.md, docs/benchmarks.png): pgbench running the money path's SQL, a no-op
 ## Dramatiq actor, a naive Dramatiq + asyncpg worker and `billing worker`, interleaved over rounds, on its own

@@ -3,7 +3,11 @@
 Run ``python -m bench --help`` (or ``make bench``); ``docs/benchmarks.md``
 holds the figures of the last full run.  Modules:
 
-* :mod:`bench.runner`: the run (services, data, interleaved rounds, figures);
+* :mod:`bench.runner`: the run (data, interleaved rounds, latency, scaling, figures);
+* :mod:`bench.config`: :class:`~bench.config.BenchConfig` from options and ``BENCH_*`` variables;
+* :mod:`bench.services`: PostgreSQL, Redis and fresh databases (through
+  :mod:`harness.services`), the Redis helpers and the CPU accounting;
+* :mod:`bench.measure`: each setup measured once, the latency run, the scheduler, the profile;
 * :mod:`bench.renewal_script`: the pgbench script of one renewal, generated
   from ``db/money.py`` (committed as ``bench/renewal.sql``);
 * :mod:`bench.data`: the accounts, plans and subscriptions, in bulk SQL;

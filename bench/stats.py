@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from workers.chaos import _percentile
+from harness.figures import percentile as _percentile
 
 __all__ = [
     "Summary",

@@ -2,7 +2,7 @@
 
 Runs on the configured services, or on the embedded fallbacks (embedded
 PostgreSQL, fakeredis over TCP) when ``BILLING_DATABASE_URL`` /
-``BILLING_REDIS_URL`` are unset.  Real worker processes (``dramatiq
+``BILLING_REDIS_URL`` are unset (:func:`harness.services.local_services`).  Real worker processes (``dramatiq
 workers.actors``) consume real messages published through the producer API.
 
 The workload (seeded, so a run can be repeated):
@@ -27,8 +27,6 @@ import asyncio
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -44,7 +42,7 @@ from sqlalchemy import text
 from db import money
 from db.audit import run_audit
 from db.config import database_url
-from db.engine import make_engine, transaction
+from db.engine import transaction
 from db.migrate import upgrade
 from tasks.messages import (
     AutoTopUpMessage,
@@ -54,9 +52,9 @@ from tasks.messages import (
     SubscribeMessage,
 )
 from tasks.producer import Producer
+from workers.clock import SystemClock
 
-from .clock import SystemClock
-from .local import local_services
+from .services import DrainState, WorkerProcess, database_engine, drain, local_services, worker_command
 
 __all__ = ["run_demo"]
 
@@ -112,7 +110,7 @@ class _Env:
 
 
 async def _create(env: _Env, accounts: list[dict[str, Any]]) -> None:
-    engine = make_engine(env.database_url, pool_size=2)
+    engine = database_engine(env.database_url, pool_size=2)
     now = SystemClock().now()
     try:
         async with transaction(engine) as conn:
@@ -125,17 +123,12 @@ async def _create(env: _Env, accounts: list[dict[str, Any]]) -> None:
 
 
 async def _fetch(env: _Env, sql: str, **params: Any) -> list[dict[str, Any]]:
-    engine = make_engine(env.database_url, pool_size=1)
+    engine = database_engine(env.database_url, pool_size=1)
     try:
         async with engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(text(sql), params)).mappings().all()]
     finally:
         await engine.dispose()
-
-
-def _queued(producer: Producer) -> int:
-    broker: Any = producer.broker
-    return int(broker.do_qsize("billing")) + int(broker.do_qsize("billing.payments"))
 
 
 def _publish(producer: Producer, messages: list[BillingMessage], progress: Progress, label: str) -> None:
@@ -148,20 +141,27 @@ def _publish(producer: Producer, messages: list[BillingMessage], progress: Progr
 def _drain(
     producer: Producer, env: _Env, progress: Progress, label: str, timeout_s: float, workers: list[Any]
 ) -> None:
+    """:func:`harness.services.drain`, three quiet looks in a row, showing what is left.
+
+    Raises:
+      TimeoutError: Not drained within ``timeout_s`` seconds.
+      RuntimeError: A worker process exited.
+    """
     task = progress.add_task(label, total=None)
-    deadline = time.monotonic() + timeout_s
-    quiet = 0
-    while quiet < 3:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"queues did not drain within {timeout_s:.0f} s")
+
+    def check(look: DrainState) -> bool:
         for w in workers:
             if w.poll() is not None:
                 raise RuntimeError(f"a worker process exited with status {w.returncode}")
-        queued = _queued(producer)
-        outbox = asyncio.run(_fetch(env, "SELECT count(*) AS n FROM outbox"))[0]["n"]
-        progress.update(task, description=f"{label}: {queued} queued or in flight, {outbox} in outbox")
-        quiet = quiet + 1 if queued == 0 and outbox == 0 else 0
-        time.sleep(0.3)
+        queued = sum(q.pending for q in look.queues)
+        progress.update(task, description=f"{label}: {queued} queued or in flight, {look.outbox} in outbox")
+        return True
+
+    broker: Any = producer.broker
+    try:
+        drain(broker.client, env.database_url, timeout_s=timeout_s, quiet_needed=3, poll_s=0.3, check=check)
+    except TimeoutError as exc:
+        raise TimeoutError(f"queues did not drain within {timeout_s:.0f} s") from exc
     progress.update(task, description=f"{label}: drained", total=1, completed=1)
 
 
@@ -231,24 +231,9 @@ def run_demo(
             # the demo's workers serve no metrics: port 9191 may belong to a running `billing worker`
             "BILLING_METRICS_ENABLED": "false",
         }
-        log_file = log_path.open("w")
-        workers = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dramatiq",
-                    "workers.actors",
-                    "-p",
-                    str(processes),
-                    "-t",
-                    str(threads),
-                ],
-                env=worker_env,
-                stdout=log_file,
-                stderr=log_file,
-            )
-        ]
+        log_file = log_path.open("wb")
+        argv = worker_command("workers.actors", processes=processes, threads=threads)
+        workers = [WorkerProcess(argv, worker_env, log=log_file, name="demo").start()]
         published = 0
         invalid = 0
         repeats = 0  # messages published under a key published before (duplicates to suppress)
@@ -350,13 +335,7 @@ def run_demo(
             elapsed = time.monotonic() - started
         finally:
             for w in workers:
-                w.terminate()
-            for w in workers:
-                try:
-                    w.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    w.kill()
-                    w.wait()
+                w.stop(timeout_s=30)
             log_file.close()
 
         return _report(console, env, run, published, repeats, invalid, elapsed, log_path)
@@ -431,7 +410,7 @@ def _report(
     engine_env = env
 
     async def audit() -> Any:
-        engine = make_engine(engine_env.database_url, pool_size=1)
+        engine = database_engine(engine_env.database_url, pool_size=1)
         try:
             return await run_audit(engine, quiescent=True)
         finally:

@@ -46,7 +46,6 @@ the demo's scheduler passes renew nothing but the demo's subscriptions.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -61,24 +60,23 @@ from pathlib import Path
 from typing import Any
 
 from dateutil.relativedelta import relativedelta
-from dramatiq.errors import QueueJoinTimeout
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db import money
 from db.audit import run_audit
 from db.config import database_url
-from db.engine import make_engine, transaction
+from db.engine import transaction
 from db.migrate import upgrade
 from tasks.messages import BILLING_QUEUE, PAYMENTS_QUEUE, SubscribeMessage
 from tasks.producer import to_dramatiq_message
+from workers.app import build_scheduler
+from workers.clock import FixedClock
+from workers.scheduler import Scheduler
 
-from .clock import FixedClock
-from .local import local_services
-from .scheduler import Scheduler
+from .demo_months_report import MONTHLY_COLUMNS, monthly_table, print_audit, print_report, rows, run_state
+from .services import database_engine, drain, inprocess_worker, local_services
 
 __all__ = ["run_demo_months", "SIM_START", "MONTHLY_COLUMNS"]
 
@@ -104,22 +102,6 @@ PLANS = (
     ("daily", "Daily", 1 * USD, "day", 1, 2),
     ("quarterly", "Quarterly", 50 * USD, "month", 3, 2),
 )
-
-#: The columns of the monthly table: (key, header, meaning).
-MONTHLY_COLUMNS = (
-    ("subscribed", "new", "first subscriptions charged"),
-    ("reactivated", "react.", "reactivations after a cancel (a new subscribe key, charged again)"),
-    ("renewed", "renewed", "renewal_charge ledger entries (a dunning retry that paid included)"),
-    ("topped_up", "top-ups", "succeeded auto-top-ups"),
-    ("declined", "declined", "declined auto-top-ups"),
-    ("past_due", "past_due", "subscriptions entering past_due (the first failed renewal of a period)"),
-    ("recovered", "recovered", "past_due subscriptions restored to active by a dunning retry that paid"),
-    ("canceled_end", "cancel@end", "canceled at period end, at the customer's request"),
-    ("canceled_unpaid", "unpaid", "canceled unpaid at the end of grace"),
-    ("revoked", "revoked", "managed API keys revoked"),
-    ("revenue", "revenue", "subscription and renewal charges"),
-)
-
 
 # --------------------------------------------------------------------------- workload
 
@@ -225,11 +207,6 @@ def generate_customers(run: str, n: int, days: int, rng: random.Random) -> list[
 # --------------------------------------------------------------------------- database
 
 
-async def _rows(engine: AsyncEngine, sql: str, **params: Any) -> list[dict[str, Any]]:
-    async with engine.connect() as conn:
-        return [dict(r) for r in (await conn.execute(text(sql), params)).mappings().all()]
-
-
 async def _create(engine: AsyncEngine, run: str, customers: list[Customer], now: datetime) -> None:
     async with transaction(engine) as conn:
         for suffix, name, price, interval, count, _ in PLANS:
@@ -259,7 +236,7 @@ _FOREIGN_DUE = """
 
 async def _window_start(engine: AsyncEngine, months: int) -> datetime:
     """:data:`SIM_START`, or the first of a month early enough that nothing else falls due in the window."""
-    earliest = (await _rows(engine, _FOREIGN_DUE))[0]["due"]
+    earliest = (await rows(engine, _FOREIGN_DUE))[0]["due"]
     if earliest is None or earliest >= SIM_START + relativedelta(months=months):
         return SIM_START
     back = earliest.astimezone(UTC) - relativedelta(months=months)
@@ -301,10 +278,9 @@ def _in_process_worker(db_url: str, redis_url: str, log_path: Path, threads: int
         }
     )
     if "workers.actors" not in sys.modules:
-        from .settings import get_settings
+        from workers.settings import get_settings
 
         get_settings.cache_clear()
-    import dramatiq
     import structlog
 
     from workers import actors
@@ -319,7 +295,7 @@ def _in_process_worker(db_url: str, redis_url: str, log_path: Path, threads: int
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.addHandler(logging.StreamHandler(log_file))
-    worker = dramatiq.Worker(actors.broker, worker_threads=threads, worker_timeout=100)
+    worker = inprocess_worker(actors.broker, threads=threads)
     return actors, actors.broker, worker
 
 
@@ -328,29 +304,6 @@ def _other_processes(broker: Any) -> int:
     now_ms = int(time.time() * 1000)
     key = f"{broker.namespace}:__heartbeats__"
     return int(broker.client.zcount(key, now_ms - broker.heartbeat_timeout, "+inf"))
-
-
-def _drain(broker: Any, worker: Any, runner: asyncio.Runner, engine: AsyncEngine, timeout_s: float) -> None:
-    """Wait until both queues (and their delay queues) are empty, the worker idle and the outbox empty.
-
-    Raises:
-      TimeoutError: Not drained within ``timeout_s`` seconds.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            for queue in QUEUES:
-                left_ms = max(1, int((deadline - time.monotonic()) * 1000))
-                broker.join(queue, interval=10, timeout=left_ms)
-        except QueueJoinTimeout as exc:
-            raise TimeoutError(f"queue {exc} did not drain within {timeout_s:.0f} s") from exc
-        worker.join()
-        outbox = runner.run(_rows(engine, "SELECT count(*) AS n FROM outbox"))[0]["n"]
-        if outbox == 0 and all(broker.do_qsize(q) == 0 for q in QUEUES):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"queues did not drain within {timeout_s:.0f} s ({outbox} in the outbox)")
-        time.sleep(0.02)
 
 
 def run_demo_months(
@@ -393,7 +346,7 @@ def run_demo_months(
                 "them would process some of this demo's messages on the system clock"
             )
         with asyncio.Runner() as runner:
-            engine = make_engine(svc.database_url, pool_size=2)
+            engine = database_engine(svc.database_url, pool_size=2)
             try:
                 start = runner.run(_window_start(engine, months))
                 end = start + relativedelta(months=months)
@@ -422,8 +375,12 @@ def run_demo_months(
                 started = time.monotonic()
                 try:
                     # the scheduler's completer and reconciler apply the workers' deadlines and ask their provider
-                    scheduler = Scheduler(
-                        engine, broker, clock=clock, policy=service.policy, provider=service.provider
+                    scheduler = build_scheduler(
+                        engine=engine,
+                        broker=broker,
+                        clock=clock,
+                        policy=service.policy,
+                        provider=service.provider,
                     )
                     _simulate(
                         console,
@@ -437,6 +394,7 @@ def run_demo_months(
                         prefix,
                         days,
                         timeout_s,
+                        svc.database_url,
                     )
                 finally:
                     worker.stop()
@@ -444,14 +402,14 @@ def run_demo_months(
                     if provider_clock is not None:
                         service.provider.clock = provider_clock  # type: ignore[attr-defined]
                 elapsed = time.monotonic() - started
-                table = runner.run(_monthly(engine, prefix, start, months))
-                state = runner.run(_closing(engine, prefix))
+                table = runner.run(monthly_table(engine, prefix, start, months))
+                state = runner.run(run_state(engine, prefix))
                 # the deadlines are measured on the demo's clock (where the simulation ended), not PostgreSQL's
                 report = runner.run(run_audit(engine, quiescent=True, now=clock.now()))
             finally:
                 runner.run(engine.dispose())
-    _print_report(console, run, months, table, state, start, end, days, elapsed)
-    return _print_audit(console, report, log_path)
+    print_report(console, run, months, table, state, start, end, days, elapsed)
+    return print_audit(console, report, log_path)
 
 
 def _simulate(
@@ -466,7 +424,14 @@ def _simulate(
     prefix: str,
     days: int,
     timeout_s: float,
+    database_url: str,
 ) -> None:
+    """Live ``days`` simulated days: each day's customer actions, one scheduler pass, then the drain.
+
+    Raises:
+      RuntimeError: Another scheduler holds the scheduler lock.
+      TimeoutError: A day's messages did not drain within ``timeout_s`` seconds.
+    """
     by_account = {c.account_id: c for c in customers}
     paid: set[str] = set()  # past_due episodes a customer has paid
     comebacks: dict[int, list[Customer]] = defaultdict(list)
@@ -482,7 +447,7 @@ def _simulate(
         task = progress.add_task("simulating", total=days)
         for day in range(days):
             now = clock.now()
-            subs = runner.run(_rows(engine, _RUN_SUBSCRIPTIONS, prefix=prefix))
+            subs = runner.run(rows(engine, _RUN_SUBSCRIPTIONS, prefix=prefix))
             live = {s["account_id"]: s for s in subs if s["status"] != "canceled"}
             for s in subs:
                 c = by_account[s["account_id"]]
@@ -534,7 +499,7 @@ def _simulate(
                 raise RuntimeError(
                     "another scheduler holds the scheduler lock on this database; stop it first"
                 )
-            _drain(broker, worker, runner, engine, timeout_s)
+            drain(broker.client, database_url, worker=worker, timeout_s=timeout_s, poll_s=0.01)
             past_due = sum(1 for s in subs if s["status"] == "past_due")
             progress.update(
                 task,
@@ -542,176 +507,3 @@ def _simulate(
                 description=f"{now:%Y-%m-%d}: {len(live) - past_due} active, {past_due} past_due",
             )
             clock.advance(STEP)
-
-
-# --------------------------------------------------------------------------- the report
-
-# Every timestamp below is written by the money path from the service's clock
-# (the demo's FixedClock), never by the database's now(): ledger_entries.created_at,
-# top_up_attempts.created_at, subscriptions.canceled_at, api_keys.revoked_at,
-# idempotency_keys.completed_at and the past_due_since of a renew outcome.
-_MONTH = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM')"
-_MONTHLY_SQL = {
-    "subscribed": f"""
-        SELECT {_MONTH.format("created_at")} AS month, count(*) AS n FROM ledger_entries
-        WHERE account_id LIKE :prefix AND kind = 'subscription_charge'
-          AND idempotency_key NOT LIKE '%:resubscribe:%' GROUP BY 1""",
-    "reactivated": f"""
-        SELECT {_MONTH.format("created_at")} AS month, count(*) AS n FROM ledger_entries
-        WHERE account_id LIKE :prefix AND kind = 'subscription_charge'
-          AND idempotency_key LIKE '%:resubscribe:%' GROUP BY 1""",
-    "renewed": f"""
-        SELECT {_MONTH.format("created_at")} AS month, count(*) AS n FROM ledger_entries
-        WHERE account_id LIKE :prefix AND kind = 'renewal_charge' GROUP BY 1""",
-    "topped_up": f"""
-        SELECT {_MONTH.format("created_at")} AS month, count(*) AS n FROM top_up_attempts
-        WHERE account_id LIKE :prefix AND status = 'succeeded' GROUP BY 1""",
-    "declined": f"""
-        SELECT {_MONTH.format("created_at")} AS month, count(*) AS n FROM top_up_attempts
-        WHERE account_id LIKE :prefix AND status = 'declined' GROUP BY 1""",
-    "past_due": f"""
-        SELECT {_MONTH.format("(result->>'past_due_since')::timestamptz")} AS month, count(*) AS n
-        FROM idempotency_keys
-        WHERE account_id LIKE :prefix AND kind = 'renew' AND status = 'completed'
-          AND result->>'outcome' = 'past_due' AND (result->>'dunning_attempts')::int = 0 GROUP BY 1""",
-    "recovered": f"""
-        SELECT {_MONTH.format("completed_at")} AS month, count(*) AS n FROM idempotency_keys
-        WHERE account_id LIKE :prefix AND kind = 'renew' AND status = 'completed'
-          AND result->>'outcome' = 'renewed' AND result->>'restored_from' = 'past_due' GROUP BY 1""",
-    "canceled_end": f"""
-        SELECT {_MONTH.format("canceled_at")} AS month, count(*) AS n FROM subscriptions
-        WHERE account_id LIKE :prefix AND cancel_reason = 'canceled_at_period_end' GROUP BY 1""",
-    "canceled_unpaid": f"""
-        SELECT {_MONTH.format("canceled_at")} AS month, count(*) AS n FROM subscriptions
-        WHERE account_id LIKE :prefix AND cancel_reason = 'unpaid_after_grace' GROUP BY 1""",
-    "revoked": f"""
-        SELECT {_MONTH.format("revoked_at")} AS month, count(*) AS n FROM api_keys
-        WHERE account_id LIKE :prefix AND status = 'revoked' GROUP BY 1""",
-    "revenue": f"""
-        SELECT {_MONTH.format("created_at")} AS month, -sum(amount_micros)::bigint AS n FROM ledger_entries
-        WHERE account_id LIKE :prefix AND kind IN ('subscription_charge', 'renewal_charge') GROUP BY 1""",
-}
-
-
-async def _monthly(
-    engine: AsyncEngine, prefix: str, start: datetime, months: int
-) -> dict[str, dict[str, int]]:
-    """Measure -> month (``YYYY-MM``) -> count, or revenue in micros; every month of the window present."""
-    window = {f"{start + relativedelta(months=i):%Y-%m}" for i in range(months)}
-    found = {
-        key: {r["month"]: int(r["n"]) for r in await _rows(engine, sql, prefix=prefix)}
-        for key, sql in _MONTHLY_SQL.items()
-    }
-    # a clock-stamped row outside the window would be a bug: show its month rather than hide it
-    labels = sorted(window.union(*(rows.keys() for rows in found.values())))
-    table = {key: {m: rows.get(m, 0) for m in labels} for key, rows in found.items()}
-    return table
-
-
-_CLOSING = {
-    "statuses": "SELECT status, count(*) AS n FROM subscriptions WHERE account_id LIKE :prefix GROUP BY 1",
-    "ledger": """
-        SELECT CASE WHEN kind = 'adjustment' AND idempotency_key LIKE 'account-opening:%' THEN 'opening'
-                    WHEN kind = 'adjustment' THEN 'payments' ELSE kind END AS kind,
-               sum(amount_micros)::bigint AS n
-        FROM ledger_entries WHERE account_id LIKE :prefix GROUP BY 1""",
-    "balances": "SELECT COALESCE(sum(balance_micros), 0)::bigint AS n FROM accounts WHERE id LIKE :prefix",
-    "cap_refused": """
-        SELECT count(*) AS n FROM idempotency_keys
-        WHERE account_id LIKE :prefix AND kind = 'auto_top_up' AND result->>'outcome' = 'cap_reached'""",
-    "self_disabled": """
-        SELECT count(*) AS n FROM accounts
-        WHERE id LIKE :prefix AND auto_top_up_disabled_reason LIKE 'disabled after%'""",
-}
-
-
-async def _closing(engine: AsyncEngine, prefix: str) -> dict[str, Any]:
-    """The run's end state: subscriptions by status, ledger sums by kind (micros), balances, top-up refusals."""
-    out: dict[str, Any] = {}
-    for name, sql in _CLOSING.items():
-        rows = await _rows(engine, sql, prefix=prefix)
-        if name in ("statuses", "ledger"):
-            out[name] = {r["status" if name == "statuses" else "kind"]: int(r["n"]) for r in rows}
-        else:
-            out[name] = int(rows[0]["n"])
-    return out
-
-
-def usd(micros: int) -> str:
-    """Format an amount in micros of USD as ``$1,234.56`` (integer arithmetic, truncated to cents)."""
-    sign = "-" if micros < 0 else ""
-    cents = abs(micros) // 10_000
-    return f"{sign}${cents // 100:,}.{cents % 100:02d}"
-
-
-def _print_report(
-    console: Console,
-    run: str,
-    months: int,
-    table: dict[str, dict[str, int]],
-    state: dict[str, Any],
-    start: datetime,
-    end: datetime,
-    days: int,
-    elapsed: float,
-) -> None:
-    out = Table(title=f"billing demo --months {months}: run {run}, by calendar month (UTC)")
-    out.add_column("month", no_wrap=True)
-    for _, header, _ in MONTHLY_COLUMNS:
-        out.add_column(header, justify="right", no_wrap=True)
-    for month in next(iter(table.values())):
-        out.add_row(
-            month,
-            *(
-                usd(table[k][month]) if k == "revenue" else f"{table[k][month]:,}"
-                for k, _, _ in MONTHLY_COLUMNS
-            ),
-        )
-    out.add_section()
-    out.add_row(
-        "total",
-        *(
-            usd(sum(table[k].values())) if k == "revenue" else f"{sum(table[k].values()):,}"
-            for k, _, _ in MONTHLY_COLUMNS
-        ),
-        style="bold",
-    )
-    console.print(out)
-    for _, header, meaning in MONTHLY_COLUMNS:
-        console.print(f"  [dim]{header:>10}[/dim]  {meaning}")
-
-    statuses = state["statuses"]
-    console.print(
-        "at the end: "
-        + ", ".join(f"{statuses.get(s, 0):,} {s}" for s in ("active", "past_due", "canceled"))
-        + f" subscriptions; {state['cap_refused']:,} auto-top-ups refused by a monthly cap; "
-        f"{state['self_disabled']:,} accounts' auto-top-up off after repeated declines"
-    )
-    ledger = state["ledger"]
-    revenue = -(ledger.get("subscription_charge", 0) + ledger.get("renewal_charge", 0))
-    money_in = ledger.get("opening", 0) + ledger.get("top_up", 0) + ledger.get("payments", 0)
-    balances = state["balances"]
-    check = "[green]=[/green]" if money_in - revenue == balances else "[red]MISMATCH[/red]"
-    console.print(
-        f"money: opening {usd(ledger.get('opening', 0))} + top-ups {usd(ledger.get('top_up', 0))} "
-        f"+ payments {usd(ledger.get('payments', 0))} - revenue {usd(revenue)} "
-        f"= {usd(money_in - revenue)} {check} balances {usd(balances)}"
-    )
-    console.print(
-        f"simulated {start:%Y-%m-%d} to {end:%Y-%m-%d} ({days} days) in {elapsed:.1f} s of wall time "
-        f"({elapsed / days * 1000:.0f} ms per simulated day)"
-    )
-
-
-def _print_audit(console: Console, report: Any, log_path: Path) -> bool:
-    if report.ok:
-        console.print(
-            f"[green bold]audit passed[/green bold] ({len(report.violations)} checks; worker log: {log_path})"
-        )
-        return True
-    for name, rows in report.violations.items():
-        if rows:
-            console.print(f"[red]FAIL[/red] {report.descriptions[name]} ({len(rows)})")
-    console.print_json(json.dumps({k: v for k, v in report.violations.items() if v}, default=str))
-    console.print(f"[red bold]AUDIT FAILED[/red bold] (worker log: {log_path})")
-    return False

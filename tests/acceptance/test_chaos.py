@@ -1,6 +1,6 @@
-"""The short chaos run (issue 5, issue 11): faults while load flows, then the oracle, in ``make test``.
+"""The short chaos run: faults while load flows, then the oracle, in ``make test``.
 
-``python -m workers.chaos`` runs as a subprocess, as ``make chaos`` does, but
+``python -m harness.chaos`` runs as a subprocess, as ``make chaos`` does, but
 for 30 s and 3,000 messages with a fixed seed: SIGKILLed workers, a Redis
 restart, terminated PostgreSQL connections, the ``billing.payments`` workers
 stopped for longer than the delivery limit while renewals wait for their
@@ -11,7 +11,7 @@ charging, never answers (``pm_never_answers``), charges and never answers
 (``pm_processing``, ``pm_processing_fail``), and poison messages.  At the
 end the runner drives every owner past its deadline on the injected clock,
 then counts double charges, lost effects and unpaid entitled periods
-(``workers.chaos.count_promise``; tests/integration/test_chaos_oracle.py
+(``harness.chaos.count_promise``; tests/integration/test_chaos_oracle.py
 shows each check both ways) and runs the quiescent audit at that clock.
 It uses the test session's PostgreSQL server (a fresh ``billing_chaos_*``
 database on it) and starts its own append-only redis-server.  The checks
@@ -61,7 +61,7 @@ def test_short_chaos_run_loses_nothing_and_charges_nothing_twice(services, tmp_p
     }
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "workers.chaos", "--json", str(result_path)],
+        [sys.executable, "-m", "harness.chaos", "--json", str(result_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -139,7 +139,7 @@ def _processes_of_run(run: str) -> list[str]:
 
 def _start(tmp_path: Path, **extra_env: str) -> tuple[Any, subprocess.Popen[bytes], Any]:
     """Our own redis-server and one worker process (1 thread) on it; returns (server, worker, log file)."""
-    from workers.chaos import RedisServer
+    from harness.services import RedisServer
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -204,8 +204,8 @@ def test_a_message_failing_transiently_while_redis_is_down_is_retried_or_recorde
     logged it, and the worker acked the message: no retry, no record.
     ``BillingRedisBroker.enqueue`` now waits for Redis, as Dramatiq's acks do.
     """
+    from harness.chaos import retries_not_enqueued
     from tasks.producer import Producer
-    from workers.chaos import retries_not_enqueued
 
     setup(accounts=[_ERRING_CARD])
     # the provider call takes 2 s and then fails: its retry is enqueued while Redis is down
@@ -251,8 +251,8 @@ def test_a_retry_waiting_for_its_backoff_survives_a_redis_restart(services, setu
     """
     import redis
 
+    from harness.chaos import stranded_delayed
     from tasks.producer import Producer
-    from workers.chaos import stranded_delayed
 
     setup(accounts=[_ERRING_CARD])
     # the first delivery fails at once; its retry waits 4 s in the worker's delay queue

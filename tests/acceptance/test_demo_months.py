@@ -8,7 +8,7 @@ import sys
 
 from tests.conftest import ROOT
 
-#: Column order of the monthly table (workers.demo_months.MONTHLY_COLUMNS), after ``month``.
+#: Column order of the monthly table (harness.demo_months_report.MONTHLY_COLUMNS), after ``month``.
 COLUMNS = ("new", "react.", "renewed", "top-ups", "declined", "past_due", "recovered", "cancel@end", "unpaid")
 
 

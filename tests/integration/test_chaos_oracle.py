@@ -1,4 +1,4 @@
-"""The chaos run's three numbers (``workers.chaos.count_promise``), tested both ways.
+"""The chaos run's three numbers (``harness.chaos.count_promise``), tested both ways.
 
 A small healthy database (a subscription paid from the balance, one paid
 after an auto-top-up) counts 0 double charges, 0 lost effects and 0 unpaid
@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from workers.chaos import (
+from harness.chaos import (
     DOUBLE_CHARGE_CHECKS,
     LOST_EFFECT_CHECKS,
     UNPAID_ENTITLED_CHECKS,

@@ -117,7 +117,7 @@ from db.engine import make_engine, transaction
 from db.money import BillingPolicy
 from tasks.errors import IdempotencyConflict, PermanentError, TransientError, UnknownSubscription
 from tasks.messages import QUEUE_OF_ACTOR, renewal_key
-from tests.conftest import CLOCK_START, TABLES
+from tests.conftest import CLOCK_START, TRUNCATE_ALL
 from workers.billing import BillingService, Delivery
 from workers.clock import FixedClock
 from workers.logging import configure_logging
@@ -360,7 +360,7 @@ class BillingLifecycle(RuleBasedStateMachine):
 
     async def _set_up(self) -> None:
         async with transaction(self.engine) as conn:
-            await conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
+            await conn.execute(text(TRUNCATE_ALL))
             for plan in PLANS:
                 await money.create_plan(conn, name=plan["plan_id"], currency="USD", **plan)
             for account in ACCOUNTS:

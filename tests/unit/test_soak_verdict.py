@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.chaos import _soak_verdict
+from harness.chaos import soak_verdict as _soak_verdict
 
 
 def _windows(p50s, p99s, rss=None):

