@@ -47,7 +47,7 @@ from .keys import (
     lock_key,
     record_effect,
 )
-from .ledger import _LOCK_ACCOUNT, _POST_LEDGER_ENTRY, _SUBSCRIPTION_ACCOUNT, _UPSERT_ENTITLEMENT
+from .ledger import _LOCK_ACCOUNT, _SUBSCRIPTION_ACCOUNT
 from .outbox import claim_stale_outbox, delete_outbox, insert_outbox
 from .policy import (
     BillingPolicy,
@@ -58,7 +58,7 @@ from .policy import (
     TopUpIntent,
     message_request,
 )
-from .renew import _ADVANCE_PERIOD, _LOCK_SUBSCRIPTION, apply_renew, renew_fast_batch
+from .renew import _LOCK_SUBSCRIPTION, _RENEW_CHARGE, apply_renew, renew_fast_batch
 from .revoke_key import apply_revoke_key
 from .setup import (
     configure_auto_top_up,
@@ -120,8 +120,6 @@ _RENEWAL_STATEMENTS = (
     _SUBSCRIPTION_ACCOUNT,
     _LOCK_ACCOUNT,
     _LOCK_SUBSCRIPTION,
-    _POST_LEDGER_ENTRY,
-    _ADVANCE_PERIOD,
-    _UPSERT_ENTITLEMENT,
+    _RENEW_CHARGE,
     _COMPLETE_KEY,
 )

@@ -1,4 +1,27 @@
-"""``renew``: charge the next period, or dunning, or cancel."""
+"""``renew``: charge the next period, or enter dunning, or cancel.
+
+One renewal implementation, two ways in.  The charge itself (the ledger
+entry with the balance, the advanced period, the entitlement projection)
+is the server-side function ``billing_renew_charge_v1``
+(``db/sql/functions/``), which both paths run: :func:`apply_renew` calls it
+once it has decided to charge, and the fast path's
+``billing_renew_fast_v1`` calls it for a plain renewal.  The decisions
+(already paid, not due, cancel at period end, a short balance, its top-up
+and wait, dunning and the end of grace, catch-up) are made here only: the
+fast path applies nothing but the plain case (an active subscription, the
+period right after the paid one, enough balance, no top-up to trigger, no
+catch-up) and returns every other message to :func:`apply_renew`.
+
+Why the decisions stay in Python rather than all in PL/pgSQL: they share
+the auto-top-up trigger and waits with ``subscribe`` (:mod:`.funds`), the
+outbox messages and the :class:`BillingPolicy` (grace, dunning schedule,
+leases) with the rest of the money path; moving them would write those a
+second time in the other language.  The fast path's guard is the one rule
+both sides know (what counts as plain), and a message it is unsure of
+falls back, never the other way round.  The period arithmetic is
+:func:`db.periods.period_bounds` here and ``billing_period_boundary`` in
+SQL; a property test holds them equal.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +36,13 @@ from tasks.messages import RenewMessage, RevokeKeyMessage, renewal_key
 from ..periods import period_bounds
 from ..sql import one, statement
 from .funds import after_charge, trigger_top_up
-from .ledger import lock_owner, post_ledger_entry, project_entitlement
+from .ledger import lock_owner, project_entitlement
 from .policy import BillingPolicy, Effect, OutboxMessage
 
 __all__ = ["apply_renew", "renew_fast_batch"]
 
 _LOCK_SUBSCRIPTION = statement("lock_subscription")
-_ADVANCE_PERIOD = statement("advance_period")
+_RENEW_CHARGE = statement("renew_charge")
 _MARK_PAST_DUE = statement("mark_past_due")
 _CANCEL_SUBSCRIPTION = statement("cancel_subscription")
 _TOP_UP_PROCESSING = statement("top_up_processing")
@@ -29,11 +52,11 @@ _RENEW_FAST = statement("renew_fast", json_columns=("r",))
 async def renew_fast_batch(
     conn: AsyncConnection, messages: list[RenewMessage], now: datetime
 ) -> dict[str, dict[str, Any]]:
-    """Apply plain renewals in one statement: the fast path of :func:`apply_renew` (migration 0005).
+    """Apply plain renewals in one statement: the fast path of :func:`apply_renew` (``billing_renew_fast_v1``).
 
     Run it on an autocommit connection: the statement is the transaction,
     so a batch costs one round trip and one commit.  Each message runs in
-    its own subtransaction inside ``billing_renew_fast``, under the same
+    its own subtransaction inside ``billing_renew_fast_v1``, under the same
     locks as the Python path (key, account, subscription); messages are
     taken in subscription order so concurrent batches lock in one order.
     The keys must have been claimed (:func:`claim_keys`) before.
@@ -254,20 +277,20 @@ async def apply_renew(
 
     index = sub["period_index"] + 1
     start, end = period_bounds(sub["billing_anchor"], sub["interval"], sub["interval_count"], index)
-    balance = await post_ledger_entry(
+    charged = await one(
         conn,
+        _RENEW_CHARGE,
         account_id=account["id"],
-        amount_micros=-price,
-        kind="renewal_charge",
         subscription_id=sub["id"],
+        plan_id=sub["plan_id"],
+        price_micros=price,
+        index=index,
         period_start=start,
-        idempotency_key=f"renewal:{sub['id']}:{start.isoformat()}",
+        period_end=end,
         now=now,
     )
-    await conn.execute(
-        _ADVANCE_PERIOD, {"id": sub["id"], "index": index, "start": start, "end": end, "now": now}
-    )
-    await project_entitlement(conn, sub, status="active", current_period_end=end, now=now)
+    assert charged is not None
+    balance = int(charged["balance_micros"])
     outbox = await after_charge(conn, account, balance, now, policy)
     if end <= now:  # catch-up: the next period is due already
         outbox.append(

@@ -8,11 +8,10 @@ SELECT s.id, s.account_id, s.plan_id, s.status, s.billing_anchor, s.period_index
 FROM subscriptions s JOIN plans p ON p.id = s.plan_id
 WHERE s.id = :subscription_id FOR UPDATE OF s;
 
--- name: advance_period
-UPDATE subscriptions SET status = 'active', period_index = :index, current_period_start = :start,
-    current_period_end = :end, past_due_since = NULL, grace_ends_at = NULL, dunning_attempts = 0,
-    next_retry_at = NULL, updated_at = :now
-WHERE id = :id;
+-- name: renew_charge
+-- the charge of a renewal, the same function the fast path runs (db/sql/functions/)
+SELECT billing_renew_charge_v1(:account_id, :subscription_id, :plan_id, :price_micros, :index,
+                               :period_start, :period_end, :now) AS balance_micros;
 
 -- name: mark_past_due
 UPDATE subscriptions SET status = 'past_due', past_due_since = :since, grace_ends_at = :grace_ends_at,
@@ -25,7 +24,7 @@ UPDATE subscriptions SET status = 'canceled', canceled_at = :now, cancel_reason 
 WHERE id = :id AND status <> 'canceled';
 
 -- name: renew_fast
-SELECT m.key, billing_renew_fast(m.key, m.subscription_id, m.period_start, m.period_start_iso,
+SELECT m.key, billing_renew_fast_v1(m.key, m.subscription_id, m.period_start, m.period_start_iso,
                                  CAST(:now AS timestamptz)) AS r
 FROM unnest(CAST(:keys AS text[]), CAST(:subscription_ids AS text[]),
             CAST(:period_starts AS timestamptz[]), CAST(:period_start_isos AS text[]))
