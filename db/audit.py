@@ -102,7 +102,7 @@ CHECKS: dict[str, tuple[str, str]] = {
         FROM api_key_deliveries WHERE status = 'pending' AND deliver_by < CAST(:now AS timestamptz)
         """,
     ),
-    # -- every state that waits has an owner and a deadline (README "States that wait");
+    # -- every state that waits has an owner and a deadline (docs/lifecycle.md "States that wait");
     # -- past its deadline (plus :slack, one owner's pass) the state is flagged, whatever
     # -- failed_messages says: a failure row is not an answer for the customer.
     # owner: the scheduler's due scan and the renew actor; deadline: period end + :renewal_deadline

@@ -1,7 +1,7 @@
 """The owners of the states that wait: the completer's and the reconciler's SQL.
 
 Every state that waits has an owner that moves it forward and a deadline
-(README "States that wait"; the model is rocket-rides-atomic's completer,
+(docs/lifecycle.md "States that wait"; the model is rocket-rides-atomic's completer,
 which re-drives stalled keys, and its reaper, which ends abandoned ones):
 
 * a key in ``processing`` past its lease (``lease_expires_at``): the

@@ -1,6 +1,6 @@
 """The SQL of durable API key delivery: sealed ciphertexts kept in PostgreSQL until acknowledged.
 
-Flow (migration 0007, README "API key delivery"):
+Flow (migration 0007, docs/operations.md "API key delivery"):
 
 1. The transaction that inserts a managed key (``subscribe``, or an
    operator's reissue) seals the plaintext to the recipient's public key
