@@ -11,6 +11,10 @@ the scheduler, the harness and the tests::
     broker = build_broker(settings)
     service = build_service(settings, engine=engine, broker=broker)
 
+A worker process takes its runtime from :func:`worker` (built once: logging,
+start-up checks, the broker with the worker's middleware, and the service on
+first use); ``workers.actors`` declares the actors on its broker.
+
 Nothing here runs at import time.  The engines are bound to the event loop
 they are first used on, so build them on the loop that will use them.
 """

@@ -10,7 +10,7 @@ Steps: ``before_commit`` (effect written, transaction open),
 ``after_commit`` (committed, outbox not relayed, message not acked),
 ``after_top_up_intent`` (attempt recorded, provider not called),
 ``after_provider_charge`` (provider charged, ledger not credited); on the
-renewal fast path (:class:`workers.billing.RenewalBatcher`, whose keys are
+renewal fast path (:class:`workers.renewal_batcher.RenewalBatcher`, whose keys are
 claimed in one autocommit statement and applied in another):
 ``fast_after_claim`` (the batch's keys claimed and committed, nothing
 applied) and ``fast_after_apply`` (renewals applied and committed, no
