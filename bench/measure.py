@@ -33,7 +33,7 @@ from rich.console import Console
 
 from db.audit import run_audit
 from db.config import plain_url
-from harness.services import WorkerProcess, database_engine, drain, worker_command
+from harness.services import WorkerProcess, database_engine, drain, producer_broker, worker_command
 from tasks.messages import (
     AutoTopUpMessage,
     BillingMessage,
@@ -123,8 +123,8 @@ class Bench:
         self.signing_env = {"BILLING_SIGNING_KEYS": signing} if signing else {}
         keys = signing_keys_from_env(self.signing_env) if signing else None
         # the producer API, enqueueing through the project's pipelined broker
-        self.producer = Producer(broker=BillingRedisBroker(url=services.redis_url), signing_keys=keys)
-        self.plain_broker = BillingRedisBroker(url=services.redis_url)  # no-op and naive: unsigned
+        self.producer = Producer(broker=producer_broker(services.redis_url), signing_keys=keys)
+        self.plain_broker = producer_broker(services.redis_url)  # no-op and naive: unsigned
         self.script = self.workdir / "renewal.sql"
         self.script.write_text(generate_renewal_script())
         self.measurements: list[Measurement] = []

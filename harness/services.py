@@ -36,12 +36,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import redis
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from workers.broker import BillingRedisBroker
 
 from db.config import plain_url
 from db.migrate import upgrade
@@ -73,6 +76,7 @@ __all__ = [
     "pg_execute",
     "pg_fetchval",
     "postgres_server",
+    "producer_broker",
     "queue_counts",
     "reachable",
     "redis_server_binary",
@@ -147,6 +151,18 @@ def database_engine(url: str, *, pool_size: int = 2) -> AsyncEngine:
     from workers.settings import Settings
 
     return build_engine(Settings(database_url=url), pool_size=pool_size)
+
+
+def producer_broker(redis_url: str) -> BillingRedisBroker:
+    """A broker on ``redis_url`` to enqueue with (the pipelined ``enqueue_many``), built by the composition root.
+
+    It signs nothing itself (a :class:`tasks.producer.Producer` given its
+    keys signs), whatever ``BILLING_SIGNING_KEYS`` this process has.
+    """
+    from workers.app import build_broker
+    from workers.settings import Settings
+
+    return build_broker(Settings(redis_url=redis_url, signing_keys=None))
 
 
 def truncate_all(url: str) -> None:
