@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from . import money
 from .errors import NoStoredRequest
 from .money import BillingPolicy, Effect, OutboxMessage, TopUpIntent
+from .sql import statement
 
 __all__ = [
     "LIVE_TOP_UP",
@@ -74,13 +75,7 @@ class StaleKey:
     message_id: str | None
 
 
-_STALE_KEYS = text(
-    """
-    SELECT key, kind, request, redrives, account_id, message_id FROM idempotency_keys
-    WHERE status = 'processing' AND (lease_expires_at <= :now OR lease_expires_at IS NULL)
-    ORDER BY lease_expires_at NULLS FIRST LIMIT :limit FOR UPDATE SKIP LOCKED
-    """
-).columns(request=JSONB)
+_STALE_KEYS = statement("stale_keys").columns(request=JSONB)
 
 
 async def claim_stale_keys(conn: AsyncConnection, *, now: datetime, limit: int = 500) -> list[StaleKey]:
@@ -92,12 +87,7 @@ async def claim_stale_keys(conn: AsyncConnection, *, now: datetime, limit: int =
     ]
 
 
-_REDRIVE = text(
-    """
-    UPDATE idempotency_keys SET redrives = redrives + 1, lease_expires_at = :lease_expires_at, updated_at = :now
-    WHERE key = :key
-    """
-)
+_REDRIVE = statement("redrive_key")
 
 
 async def redrive_key(
@@ -116,12 +106,7 @@ async def redrive_key(
     return message
 
 
-_END_KEY = text(
-    """
-    UPDATE idempotency_keys SET status = 'failed', last_error = :error, updated_at = :now
-    WHERE key = :key AND status = 'processing'
-    """
-)
+_END_KEY = statement("end_stale_key")
 
 
 async def end_key(conn: AsyncConnection, stale: StaleKey, *, now: datetime, reason: str) -> None:
@@ -157,7 +142,7 @@ _ORPHANED_WAITS = text(
     LIMIT :limit
     """
 )
-_LOCK_ACCOUNT = text("SELECT id FROM accounts WHERE id = :account_id FOR UPDATE")
+_LOCK_ACCOUNT = statement("lock_account_for_waits")
 _STILL_ORPHANED = text(f"SELECT NOT {LIVE_TOP_UP.format(account=':account_id')} AS orphaned")
 
 
@@ -193,18 +178,7 @@ class DueAttempt:
 # The reconciler's lease is ``reconcile_after`` itself: an attempt taken here
 # is not due again until ``relook_at``, so a crashed reconciler's attempts come
 # back and two reconcilers never take the same one.
-_DUE_ATTEMPTS = text(
-    """
-    UPDATE top_up_attempts t SET reconcile_after = :relook_at, reconcile_checks = t.reconcile_checks + 1
-    FROM (SELECT id FROM top_up_attempts
-          WHERE status = 'pending' AND reconcile_after <= :now
-            AND (charge_lease_until IS NULL OR charge_lease_until <= :now)
-          ORDER BY reconcile_after LIMIT :limit FOR UPDATE SKIP LOCKED) due
-    WHERE t.id = due.id
-    RETURNING t.id, t.account_id, t.provider_idempotency_key, t.amount_micros, t.currency, t.payment_method_ref,
-              t.status, t.provider_charge_id, t.charge_lease_until, t.created_at, t.message_idempotency_key
-    """
-)
+_DUE_ATTEMPTS = statement("due_attempts")
 
 
 def due_attempt(row: RowMapping) -> DueAttempt:
@@ -238,14 +212,7 @@ async def claim_due_attempts(
     return [due_attempt(r) for r in rows]
 
 
-_SETTLE_MESSAGE_KEY = text(
-    """
-    UPDATE idempotency_keys SET status = 'completed', result = :result, last_error = NULL, updated_at = :now,
-        completed_at = :now
-    WHERE key = :key AND (status <> 'completed'
-                          OR result->>'outcome' IN ('top_up_reconciling', 'top_up_processing'))
-    """
-).bindparams(bindparam("result", type_=JSONB))
+_SETTLE_MESSAGE_KEY = statement("settle_message_key").bindparams(bindparam("result", type_=JSONB))
 
 
 async def settle_attempt(

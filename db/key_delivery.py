@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import bindparam
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tasks.errors import UnknownAccount
 from tasks.key_sealing import canonical_public_key, seal_api_key
+
+from .sql import statement
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -81,7 +83,7 @@ class PendingDelivery:
     deliver_by: datetime
 
 
-_RECIPIENT = text("SELECT public_key FROM api_key_recipients WHERE account_id = :account_id")
+_RECIPIENT = statement("key_recipient")
 
 
 async def recipient_for(conn: AsyncConnection, account_id: str, default_public_key: str | None) -> str | None:
@@ -92,15 +94,8 @@ async def recipient_for(conn: AsyncConnection, account_id: str, default_public_k
     return canonical_public_key(default_public_key) if default_public_key else None
 
 
-_INSERT_DELIVERY = text(
-    """
-    INSERT INTO api_key_deliveries (id, key_id, account_id, subscription_id, prefix, reason, replaces_key_id,
-        reissue_idempotency_key, recipient_public_key, sealed_box, status, deliver_by, created_at)
-    VALUES (:id, :key_id, :account_id, :subscription_id, :prefix, :reason, :replaces_key_id,
-        :reissue_idempotency_key, :recipient, :sealed_box, 'pending', :deliver_by, :now)
-    """
-)
-_NOTIFY = text("SELECT pg_notify(:channel, :payload)")
+_INSERT_DELIVERY = statement("insert_key_delivery")
+_NOTIFY = statement("notify_key_delivery")
 
 
 async def record_delivery(
@@ -166,12 +161,7 @@ async def record_delivery(
     return delivery_id
 
 
-_SUPERSEDE = text(
-    """
-    UPDATE api_key_deliveries SET status = 'superseded', sealed_box = NULL
-    WHERE key_id = :key_id AND status = 'pending' RETURNING id
-    """
-)
+_SUPERSEDE = statement("supersede_key_delivery")
 
 
 async def supersede_pending(conn: AsyncConnection, key_id: str) -> list[str]:
@@ -179,17 +169,7 @@ async def supersede_pending(conn: AsyncConnection, key_id: str) -> list[str]:
     return [str(r[0]) for r in (await conn.execute(_SUPERSEDE, {"key_id": key_id})).all()]
 
 
-_FETCH = text(
-    """
-    SELECT d.id, d.key_id, d.account_id, d.subscription_id, d.prefix, d.reason, d.sealed_box, k.key_hash,
-        k.status AS key_status, d.created_at, d.deliver_by
-    FROM api_key_deliveries d JOIN api_keys k ON k.id = d.key_id
-    WHERE d.status = 'pending' AND d.recipient_public_key = :recipient
-    ORDER BY d.created_at, d.id
-    LIMIT :limit
-    FOR UPDATE OF d SKIP LOCKED
-    """
-)
+_FETCH = statement("fetch_key_deliveries")
 
 
 async def fetch_pending(
@@ -224,13 +204,7 @@ async def fetch_pending(
     ]
 
 
-_ACKNOWLEDGE = text(
-    """
-    UPDATE api_key_deliveries SET status = 'acknowledged', sealed_box = NULL, acknowledged_at = :now,
-        acknowledged_by = :by
-    WHERE id IN :ids AND status = 'pending' RETURNING id
-    """
-).bindparams(bindparam("ids", expanding=True))
+_ACKNOWLEDGE = statement("acknowledge_key_deliveries").bindparams(bindparam("ids", expanding=True))
 
 
 async def acknowledge(conn: AsyncConnection, delivery_ids: list[str], *, by: str, now: datetime) -> list[str]:
@@ -245,15 +219,9 @@ async def acknowledge(conn: AsyncConnection, delivery_ids: list[str], *, by: str
     return [str(r[0]) for r in rows]
 
 
-_SET_RECIPIENT = text(
-    """
-    INSERT INTO api_key_recipients (account_id, public_key, created_at, updated_at)
-    VALUES (:account_id, :public_key, :now, :now)
-    ON CONFLICT (account_id) DO UPDATE SET public_key = EXCLUDED.public_key, updated_at = EXCLUDED.updated_at
-    """
-)
-_CLEAR_RECIPIENT = text("DELETE FROM api_key_recipients WHERE account_id = :account_id")
-_ACCOUNT_EXISTS = text("SELECT 1 FROM accounts WHERE id = :account_id FOR SHARE")
+_SET_RECIPIENT = statement("set_key_recipient")
+_CLEAR_RECIPIENT = statement("clear_key_recipient")
+_ACCOUNT_EXISTS = statement("share_lock_account")
 
 
 async def set_recipient(
@@ -276,12 +244,7 @@ async def set_recipient(
     )
 
 
-_REISSUE_OF = text(
-    """
-    SELECT id AS delivery_id, key_id, replaces_key_id, prefix, account_id, subscription_id, created_at
-    FROM api_key_deliveries WHERE reissue_idempotency_key = :key
-    """
-)
+_REISSUE_OF = statement("reissue_of_key")
 
 
 async def reissue_of(conn: AsyncConnection, idempotency_key: str) -> dict[str, Any] | None:
@@ -290,16 +253,7 @@ async def reissue_of(conn: AsyncConnection, idempotency_key: str) -> dict[str, A
     return dict(row) if row is not None else None
 
 
-_LIST = text(
-    """
-    SELECT id AS delivery_id, key_id, account_id, subscription_id, prefix, reason, replaces_key_id, status,
-        created_at, deliver_by, acknowledged_at, acknowledged_by
-    FROM api_key_deliveries
-    WHERE (CAST(:account_id AS text) IS NULL OR account_id = :account_id)
-      AND (CAST(:status AS text) IS NULL OR status = :status)
-    ORDER BY created_at DESC, id LIMIT :limit
-    """
-)
+_LIST = statement("list_key_deliveries")
 
 
 async def list_deliveries(
