@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -61,12 +60,12 @@ from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from rich.console import Console
 
 from harness.figures import describe_machine
+from harness.services import interrupt_on_sigterm
 
 from . import NAIVE_QUEUE, NOOP_QUEUE
 from .config import (
@@ -93,12 +92,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> int:
 
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     workdir = Path(tempfile.mkdtemp(prefix="billing-bench-"))
-    previous_term = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    restore_sigterm = interrupt_on_sigterm()
     started = time.monotonic()
     ok = False
     try:
@@ -141,7 +135,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> int:
         console.print("[red bold]the bench could not run to the end (see above)[/red bold]")
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        restore_sigterm()
         if ok and not cfg.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:

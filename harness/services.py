@@ -12,10 +12,10 @@
   fakeredis with Lua served over TCP (:func:`inprocess_redis`), so worker
   processes connect to it like to a real Redis.  :func:`local_services` is
   the demo's pair: the configured URLs, else the embedded fallbacks.
-* **Workers**: :class:`WorkerProcess` runs one worker command (``dramatiq
-  workers.actors``, ``billing worker``, a stock Dramatiq module) in its own
-  process group; :func:`inprocess_worker` starts a ``dramatiq.Worker`` over
-  a broker in this process.
+* **Workers** (from :mod:`harness.processes`): :class:`WorkerProcess` runs
+  one worker command (``dramatiq workers.actors``, ``billing worker``, a
+  stock Dramatiq module) in its own process group; :func:`inprocess_worker`
+  makes a ``dramatiq.Worker`` over a broker in this process.
 * **The drain** (:func:`drain`, from :mod:`harness.drain`): wait until the
   queues hold no message (ready, delayed or held by a worker), an
   in-process worker is idle and the outbox is relayed.
@@ -29,14 +29,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -50,7 +49,8 @@ from db.config import plain_url
 from db.migrate import upgrade
 from workers.local import embedded_postgres
 
-from .drain import BILLING_QUEUES, NAMESPACE, DrainState, QueueCounts, drain, pending_messages, queue_counts
+from .drain import BILLING_QUEUES, DrainState, QueueCounts, drain, pending_messages, queue_counts
+from .processes import WorkerProcess, inprocess_worker, interrupt_on_sigterm, kill_group, worker_command
 
 __all__ = [
     "BILLING_QUEUES",
@@ -70,6 +70,7 @@ __all__ = [
     "free_port",
     "inprocess_redis",
     "inprocess_worker",
+    "interrupt_on_sigterm",
     "kill_group",
     "local_services",
     "pending_messages",
@@ -86,7 +87,6 @@ __all__ = [
     "worker_command",
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
 #: This machine's PostgreSQL, tried by :func:`postgres_server` when asked and nothing is configured.
 LOCAL_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -291,14 +291,6 @@ def redis_server_binary() -> str | None:
     return "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
 
 
-def kill_group(proc: Any, sig: int) -> None:
-    """Send ``sig`` to the process group led by ``proc`` (anything with a ``pid``); gone is fine."""
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 class RedisServer:
     """A ``redis-server`` of our own on a free loopback port, restartable on its port and directory.
 
@@ -439,158 +431,3 @@ def local_services(database_url: str | None, redis_url: str | None) -> Iterator[
         db_url = database_url or stack.enter_context(embedded_postgres())
         r_url = redis_url or stack.enter_context(inprocess_redis())
         yield LocalServices(db_url, r_url, embedded_database=not database_url, embedded_redis=not redis_url)
-
-
-# ============================================================================ workers
-
-
-def worker_command(
-    module: str = "workers.actors", *, processes: int = 1, threads: int = 1, queues: Sequence[str] = ()
-) -> list[str]:
-    """``python -m dramatiq MODULE --processes P --threads T [--queues ...]``."""
-    argv = [
-        sys.executable,
-        "-m",
-        "dramatiq",
-        module,
-        "--processes",
-        str(processes),
-        "--threads",
-        str(threads),
-    ]
-    return argv + (["--queues", *queues] if queues else [])
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _status_kib(pid: int, field_name: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class WorkerProcess:
-    """One worker command (a Dramatiq master and its worker processes) in its own process group.
-
-    Parameters:
-      argv: The command (:func:`worker_command`, or ``billing worker ...``).
-      env: Its whole environment.
-      log: Where its output goes (a path, appended to; an open binary file;
-        None: nowhere).
-      name: Named in errors.
-    """
-
-    def __init__(
-        self,
-        argv: list[str],
-        env: dict[str, str],
-        *,
-        log: Path | IO[bytes] | None = None,
-        name: str = "worker",
-    ) -> None:
-        self.argv = argv
-        self.env = env
-        self.log = log
-        self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.started_ms = 0
-
-    def start(self) -> WorkerProcess:
-        """Start the command (from the project's root directory); returns self."""
-        self.started_ms = int(time.time() * 1000)
-        with ExitStack() as stack:
-            out: Any = subprocess.DEVNULL
-            if isinstance(self.log, Path):
-                out = stack.enter_context(self.log.open("ab"))
-            elif self.log is not None:
-                out = self.log
-            self.proc = subprocess.Popen(
-                self.argv,
-                cwd=ROOT,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT if out is not subprocess.DEVNULL else subprocess.DEVNULL,
-                start_new_session=True,  # its own process group: a signal takes master and children together
-            )
-        return self
-
-    @property
-    def pid(self) -> int:
-        """The master's pid."""
-        assert self.proc is not None
-        return self.proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.proc is None else self.proc.returncode
-
-    def poll(self) -> int | None:
-        """The exit status, or None while it runs."""
-        return None if self.proc is None else self.proc.poll()
-
-    def wait(self, timeout: float | None = None) -> int:
-        """Wait for the master to exit; its exit status.
-
-        Raises:
-          subprocess.TimeoutExpired: Still running after ``timeout`` seconds.
-        """
-        assert self.proc is not None
-        return self.proc.wait(timeout=timeout)
-
-    def wait_ready(self, client: redis.Redis, processes: int, timeout_s: float = 90) -> None:
-        """Until ``processes`` Dramatiq brokers started after us beat (their consumers are fetching).
-
-        Raises:
-          RuntimeError: The command exited, or did not get ready in time (its log's tail in the message).
-        """
-        assert self.proc is not None
-        deadline = time.monotonic() + timeout_s
-        while int(client.zcount(f"{NAMESPACE}:__heartbeats__", self.started_ms, "+inf")) < processes:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log.read_text(errors="replace")[-1500:] if isinstance(self.log, Path) else ""
-                raise RuntimeError(f"{self.name} workers did not start:\n{tail}")
-            time.sleep(0.05)
-        time.sleep(0.2)  # the other threads' first fetch
-
-    def pids(self) -> set[int]:
-        """The master and its worker processes."""
-        if self.proc is None:
-            return set()
-        return {self.proc.pid, *_children(self.proc.pid)}
-
-    def workers(self) -> list[int]:
-        """The worker processes (the master's children)."""
-        return _children(self.proc.pid) if self.proc is not None else []
-
-    def peak_rss_kib(self) -> list[int]:
-        """Peak resident set (``VmHWM``) of each worker process so far."""
-        return [kib for pid in self.workers() if (kib := _status_kib(pid, "VmHWM")) is not None]
-
-    def stop(self, timeout_s: float = 20) -> None:
-        """SIGTERM the group (Dramatiq's graceful stop), SIGKILL what is left after ``timeout_s``."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            kill_group(self.proc, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                pass
-        kill_group(self.proc, signal.SIGKILL)  # children that outlived the master, if any
-        self.proc.wait()
-
-
-def inprocess_worker(broker: Any, *, threads: int = 4, worker_timeout_ms: int = 100) -> Any:
-    """A ``dramatiq.Worker`` over ``broker`` in this process (not started: call ``start()``)."""
-    import dramatiq
-
-    return dramatiq.Worker(broker, worker_threads=threads, worker_timeout=worker_timeout_ms)

@@ -77,13 +77,12 @@ from collections import Counter
 from contextlib import ExitStack
 from datetime import timedelta
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import redis
 from rich.console import Console
 
-from harness.services import kill_group
+from harness.services import interrupt_on_sigterm, kill_group
 from workers.clock import write_clock_offset
 
 from .config import (
@@ -135,12 +134,7 @@ def run_chaos(cfg: ChaosConfig, console: Console | None = None) -> int:
     logs = workdir / "logs"
     logs.mkdir()
     ok = False
-    previous_term = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    restore_sigterm = interrupt_on_sigterm()
     producers: list[subprocess.Popen[bytes]] = []
     try:
         with ExitStack() as stack:
@@ -283,7 +277,7 @@ def run_chaos(cfg: ChaosConfig, console: Console | None = None) -> int:
         console.print("[red]interrupted: workers, producers and Redis stopped, database dropped[/red]")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        restore_sigterm()
         if ok and not cfg.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
