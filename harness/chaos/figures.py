@@ -85,6 +85,7 @@ def retries_not_enqueued(logs: Path) -> set[str]:
 
 
 async def db_figures(url: str) -> dict[str, Any]:
+    """The run's end state from PostgreSQL: keys, failures, outcomes, ledger, charges, top-ups, hot accounts."""
     conn = await pg_connect(url)
     try:
 

@@ -394,6 +394,7 @@ def producer_specs(
     poison: int,
     doomed: int,
 ) -> list[dict[str, Any]]:
+    """The specs of the ``cfg.producers`` producer processes of one phase (``peak`` or ``load``), ``count`` shared out."""
     specs = []
     for i in range(cfg.producers):
         share = count // cfg.producers + (1 if i < count % cfg.producers else 0)
@@ -428,6 +429,7 @@ def producer_specs(
 
 
 def start_producers(specs: list[dict[str, Any]], signing_keys: str) -> list[subprocess.Popen[bytes]]:
+    """Start one ``python -m harness.chaos produce SPEC`` process per spec (its own process group), signing with ``signing_keys``."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("BILLING_")},
         "BILLING_SIGNING_KEYS": signing_keys,
@@ -452,6 +454,7 @@ def start_producers(specs: list[dict[str, Any]], signing_keys: str) -> list[subp
 
 
 def read_published(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """The producers' publish records (one dict per publish) and their publish retries in all."""
     records: list[dict[str, Any]] = []
     retries = 0
     for spec in specs:
@@ -464,6 +467,7 @@ def read_published(specs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], i
 
 
 async def create_accounts(url: str, accounts: list[dict[str, Any]]) -> None:
+    """Create the run's plans and accounts (:func:`make_accounts`) through ``db.money``."""
     engine = runner_engine(url)
     now = datetime.now(UTC)
     try:

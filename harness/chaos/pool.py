@@ -407,6 +407,7 @@ class WorkerPool:
 
 
 def rss_kib(pid: int) -> int | None:
+    """Resident set (``VmRSS``) of ``pid`` in KiB, or None when it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):

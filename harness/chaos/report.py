@@ -38,6 +38,7 @@ def report(
     failed_producers: list[int | None],
     console: Console,
 ) -> bool:
+    """Count, check and print the run's figures (and write the JSON and the docs when asked); whether it passed."""
     records, publish_retries = read_published(specs)
     events, transient, dramatiq_lines = log_counts(logs)
     figures = asyncio.run(db_figures(db.url))

@@ -286,6 +286,11 @@ def run_chaos(cfg: ChaosConfig, console: Console | None = None) -> int:
 
 
 def _wait_for_workers(redis_url: str, n: int, pool: WorkerPool, timeout_s: float = 90) -> None:
+    """Until ``n`` Dramatiq brokers beat on Redis (the slots' consumers are up).
+
+    Raises:
+      RuntimeError: Not within ``timeout_s`` seconds.
+    """
     client = redis.Redis.from_url(redis_url, socket_timeout=5)
     deadline = time.monotonic() + timeout_s
     try:
