@@ -73,15 +73,9 @@ class ProviderAnswer:
 
 
 def recovery_point_of(intent: TopUpIntent) -> RecoveryPoint:
-    """The recovery point a recorded attempt resumes at: ``STARTED`` while it is pending, else ``FINISHED``.
-
-    Read from the attempt's ``recovery_point`` column when :class:`db.money.TopUpIntent`
-    carries it; the column is ``'started'`` exactly while the status is ``pending``.
-    """
-    stored = getattr(intent, "recovery_point", None)
-    if stored is not None:
-        return RecoveryPoint(stored)
-    return RecoveryPoint.STARTED if intent.status == "pending" else RecoveryPoint.FINISHED
+    """The recovery point a recorded attempt resumes at: its ``top_up_attempts.recovery_point``
+    (``started`` until the provider's answer is recorded, then ``finished``)."""
+    return RecoveryPoint(intent.recovery_point)
 
 
 async def top_up(service: BillingService, message: BillingMessage) -> dict[str, Any]:

@@ -177,11 +177,13 @@ class TopUpIntent:
     currency: str
     payment_method_ref: str
     status: str
+    #: ``top_up_attempts.recovery_point``: ``started`` until the result is recorded, then ``finished``.
+    recovery_point: str = "started"
 
     @classmethod
     def from_row(cls, row: RowMapping) -> TopUpIntent:
         """The intent of a ``top_up_attempts`` row (``id``, ``account_id``, ``provider_idempotency_key``,
-        ``amount_micros``, ``currency``, ``payment_method_ref``, ``status``)."""
+        ``amount_micros``, ``currency``, ``payment_method_ref``, ``status``, ``recovery_point``)."""
         return cls(
             attempt_id=row["id"],
             account_id=row["account_id"],
@@ -190,4 +192,5 @@ class TopUpIntent:
             currency=row["currency"].strip(),
             payment_method_ref=row["payment_method_ref"],
             status=row["status"],
+            recovery_point=row["recovery_point"],
         )

@@ -25,7 +25,7 @@ FROM (SELECT id FROM top_up_attempts
       ORDER BY reconcile_after LIMIT :limit FOR UPDATE SKIP LOCKED) due
 WHERE t.id = due.id
 RETURNING t.id, t.account_id, t.provider_idempotency_key, t.amount_micros, t.currency, t.payment_method_ref,
-          t.status, t.provider_charge_id, t.charge_lease_until, t.created_at, t.message_idempotency_key;
+          t.status, t.recovery_point, t.provider_charge_id, t.charge_lease_until, t.created_at, t.message_idempotency_key;
 
 -- name: settle_message_key
 UPDATE idempotency_keys SET status = 'completed', result = :result, last_error = NULL, updated_at = :now,

@@ -28,4 +28,4 @@ FROM (SELECT id FROM top_up_attempts
       ORDER BY created_at LIMIT :limit FOR UPDATE SKIP LOCKED) due
 WHERE t.id = due.id
 RETURNING t.id, t.account_id, t.provider_idempotency_key, t.amount_micros, t.currency, t.payment_method_ref,
-          t.status, t.provider_charge_id, t.charge_lease_until, t.created_at, t.message_idempotency_key;
+          t.status, t.recovery_point, t.provider_charge_id, t.charge_lease_until, t.created_at, t.message_idempotency_key;

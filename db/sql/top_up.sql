@@ -36,7 +36,8 @@ WITH w AS (
 SELECT idempotency_key, actor_name, queue_name, kwargs FROM w ORDER BY idempotency_key;
 
 -- name: attempt_of_message
-SELECT id, account_id, provider_idempotency_key, amount_micros, currency, payment_method_ref, status
+SELECT id, account_id, provider_idempotency_key, amount_micros, currency, payment_method_ref, status,
+       recovery_point
 FROM top_up_attempts WHERE message_idempotency_key = :key;
 
 -- name: insert_attempt
