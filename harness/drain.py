@@ -54,8 +54,9 @@ class QueueCounts:
 
 
 def queue_counts(client: redis.Redis, queues: Sequence[str] = BILLING_QUEUES) -> list[QueueCounts]:
-    """The counts of ``queues``, in one pipelined round trip."""
-    pipe = client.pipeline(transaction=False)
+    """The counts of ``queues``, in one round trip and one snapshot (``MULTI``/``EXEC``: a message moving
+    from a delay queue to its queue is never missed between two reads)."""
+    pipe = client.pipeline(transaction=True)
     for queue in queues:
         pipe.llen(f"{NAMESPACE}:{queue}")
         pipe.llen(f"{NAMESPACE}:{queue}.DQ")
@@ -145,8 +146,10 @@ def drain(
         if worker is not None:
             worker.join()
         try:
-            counts = queue_counts(client, queues)
+            # the outbox first: a row is deleted only once its message is in Redis, so a
+            # message relayed between the two reads is still seen (in Redis)
             outbox = asyncio.run(_outbox_size(database_url)) if database_url else 0
+            counts = queue_counts(client, queues)
         except (redis.RedisError, OSError, asyncpg.PostgresError) as exc:
             if not retry_errors:
                 raise
