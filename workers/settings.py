@@ -190,6 +190,14 @@ class Settings(BaseSettings):
     #: signal (plus 2 s for Dramatiq to requeue what it prefetched), in milliseconds.
     worker_shutdown_timeout_ms: int = DEFAULT_SHUTDOWN_TIMEOUT_MS
 
+    #: Who acts from the CLI, recorded in the operators' audit log (``operator_actions``);
+    #: unset: ``{unix user}@{host}``.
+    operator: str | None = None
+    #: Where ``billing`` keeps its embedded PostgreSQL when ``database_url`` is unset.
+    local_dir: str = ".billing"
+    #: The CLI re-raises an unexpected error with its traceback instead of one line.
+    debug: bool = False
+
     def billing_policy(self) -> BillingPolicy:
         """The money path's rules (:class:`db.money.BillingPolicy`) from these settings."""
         return BillingPolicy(

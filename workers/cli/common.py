@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +23,6 @@ from tasks.errors import ConfigurationError
 from tasks.messages import MAX_AMOUNT_MICROS, AmountMicros, Identifier
 
 __all__ = [
-    "LOCAL_DATA_DIR",
     "UsageProblem",
     "check_amount",
     "check_currency",
@@ -38,8 +36,6 @@ __all__ = [
     "run_services",
 ]
 
-#: Where ``billing`` keeps its embedded PostgreSQL when BILLING_DATABASE_URL is unset.
-LOCAL_DATA_DIR = Path(os.environ.get("BILLING_LOCAL_DIR", ".billing"))
 
 _IDENTIFIER: TypeAdapter[str] = TypeAdapter(Identifier)
 _AMOUNT: TypeAdapter[int] = TypeAdapter(AmountMicros)
@@ -114,16 +110,17 @@ def now() -> datetime:
 
 @contextmanager
 def database() -> Iterator[str]:
-    """The URL of ``BILLING_DATABASE_URL``, else of an embedded PostgreSQL kept in ``LOCAL_DATA_DIR``."""
+    """The URL of ``BILLING_DATABASE_URL``, else of an embedded PostgreSQL kept in ``BILLING_LOCAL_DIR``."""
     from ..settings import get_settings
 
-    url = get_settings().database_url
+    settings = get_settings()
+    url = settings.database_url
     if url:
         yield url
         return
     from ..local import embedded_postgres
 
-    with embedded_postgres(LOCAL_DATA_DIR / "pgdata") as embedded:
+    with embedded_postgres(Path(settings.local_dir) / "pgdata") as embedded:
         yield embedded
 
 

@@ -17,7 +17,6 @@ runtime never imports them.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from importlib.metadata import entry_points
 from typing import NoReturn
@@ -74,6 +73,16 @@ def app() -> None:
     """Idempotent prepaid-credit billing on Dramatiq (Redis) and PostgreSQL."""
 
 
+def _debug() -> bool:
+    """``BILLING_DEBUG``, read through Settings; False when the settings themselves are what failed."""
+    from ..settings import get_settings
+
+    try:
+        return get_settings().debug
+    except Exception:  # noqa: BLE001 - the error being reported may be the settings' own
+        return False
+
+
 def _fail(message: str, code: int) -> NoReturn:
     """Print ``billing: error: {message}`` as one line on stderr and exit with ``code``."""
     print(f"billing: error: {one_line(message)}", file=sys.stderr)
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - every error ends here, as one line
         error = dependency_error(exc)
         if error is None:
-            if os.environ.get("BILLING_DEBUG"):
+            if _debug():
                 raise
             _fail(
                 f"unexpected {type(exc).__name__}: {exc} (set BILLING_DEBUG=1 to see the traceback)",

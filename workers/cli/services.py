@@ -48,12 +48,11 @@ __all__ = ["audit", "contract", "scheduler", "worker"]
     "--shutdown-timeout-ms",
     "shutdown_timeout_ms",
     type=click.IntRange(100, 600_000),
-    envvar="BILLING_WORKER_SHUTDOWN_TIMEOUT_MS",
-    default=20_000,
-    show_default=True,
-    help="Time in-flight messages get to finish once stopped; every process exits within it + 5 s.",
+    default=None,
+    help="Time in-flight messages get to finish once stopped; every process exits within it + 5 s "
+    "[default: BILLING_WORKER_SHUTDOWN_TIMEOUT_MS, else 20000].",
 )
-def worker(processes: int, threads: int, poll_ms: int, shutdown_timeout_ms: int) -> None:
+def worker(processes: int, threads: int, poll_ms: int, shutdown_timeout_ms: int | None) -> None:
     """Run a Dramatiq worker over the billing actors (queues billing and billing.payments).
 
     A consumer that finds nothing to fetch (its queue empty, or its
@@ -71,6 +70,8 @@ def worker(processes: int, threads: int, poll_ms: int, shutdown_timeout_ms: int)
     from ..settings import get_settings
 
     settings = get_settings()
+    if shutdown_timeout_ms is None:
+        shutdown_timeout_ms = settings.worker_shutdown_timeout_ms
     if not settings.redis_url:
         raise ConfigurationError("BILLING_REDIS_URL is not set; `billing demo` starts its own Redis")
     if not settings.database_url:

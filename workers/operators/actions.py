@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +46,9 @@ __all__ = [
 
 def operator_name() -> str:
     """Who acts from the CLI: ``BILLING_OPERATOR``, else ``{unix user}@{host}``."""
-    configured = os.environ.get("BILLING_OPERATOR", "").strip()
+    from ..settings import get_settings
+
+    configured = (get_settings().operator or "").strip()
     if configured:
         return configured[:200]
     return f"{getpass.getuser()}@{socket.gethostname()}"
