@@ -14,7 +14,7 @@ The signature covers a canonical form of what a message *does*::
 
 and travels in the Dramatiq message's ``options`` as ``billing_signature``
 (options are part of Dramatiq's JSON message format, so any language can set
-them; the README shows how).  The queue is not signed: the contract fixes
+them; docs/contract.md shows how).  The queue is not signed: the contract fixes
 each actor's queue, and a worker only runs an actor from its own queue.
 
 Keys (RFC 2104 HMAC; rotation as in Stripe's webhook secrets):

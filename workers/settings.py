@@ -93,7 +93,7 @@ class Settings(BaseSettings):
         default_factory=lambda: [86_400_000, 2 * 86_400_000, 3 * 86_400_000]
     )
 
-    #: Deadlines of the states that wait (README "States that wait").  A key in
+    #: Deadlines of the states that wait (docs/lifecycle.md "States that wait").  A key in
     #: ``processing`` belongs to its delivery this long; past it the completer
     #: (each scheduler pass) re-sends it from what the database knows, up to
     #: ``max_redrives`` times, then ends it as failed for operators.
@@ -171,7 +171,7 @@ class Settings(BaseSettings):
 
     #: The subscriber's X25519 public key (standard base64 of 32 bytes; ``billing keys
     #: generate-keypair``) that issued API keys are sealed to and kept in
-    #: PostgreSQL until acknowledged (README "API key delivery").  Unset: the
+    #: PostgreSQL until acknowledged (docs/operations.md "API key delivery").  Unset: the
     #: pub/sub delivery, which loses a key nobody is listening for; the
     #: worker warns loudly at start-up.
     key_delivery_public_key: str | None = None

@@ -1,6 +1,6 @@
 """`billing worker` stops within its stated bound, however it is signalled (issue 11, defect 9).
 
-The README's bound: every process of a ``billing worker`` has exited at most
+The documented bound (docs/deployment.md): every process of a ``billing worker`` has exited at most
 ``BILLING_WORKER_SHUTDOWN_TIMEOUT_MS`` + 5 s after the first stop signal.
 These tests run it with a 1.5 s timeout (so a 6.5 s bound), signal the main
 pid or the whole process group (as ``timeout``, systemd and most supervisors
@@ -26,7 +26,7 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[2]
 SHUTDOWN_TIMEOUT_MS = 1_500
-BOUND_S = SHUTDOWN_TIMEOUT_MS / 1000 + 5  # the README's bound
+BOUND_S = SHUTDOWN_TIMEOUT_MS / 1000 + 5  # the documented bound (docs/deployment.md)
 PROCESSES = 2
 USD = 1_000_000
 

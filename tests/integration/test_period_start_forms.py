@@ -1,4 +1,4 @@
-"""A period is charged once whatever form its ``period_start`` and its key take (README "The message contract").
+"""A period is charged once whatever form its ``period_start`` and its key take (docs/contract.md).
 
 JavaScript's ``Date.prototype.toISOString()`` writes ``2026-02-28T12:00:00.000Z``;
 the scheduler writes ``2026-02-28T12:00:00Z`` and keys the renewal

@@ -1,4 +1,4 @@
-"""Every state that waits has an owner that moves it forward and a deadline (README "States that wait").
+"""Every state that waits has an owner that moves it forward and a deadline (docs/lifecycle.md "States that wait").
 
 Regression tests of the waits that used to last forever: a renewal waiting
 on a slow top-up, a top-up with no final answer, a cancel at period end

@@ -1,7 +1,7 @@
 """The lengths in the message contract count Unicode code points, not UTF-16 code units or bytes.
 
 A JavaScript producer's ``s.length`` counts an emoji outside the BMP as 2;
-the worker counts it as 1 (README "The message contract").
+the worker counts it as 1 (docs/contract.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``billing keys ...``: durable API key delivery (README "API key delivery").
+"""``billing keys ...``: durable API key delivery (docs/operations.md "API key delivery").
 
 * ``generate-keypair``: a recipient key pair (the public half goes in
   ``BILLING_KEY_DELIVERY_PUBLIC_KEY``, the private half to the consumer only);
