@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: install browser demo test test-unit lint chaos bench clean
+.PHONY: install browser demo test test-unit lint chaos bench schema clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,11 @@ chaos: $(STAMP)
 ## BENCH_ACCOUNTS, BENCH_LARGE_ACCOUNTS, BENCH_SCALING, BENCH_SCHEDULER_DUE, BENCH_PROFILE=1 (py-spy).
 bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench --write-docs
+
+## Regenerate db/schema.sql, the declared schema the migration tests compare the migrated head with
+## (after adding a migration; needs BILLING_DATABASE_URL, a server it may create a scratch database on).
+schema: $(STAMP)
+	$(BIN)/python -m db.migrate --dump-schema --write
 
 clean:
 	rm -rf $(VENV) .billing .pytest_cache
