@@ -3,10 +3,15 @@
 -- Variables: run, clients (= -c), subscriptions (bench subscriptions bsub-0..), seq (0).
 \set n :client_id + :clients * random(0, :subscriptions / :clients - 1)
 \set seq :seq + 1
--- db.money._CLAIM_KEY
+-- db.money._CLAIM_KEYS
 INSERT INTO idempotency_keys AS k (key, kind, fingerprint, status, attempts, account_id, message_id,
     lease_expires_at, request)
-VALUES (('pgbench:' || CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text)), 'renew', 'pgbench-renewal', 'processing', 1, NULL, ('pgbench:' || CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text)), now() + interval '15 minutes', '{"actor_name": "renew"}'::jsonb)
+SELECT m.key, m.kind, m.fingerprint, 'processing', 1, m.account_id, m.message_id, now() + interval '15 minutes',
+    CAST(m.request AS jsonb)
+FROM unnest(CAST(ARRAY[('pgbench:' || CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text))] AS text[]), CAST(ARRAY['renew'] AS text[]), CAST(ARRAY['pgbench-renewal'] AS text[]),
+            CAST(ARRAY[NULL] AS text[]), CAST(ARRAY[('pgbench:' || CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text))] AS text[]), CAST(ARRAY['{"actor_name": "renew"}'] AS text[]))
+     AS m(key, kind, fingerprint, account_id, message_id, request)
+ORDER BY m.key
 ON CONFLICT (key) DO UPDATE SET
     attempts = k.attempts + CASE
         WHEN k.fingerprint = EXCLUDED.fingerprint AND k.status NOT IN ('completed', 'waiting_for_funds')
@@ -18,7 +23,7 @@ ON CONFLICT (key) DO UPDATE SET
     request = CASE WHEN k.fingerprint = EXCLUDED.fingerprint THEN COALESCE(EXCLUDED.request, k.request)
         ELSE k.request END,
     updated_at = now()
-RETURNING k.status, k.fingerprint, k.result, k.attempts;
+RETURNING k.key, k.status, k.fingerprint, k.result, k.attempts;
 BEGIN;
 -- db.money._LOCK_KEY
 SELECT status, result FROM idempotency_keys WHERE key = ('pgbench:' || CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text)) FOR UPDATE;

@@ -80,15 +80,15 @@ WHERE s.id = '{SUBSCRIPTION_PREFIX}' || CAST(:n AS text)
 STEPS: list[tuple[str, dict[str, str]]] = [
     # autocommit, before the effect: counts the delivery (BillingService.handle)
     (
-        "_CLAIM_KEY",
+        "_CLAIM_KEYS",
         {
-            "key": _KEY,
-            "kind": "'renew'",
-            "fingerprint": "'pgbench-renewal'",
-            "account_id": "NULL",  # a renew message names no account
-            "message_id": _KEY,
+            "keys": f"ARRAY[{_KEY}]",
+            "kinds": "ARRAY['renew']",
+            "fingerprints": "ARRAY['pgbench-renewal']",
+            "account_ids": "ARRAY[NULL]",  # a renew message names no account
+            "message_ids": f"ARRAY[{_KEY}]",
+            "requests": "ARRAY['{\"actor_name\": \"renew\"}']",
             "lease_expires_at": "now() + interval '15 minutes'",
-            "request": '\'{"actor_name": "renew"}\'::jsonb',
         },
     ),
     ("BEGIN", {}),

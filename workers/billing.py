@@ -247,13 +247,15 @@ class BillingService:
         async with translate_errors(), self.autocommit.connect() as conn:
             claim = await money.claim_key(
                 conn,
-                key=message.idempotency_key,
-                kind=message.actor_name,
-                fingerprint=fingerprint,
-                account_id=getattr(message, "account_id", None),
-                message_id=delivery.message_id,
+                money.KeyClaim(
+                    key=message.idempotency_key,
+                    kind=message.actor_name,
+                    fingerprint=fingerprint,
+                    account_id=getattr(message, "account_id", None),
+                    message_id=delivery.message_id,
+                    request=money.message_request(message.actor_name, message.queue_name, message.kwargs()),
+                ),
                 lease_expires_at=self.clock.now() + self.policy.key_lease,
-                request=money.message_request(message.actor_name, message.queue_name, message.kwargs()),
             )
         return claim, None
 

@@ -37,7 +37,7 @@ from .api_keys import hash_api_key
 from .failures import SECRET_ARGUMENT, record_failure, redact
 from .funds import resume_waiting
 from .keys import (
-    _CLAIM_KEY,
+    _CLAIM_KEYS,
     _COMPLETE_KEY,
     _LOCK_KEY,
     KeyClaim,
@@ -115,7 +115,7 @@ __all__ = [
 #: The statements of one renewal by name, as ``bench/renewal_script.py``
 #: reads them (``getattr(db.money, name)``) to generate the pgbench script.
 _RENEWAL_STATEMENTS = (
-    _CLAIM_KEY,
+    _CLAIM_KEYS,
     _LOCK_KEY,
     _SUBSCRIPTION_ACCOUNT,
     _LOCK_ACCOUNT,

@@ -12,6 +12,7 @@ wait's owner (the top-up settling, or the completer) moves it on.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -24,60 +25,11 @@ from .policy import ClaimedKey, Effect
 
 __all__ = ["KeyClaim", "claim_key", "claim_keys", "fail_key", "lock_key", "record_effect"]
 
-_CLAIM_KEY = statement("claim_key", json_params=("request",), json_columns=("result",))
 _CLAIM_KEYS = statement("claim_keys", json_columns=("result",))
 _LOCK_KEY = statement("lock_key", json_columns=("result",))
 _COMPLETE_KEY = statement("complete_key", json_params=("result",))
 _FORGET_KEY = statement("forget_key")
 _FAIL_KEY = statement("fail_key")
-
-
-async def claim_key(
-    conn: AsyncConnection,
-    *,
-    key: str,
-    kind: str,
-    fingerprint: str,
-    account_id: str | None,
-    message_id: str,
-    lease_expires_at: datetime,
-    request: dict[str, Any] | None = None,
-) -> ClaimedKey:
-    """Record one delivery of a message under its idempotency key (autocommit, before the effect).
-
-    Counting deliveries in a statement committed *before* the effect is what
-    bounds a poison message: a worker killed mid-transaction loses its
-    effect, not the count.  A repeated key returns the stored outcome.  A
-    key ``waiting_for_funds`` is not counted and keeps waiting (the caller
-    treats the delivery as a no-op).
-
-    Parameters:
-      lease_expires_at: Until when this delivery owns a ``processing`` key
-        (UTC); past it the completer re-drives or ends the key.
-      request: The message (``{"actor_name", "queue_name", "kwargs"}``) the
-        completer re-sends if the delivery is lost.
-
-    Returns:
-      ClaimedKey: ``conflict`` is true when the key was used with other arguments.
-    """
-    row = await one(
-        conn,
-        _CLAIM_KEY,
-        key=key,
-        kind=kind,
-        fingerprint=fingerprint,
-        account_id=account_id,
-        message_id=message_id,
-        lease_expires_at=lease_expires_at,
-        request=request,
-    )
-    assert row is not None
-    return ClaimedKey(
-        status=row["status"],
-        result=row["result"],
-        attempts=row["attempts"],
-        conflict=row["fingerprint"] != fingerprint,
-    )
 
 
 @dataclass(frozen=True)
@@ -90,6 +42,10 @@ class KeyClaim:
       fingerprint: The message's argument fingerprint.
       account_id: The account, when the message names it (None for ``renew``).
       message_id: Dramatiq's message id.
+      request: The message (``{"actor_name", "queue_name", "kwargs"}``) the
+        completer re-sends if the delivery is lost; None stores none (a
+        renewal, which the scheduler sends again while its period is due)
+        and keeps one stored by an earlier delivery.
     """
 
     key: str
@@ -97,24 +53,30 @@ class KeyClaim:
     fingerprint: str
     account_id: str | None
     message_id: str
+    request: dict[str, Any] | None = None
 
 
 async def claim_keys(
     conn: AsyncConnection, claims: list[KeyClaim], *, lease_expires_at: datetime
 ) -> dict[str, ClaimedKey]:
-    """:func:`claim_key` for several deliveries in one statement (autocommit; group commit of claims).
+    """Record one delivery of each message under its idempotency key (autocommit, before the effect).
 
-    Rows are written in key order, so concurrent batches never wait on each
-    other in a cycle.  No request is stored: these are renewals, which the
-    scheduler sends again while their period is due.
+    Counting deliveries in a statement committed *before* the effect is what
+    bounds a poison message: a worker killed mid-transaction loses its
+    effect, not the count.  A repeated key returns the stored outcome.  A
+    key ``waiting_for_funds`` is not counted and keeps waiting (the caller
+    treats the delivery as a no-op).  One statement for the whole list (the
+    group commit of claims); rows are written in key order, so concurrent
+    batches never wait on each other in a cycle.
 
     Parameters:
       claims: Deliveries with distinct keys (a key twice in one statement is
         refused by PostgreSQL's ON CONFLICT; the caller splits such batches).
-      lease_expires_at: As for :func:`claim_key`.
+      lease_expires_at: Until when these deliveries own their ``processing``
+        keys (UTC); past it the completer re-drives or ends the key.
 
     Returns:
-      Key -> its claim, as :func:`claim_key` returns it.
+      Key -> its claim; ``conflict`` is true when the key was used with other arguments.
     """
     rows = (
         await conn.execute(
@@ -125,6 +87,7 @@ async def claim_keys(
                 "fingerprints": [c.fingerprint for c in claims],
                 "account_ids": [c.account_id for c in claims],
                 "message_ids": [c.message_id for c in claims],
+                "requests": [None if c.request is None else json.dumps(c.request) for c in claims],
                 "lease_expires_at": lease_expires_at,
             },
         )
@@ -139,6 +102,11 @@ async def claim_keys(
         )
         for row in rows
     }
+
+
+async def claim_key(conn: AsyncConnection, claim: KeyClaim, *, lease_expires_at: datetime) -> ClaimedKey:
+    """:func:`claim_keys` for one delivery."""
+    return (await claim_keys(conn, [claim], lease_expires_at=lease_expires_at))[claim.key]
 
 
 async def lock_key(conn: AsyncConnection, key: str) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ def test_every_statement_of_the_renewal_comes_from_db_money() -> None:
                 fragment = " ".join(fragment.split()).rstrip(";")
                 at = rendered.index(fragment, at) + len(fragment)
     # autocommitted claim first, then one transaction
-    assert script.index("db.money._CLAIM_KEY") < script.index("BEGIN;") < script.index("db.money._LOCK_KEY")
+    assert script.index("db.money._CLAIM_KEYS") < script.index("BEGIN;") < script.index("db.money._LOCK_KEY")
     assert script.rstrip().endswith("COMMIT;")
     assert "_SUBSCRIPTION_ACCOUNT" in script  # named where the \gset read replaces it
 
