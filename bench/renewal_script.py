@@ -87,7 +87,7 @@ STEPS: list[tuple[str, dict[str, str]]] = [
             "fingerprints": "ARRAY['pgbench-renewal']",
             "account_ids": "ARRAY[NULL]",  # a renew message names no account
             "message_ids": f"ARRAY[{_KEY}]",
-            "requests": "ARRAY['{\"actor_name\": \"renew\"}']",
+            "requests": 'ARRAY[\'{"actor_name": "renew"}\']',
             "lease_expires_at": "now() + interval '15 minutes'",
         },
     ),

@@ -28,7 +28,9 @@ def test_a_repeated_or_empty_block_is_refused() -> None:
 
 
 def test_every_statement_of_the_money_path_is_loaded() -> None:
-    assert {"claim_keys", "lock_account", "post_ledger_entry", "renew_charge", "insert_outbox"} <= set(queries)
+    assert {"claim_keys", "lock_account", "post_ledger_entry", "renew_charge", "insert_outbox"} <= set(
+        queries
+    )
     assert all(sql and not sql.endswith(";") for sql in queries.values())
     with pytest.raises(KeyError):
         statement("no_such_statement")
