@@ -43,6 +43,8 @@ WORKER_GRANTS: dict[str, str] = {
     # the consumer (UPDATE drops the ciphertext); never deleted
     "api_key_deliveries": "SELECT, INSERT, UPDATE",
     "api_key_recipients": "SELECT, INSERT, UPDATE, DELETE",
+    # the scheduler's record of what it enqueued (upserted, one row per subscription)
+    "scheduled_renewals": "SELECT, INSERT, UPDATE",
     "alembic_version": "SELECT",
 }
 

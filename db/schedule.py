@@ -1,8 +1,8 @@
 """The scheduler's SQL: which subscriptions are due, and the lock that lets one scheduler scan at a time.
 
-Read-only: the scheduler never moves money.  It only enqueues ``renew``
-messages; the ``renew`` actor decides, under the subscription's row lock,
-whether a period is charged.
+The scheduler never moves money: it enqueues ``renew`` messages and records
+what it enqueued (``scheduled_renewals``), and the ``renew`` actor decides,
+under the subscription's row lock, whether a period is charged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ __all__ = [
     "release_scheduler_lock",
     "due_renewals",
     "count_due",
+    "record_enqueued",
 ]
 
 #: PostgreSQL advisory lock key held by the scheduler that is scanning
@@ -47,14 +48,32 @@ class DueRenewal:
 # active subscriptions whose period ends within the lead time, and past_due
 # ones whose next dunning retry has come.  A subscription set to cancel at
 # period end is due at its period end, not before: the renewal that cancels
-# it must not take paid time away (it is the owner of that cancel).
+# it must not take paid time away (it is the owner of that cancel).  A due
+# renewal enqueued after ``resend_before`` (the same period and retry, in
+# ``scheduled_renewals``) is left out: the queue holds it already.
 _DUE = """
-    SELECT id, current_period_end AS period_start, 0 AS retry
-    FROM subscriptions WHERE status = 'active' AND current_period_end <= :horizon
-      AND (NOT cancel_at_period_end OR current_period_end <= :now)
+    SELECT s.id, s.current_period_end AS period_start, 0 AS retry
+    FROM subscriptions s WHERE s.status = 'active' AND s.current_period_end <= :horizon
+      AND (NOT s.cancel_at_period_end OR s.current_period_end <= :now)
+      AND NOT EXISTS (SELECT 1 FROM scheduled_renewals r
+                      WHERE r.subscription_id = s.id AND r.period_start = s.current_period_end
+                        AND r.retry = 0 AND r.enqueued_at > :resend_before)
     UNION ALL
-    SELECT id, current_period_end AS period_start, dunning_attempts + 1 AS retry
-    FROM subscriptions WHERE status = 'past_due' AND next_retry_at <= :now
+    SELECT s.id, s.current_period_end AS period_start, s.dunning_attempts + 1 AS retry
+    FROM subscriptions s WHERE s.status = 'past_due' AND s.next_retry_at <= :now
+      AND NOT EXISTS (SELECT 1 FROM scheduled_renewals r
+                      WHERE r.subscription_id = s.id AND r.period_start = s.current_period_end
+                        AND r.retry = s.dunning_attempts + 1 AND r.enqueued_at > :resend_before)
+"""
+
+# The renewals of one enqueued batch, as the scheduler's record (one row per subscription).
+_RECORD_ENQUEUED = """
+    INSERT INTO scheduled_renewals AS r (subscription_id, period_start, retry, enqueued_at)
+    SELECT e.id, e.period_start, e.retry, :enqueued_at
+    FROM unnest(CAST(:ids AS text[]), CAST(:period_starts AS timestamptz[]), CAST(:retries AS integer[]))
+         AS e(id, period_start, retry)
+    ON CONFLICT (subscription_id) DO UPDATE
+    SET period_start = EXCLUDED.period_start, retry = EXCLUDED.retry, enqueued_at = EXCLUDED.enqueued_at
 """
 
 
@@ -74,24 +93,55 @@ async def release_scheduler_lock(conn: AsyncConnection) -> None:
     await conn.execute(text("SELECT pg_advisory_unlock(:id)"), {"id": SCHEDULER_LOCK_ID})
 
 
-async def count_due(conn: AsyncConnection, *, now: datetime, horizon: datetime) -> int:
+async def count_due(
+    conn: AsyncConnection, *, now: datetime, horizon: datetime, resend_before: datetime
+) -> int:
     """How many renewals :func:`due_renewals` would yield (for a progress bar)."""
-    row = await conn.execute(text(f"SELECT count(*) FROM ({_DUE}) due"), {"now": now, "horizon": horizon})
+    row = await conn.execute(
+        text(f"SELECT count(*) FROM ({_DUE}) due"),
+        {"now": now, "horizon": horizon, "resend_before": resend_before},
+    )
     return int(row.scalar_one())
 
 
 async def due_renewals(
-    conn: AsyncConnection, *, now: datetime, horizon: datetime, batch_size: int = 1000
+    conn: AsyncConnection,
+    *,
+    now: datetime,
+    horizon: datetime,
+    resend_before: datetime,
+    batch_size: int = 1000,
 ) -> AsyncIterator[list[DueRenewal]]:
     """Stream due renewals in batches through a server-side cursor (memory flat at any count).
 
     Parameters:
       now: The scheduler clock's time (UTC); dunning retries due at or before it.
       horizon: ``now`` plus the lead time; renewals of periods ending at or before it.
+      resend_before: Leave out a renewal :func:`record_enqueued` recorded after
+        this time (UTC) for the same period and retry; ``now`` leaves out none.
       batch_size: Rows fetched per round trip.
     """
     result = await conn.stream(
-        text(_DUE).execution_options(yield_per=batch_size), {"now": now, "horizon": horizon}
+        text(_DUE).execution_options(yield_per=batch_size),
+        {"now": now, "horizon": horizon, "resend_before": resend_before},
     )
     async for rows in result.partitions(batch_size):
         yield [DueRenewal(r.id, r.period_start, int(r.retry)) for r in rows]
+
+
+async def record_enqueued(conn: AsyncConnection, batch: list[DueRenewal], enqueued_at: datetime) -> None:
+    """Record that ``batch`` was enqueued at ``enqueued_at`` (UTC), one statement; the caller commits.
+
+    Raises:
+      sqlalchemy.exc.DBAPIError: PostgreSQL refused or could not be reached.
+    """
+    if batch:
+        await conn.execute(
+            text(_RECORD_ENQUEUED),
+            {
+                "ids": [d.subscription_id for d in batch],
+                "period_starts": [d.period_start for d in batch],
+                "retries": [d.retry for d in batch],
+                "enqueued_at": enqueued_at,
+            },
+        )

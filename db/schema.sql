@@ -353,6 +353,14 @@ CREATE TABLE public.plans (
     CONSTRAINT plans_price_micros_check CHECK (((price_micros >= 1) AND (price_micros <= '1000000000000000'::bigint)))
 );
 
+CREATE TABLE public.scheduled_renewals (
+    subscription_id text NOT NULL,
+    period_start timestamp with time zone NOT NULL,
+    retry integer NOT NULL,
+    enqueued_at timestamp with time zone NOT NULL,
+    CONSTRAINT scheduled_renewals_retry_check CHECK ((retry >= 0))
+);
+
 CREATE TABLE public.subscriptions (
     id text NOT NULL,
     account_id text NOT NULL,
@@ -465,6 +473,9 @@ ALTER TABLE ONLY public.outbox
 
 ALTER TABLE ONLY public.plans
     ADD CONSTRAINT plans_pkey PRIMARY KEY (id);
+
+ALTER TABLE ONLY public.scheduled_renewals
+    ADD CONSTRAINT scheduled_renewals_pkey PRIMARY KEY (subscription_id);
 
 ALTER TABLE ONLY public.subscriptions
     ADD CONSTRAINT subscriptions_created_by_key_key UNIQUE (created_by_key);

@@ -163,6 +163,7 @@ def build_scheduler(
     options: dict[str, Any] = {
         "lead_time": timedelta(milliseconds=settings.renewal_lead_ms if lead_ms is None else lead_ms),
         "batch_size": settings.scheduler_batch_size,
+        "resend_after": timedelta(milliseconds=settings.scheduler_resend_after_ms),
         "policy": settings.billing_policy(),
         **overrides,
     }

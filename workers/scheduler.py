@@ -10,14 +10,20 @@ A pass (SPEC "Messages"):
    ones whose next dunning retry has come;
 3. enqueues one ``renew`` per due subscription with the deterministic key
    ``renew:{subscription_id}:{period_start}`` (``...:retry:{n}`` for the
-   n-th dunning retry), a batch per pipelined Redis round trip.
+   n-th dunning retry), a batch per pipelined Redis round trip, and records
+   each batch in ``scheduled_renewals`` (one upsert per batch, on its own
+   connection, overlapping the next fetch).
 
 The scheduler moves no money and decides nothing: two passes at once, a
 pass repeated, or a message enqueued twice all send the same key, and the
 ``renew`` actor charges a period at most once under the subscription's row
-lock.  A subscription stays due (and is enqueued again on the next pass)
-until its renewal commits, so a lost message costs one interval, never a
-period.  Time comes from an injected clock.
+lock.  A subscription stays due until its renewal commits; a pass leaves
+out a renewal it enqueued less than ``resend_after`` ago (the queue holds
+it: re-sending it every pass floods a backlog with copies faster than the
+workers drop them), so a lost message costs ``resend_after``, never a
+period.  The next period of a catch-up, and the next dunning retry, are
+other renewals and go out on the next pass.  Time comes from an injected
+clock.
 """
 
 from __future__ import annotations
@@ -32,11 +38,18 @@ from typing import Any
 
 import dramatiq
 import structlog
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from db.engine import translate_errors
 from db.money import BillingPolicy
-from db.schedule import DueRenewal, count_due, due_renewals, release_scheduler_lock, try_scheduler_lock
+from db.schedule import (
+    DueRenewal,
+    count_due,
+    due_renewals,
+    record_enqueued,
+    release_scheduler_lock,
+    try_scheduler_lock,
+)
 from tasks.messages import RenewMessage, renewal_kwargs
 
 from .clock import Clock, SystemClock
@@ -86,6 +99,8 @@ class Scheduler:
       clock: Source of "now" (UTC); a FixedClock runs months in seconds.
       lead_time: Renew periods ending up to this long after now.
       batch_size: Subscriptions per cursor fetch and per pipelined enqueue.
+      resend_after: A due renewal enqueued less than this long ago (scheduler
+        clock) is not enqueued again; ``timedelta(0)``: every pass.
       policy: The deadlines the completer and the reconciler apply.
       provider: The payment provider the reconciler asks about pending
         top-ups (None: no reconciliation in this scheduler's passes).
@@ -99,6 +114,7 @@ class Scheduler:
         clock: Clock | None = None,
         lead_time: timedelta = timedelta(0),
         batch_size: int = 1_000,
+        resend_after: timedelta = timedelta(minutes=5),
         policy: BillingPolicy | None = None,
         provider: PaymentProvider | None = None,
     ) -> None:
@@ -107,6 +123,7 @@ class Scheduler:
         self.clock = clock or SystemClock()
         self.lead_time = lead_time
         self.batch_size = batch_size
+        self.resend_after = resend_after
         policy = policy or BillingPolicy()
         self.completer = Completer(engine, policy, self.clock)
         self.reconciler = Reconciler(engine, provider, policy, self.clock) if provider is not None else None
@@ -169,22 +186,26 @@ class Scheduler:
     ) -> tuple[int, int] | None:
         """Enqueue what is due, under the scheduler lock: (renewals, retries), or None if another holds it."""
         renewals = retries = 0
-        async with translate_errors(), self.engine.connect() as conn:
+        resend_before = now - self.resend_after
+        async with translate_errors(), self.engine.connect() as conn, self.engine.connect() as recorder:
             if not await try_scheduler_lock(conn):
                 await conn.rollback()
                 log.info("scheduler_pass_skipped", reason="another scheduler holds the lock")
                 return None
             try:
                 if on_total is not None:
-                    on_total(await count_due(conn, now=now, horizon=horizon))
-                # one batch goes to Redis (in a thread) while the next one is fetched from PostgreSQL
+                    on_total(await count_due(conn, now=now, horizon=horizon, resend_before=resend_before))
+                # one batch goes to Redis (in a thread) and into the record while the next one is fetched
                 sending: asyncio.Future[None] | None = None
                 sent: list[DueRenewal] = []
-                async for batch in due_renewals(conn, now=now, horizon=horizon, batch_size=self.batch_size):
+                batches = due_renewals(
+                    conn, now=now, horizon=horizon, resend_before=resend_before, batch_size=self.batch_size
+                )
+                async for batch in batches:
                     if sending is not None:
                         await sending
                         renewals, retries = self._count(sent, renewals, retries, on_batch)
-                    sending, sent = asyncio.ensure_future(asyncio.to_thread(self._enqueue, batch)), batch
+                    sending, sent = asyncio.ensure_future(self._send(recorder, batch, now)), batch
                 if sending is not None:
                     await sending
                     renewals, retries = self._count(sent, renewals, retries, on_batch)
@@ -193,6 +214,12 @@ class Scheduler:
                 await release_scheduler_lock(conn)
                 await conn.commit()
         return renewals, retries
+
+    async def _send(self, recorder: AsyncConnection, batch: list[DueRenewal], now: datetime) -> None:
+        """Enqueue ``batch``, then record it (committed: a failed enqueue records nothing)."""
+        await asyncio.to_thread(self._enqueue, batch)
+        await record_enqueued(recorder, batch, now)
+        await recorder.commit()
 
     @staticmethod
     def _count(

@@ -161,18 +161,21 @@ CLOCK_JUMPS: list[tuple[float, float]] = [
 PAYMENTS_OUTAGE_AT = 0.40
 OUTAGE_JUMP_AFTER_S = 1.0
 OUTAGE_JUMP_S = 86_400.0 + 60.0
-#: The scheduler's pass interval (real time): it re-sends every waiting renewal at each pass.
+#: The scheduler's pass interval (real time).
 SCHEDULER_INTERVAL_MS = 500
+#: The scheduler re-sends a due renewal it enqueued after this long (real time plus the injected
+#: clock's jumps): every other pass, so a renewal waiting for a top-up is re-sent many times in an
+#: outage, but a backlog is not flooded with a copy of every due renewal at every pass.
+SCHEDULER_RESEND_AFTER_MS = 1_000
 
 
 def payments_outage_s(seconds: float) -> float:
     """How long the payments workers stay stopped: 15% of the run, and at least the day jump's
-    delay plus the time of ``2 * (MAX_DELIVERIES + 2)`` scheduler passes, so a renewal waiting for a
-    top-up is re-sent more often than the delivery limit allows deliveries (twice the passes
+    delay plus ``1.5 * (MAX_DELIVERIES + 2)`` re-send intervals, so a renewal waiting for a top-up
+    is re-sent more often than the delivery limit allows deliveries (half as many again as
     needed, since a pass under load takes longer than its interval)."""
-    return round(
-        max(0.15 * seconds, OUTAGE_JUMP_AFTER_S + 2 * (MAX_DELIVERIES + 2) * SCHEDULER_INTERVAL_MS / 1000), 2
-    )
+    resend_s = max(SCHEDULER_INTERVAL_MS, SCHEDULER_RESEND_AFTER_MS) / 1000
+    return round(max(0.15 * seconds, OUTAGE_JUMP_AFTER_S + 1.5 * (MAX_DELIVERIES + 2) * resend_s), 2)
 
 
 def plan_faults(seed: int, seconds: float, workers: int) -> list[Fault]:

@@ -59,6 +59,7 @@ from .config import (
     MIN_BACKOFF_MS,
     ROOT,
     SCHEDULER_INTERVAL_MS,
+    SCHEDULER_RESEND_AFTER_MS,
     TOP_UPS_PER_PERIOD,
     WORKER_TIMEOUT_MS,
     ChaosConfig,
@@ -281,6 +282,7 @@ class WorkerPool:
             "BILLING_MAX_BACKOFF_MS": str(MAX_BACKOFF_MS),
             "BILLING_OUTBOX_SWEEP_AFTER_MS": "1000",
             "BILLING_OUTBOX_SWEEP_INTERVAL_MS": "500",
+            "BILLING_SCHEDULER_RESEND_AFTER_MS": str(SCHEDULER_RESEND_AFTER_MS),
             # top-ups are the provider's traffic: many per account and month, so a renewal on a
             # card whose top-ups all fail is resumed after each (the resume used to count as a
             # delivery until the key died: docs/reliability.md "Defects found by the new faults")

@@ -464,3 +464,67 @@ def test_entitlements_read_with_one_plain_select_in_the_same_transaction(
     assert kinds == "r"  # an ordinary table
     assert [tuple(r) for r in rows] == [("a1", "pro", True)]
     assert disagree == 0
+
+
+def test_a_queued_renewal_is_sent_again_only_after_the_resend_interval(
+    setup, producer, drain, db, clock, services, broker
+):
+    """The scheduler copies a renewal the queue still holds only once ``resend_after`` has passed
+    (a copy at every pass floods a backlog faster than workers drop copies), sends a lost one again
+    after it, and sends the next period at once."""
+    import redis
+
+    from db.engine import make_engine
+    from tasks.messages import renewal_key
+    from workers.broker import make_broker
+    from workers.scheduler import Scheduler
+    from workers.settings import get_settings
+
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 100 * USD}],
+        plans=[{"plan_id": "daily", "price_micros": 1 * USD, "interval": "day"}],
+    )
+    producer.subscribe(account_id="a1", plan_id="daily", idempotency_key="k1")
+    drain()
+    sub = _sub(db)
+    end = sub["current_period_end"]
+    idle = make_broker(get_settings(), url=services.redis_db(2))  # no worker consumes it
+    five = timedelta(minutes=5)
+
+    def sent(at, resend_after=five, on=idle):
+        clock.set(at)
+
+        async def run():
+            engine = make_engine(services.database_url, pool_size=2)
+            try:
+                return (
+                    await Scheduler(engine, on, clock=clock, resend_after=resend_after).run_pass()
+                ).renewals
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(run())
+
+    minute = timedelta(minutes=1)
+    assert sent(end) == 1
+    assert sent(end + 4 * minute) == 0  # the queue holds it: no copy
+    assert sent(end + 4 * minute, resend_after=timedelta(0)) == 1  # 0: every pass
+    assert sent(end + 9 * minute - timedelta(seconds=1)) == 0
+    assert sent(end + 9 * minute + timedelta(seconds=1)) == 1  # 5 min after the last send: lost, send again
+    client = redis.Redis.from_url(services.redis_db(2))
+    try:
+        queued = [json.loads(m) for m in client.hvals("dramatiq:billing.msgs")]
+    finally:
+        client.close()
+    assert [m["kwargs"]["idempotency_key"] for m in queued] == [renewal_key(sub["id"], end, 0)] * 3
+
+    # the next period is another renewal: the record of the one before does not hold it back
+    assert sent(end + DAY - timedelta(seconds=1)) == 1
+    # (delivered through the session's worker)
+    assert sent(end + DAY - timedelta(seconds=1), resend_after=timedelta(0), on=broker) == 1
+    drain()
+    assert _sub(db)["current_period_end"] == end + DAY
+    assert sent(end + DAY) == 1
+    assert db("SELECT period_start, retry FROM scheduled_renewals") == [
+        {"period_start": end + DAY, "retry": 0}
+    ]

@@ -1,0 +1,48 @@
+"""The scheduler remembers what it enqueued: a due renewal is re-sent only after a while.
+
+Expand-only (SPEC "Deployment"): one new table.
+
+Revision ID: 0010
+Revises: 0009
+Create Date: 2026-12-01
+"""
+
+from __future__ import annotations
+
+from migrations.sql import execute_all
+
+revision = "0010"
+down_revision = "0009"
+branch_labels = None
+depends_on = None
+
+# One row per subscription: the last renewal the scheduler enqueued for it
+# (period and dunning retry) and when, by the scheduler's clock.  A pass skips
+# a due renewal enqueued less than BILLING_SCHEDULER_RESEND_AFTER_MS ago, so
+# a backlog is not flooded with copies of what it already holds; a lost
+# message is sent again once that time has passed.  No foreign key to
+# subscriptions: its check would take a KEY SHARE lock that waits on a
+# renewal holding the subscription's row lock (subscriptions are never
+# deleted, so no row is orphaned).
+UPGRADE: list[str] = [
+    """
+    CREATE TABLE scheduled_renewals (
+        subscription_id text PRIMARY KEY,
+        period_start timestamptz NOT NULL,
+        retry integer NOT NULL CHECK (retry >= 0),
+        enqueued_at timestamptz NOT NULL
+    )
+    """,
+]
+
+DOWNGRADE: list[str] = [
+    "DROP TABLE scheduled_renewals",
+]
+
+
+def upgrade() -> None:
+    execute_all(UPGRADE)
+
+
+def downgrade() -> None:
+    execute_all(DOWNGRADE)
