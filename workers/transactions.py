@@ -9,7 +9,9 @@ key).  ``auto_top_up`` runs in phases around the provider call
 (:mod:`workers.top_up`).
 
 A new kind adds its model to :data:`tasks.messages.MESSAGE_MODELS`, its
-function to :mod:`db.money`, and one line here.
+module to :mod:`db.money` (``db/money/<kind>.py``, with its SQL in
+``db/sql/<kind>.sql``), and its line to :data:`TRANSACTION_SCRIPTS`; the
+package's ``__init__`` need not re-export it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from db import money
 from db.engine import transaction
 from db.money import BillingPolicy, Effect
-from tasks.messages import MESSAGE_MODELS, BillingMessage, RenewMessage, RevokeKeyMessage, SubscribeMessage
+from db.money import renew as renew_kind
+from db.money import revoke_key as revoke_key_kind
+from db.money import subscribe as subscribe_kind
+from tasks.messages import MESSAGE_MODELS, BillingMessage
 
 from . import metrics
 from .top_up import top_up
@@ -66,21 +71,11 @@ def one_transaction(apply: EffectFunction) -> TransactionScript:
     return script
 
 
-# The db.money functions are looked up at each call (not bound here), so
-# each kind's function can be replaced where it is defined (tests do).
-
-
-async def _subscribe(conn: AsyncConnection, m: SubscribeMessage, now: datetime, p: BillingPolicy) -> Effect:
-    return await money.apply_subscribe(conn, m, now, p)
-
-
-async def _renew(conn: AsyncConnection, m: RenewMessage, now: datetime, p: BillingPolicy) -> Effect:
-    return await money.apply_renew(conn, m, now, p)
-
-
-async def _revoke_key(conn: AsyncConnection, m: RevokeKeyMessage, now: datetime, p: BillingPolicy) -> Effect:
-    return await money.apply_revoke_key(conn, m, now)
-
+# Each kind's function is looked up in its module at each call (not bound
+# here), so it can be replaced where it is defined (tests do).
+_subscribe: EffectFunction = lambda c, m, now, p: subscribe_kind.apply_subscribe(c, m, now, p)  # noqa: E731
+_renew: EffectFunction = lambda c, m, now, p: renew_kind.apply_renew(c, m, now, p)  # noqa: E731
+_revoke_key: EffectFunction = lambda c, m, now, p: revoke_key_kind.apply_revoke_key(c, m, now)  # noqa: E731
 
 #: Actor name -> transaction script: the dispatch of :meth:`BillingService.apply`.
 TRANSACTION_SCRIPTS: dict[str, TransactionScript] = {

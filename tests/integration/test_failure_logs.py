@@ -143,11 +143,11 @@ def test_a_provider_timeout_is_one_line_without_a_traceback(
     setup, producer, drain, db, logs, caplog, monkeypatch
 ):
     """A classified transient error, once: one ``transient_error`` line, no Dramatiq traceback."""
-    from db import money
+    from db.money import subscribe as subscribe_kind
     from tasks.errors import ProviderTimeout
 
     _subscribe_setup(setup)
-    real, calls = money.apply_subscribe, []
+    real, calls = subscribe_kind.apply_subscribe, []
 
     async def times_out_once(*args: Any, **kw: Any) -> Any:
         calls.append(1)
@@ -155,7 +155,7 @@ def test_a_provider_timeout_is_one_line_without_a_traceback(
             raise ProviderTimeout("the provider did not answer in 10 s")
         return await real(*args, **kw)
 
-    monkeypatch.setattr(money, "apply_subscribe", times_out_once)
+    monkeypatch.setattr(subscribe_kind, "apply_subscribe", times_out_once)
     caplog.set_level(logging.DEBUG, logger="dramatiq")
     message_id = producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="s1")
     drain()
@@ -173,14 +173,14 @@ def test_a_provider_timeout_is_one_line_without_a_traceback(
 def test_an_unexpected_exception_is_one_line_with_its_traceback(
     setup, producer, drain, db, logs, caplog, monkeypatch
 ):
-    from db import money
+    from db.money import subscribe as subscribe_kind
 
     _subscribe_setup(setup)
 
     async def broken(*args: Any, **kw: Any) -> Any:
         raise RuntimeError("a bug in the money path")
 
-    monkeypatch.setattr(money, "apply_subscribe", broken)
+    monkeypatch.setattr(subscribe_kind, "apply_subscribe", broken)
     caplog.set_level(logging.DEBUG, logger="dramatiq")
     message_id = producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="s1")
     drain()
