@@ -37,43 +37,52 @@ class DueRenewal:
       subscription_id: The subscription.
       period_start: Start of the unpaid period (its current period end), UTC.
       retry: 0 for the renewal at period end, n for the n-th dunning retry of a past_due one.
+      sent_as: The broker message id this renewal was last enqueued under
+        (:func:`record_enqueued`), or None if it never was (or the broker gave none).
     """
 
     subscription_id: str
     period_start: datetime
     retry: int
+    sent_as: str | None = None
 
 
 # Two index scans (subscriptions_renewal_due, subscriptions_dunning_due):
 # active subscriptions whose period ends within the lead time, and past_due
 # ones whose next dunning retry has come.  A subscription set to cancel at
 # period end is due at its period end, not before: the renewal that cancels
-# it must not take paid time away (it is the owner of that cancel).  A due
-# renewal enqueued after ``resend_before`` (the same period and retry, in
-# ``scheduled_renewals``) is left out: the queue holds it already.
+# it must not take paid time away (it is the owner of that cancel).  The
+# scheduler's record of the same period and retry (``scheduled_renewals``)
+# comes along: a renewal enqueued after ``resend_before`` is left out, and
+# one enqueued before it brings the broker message id to look for.
 _DUE = """
-    SELECT s.id, s.current_period_end AS period_start, 0 AS retry
-    FROM subscriptions s WHERE s.status = 'active' AND s.current_period_end <= :horizon
+    SELECT s.id, s.current_period_end AS period_start, 0 AS retry, r.broker_message_id AS sent_as
+    FROM subscriptions s
+    LEFT JOIN scheduled_renewals r
+      ON r.subscription_id = s.id AND r.period_start = s.current_period_end AND r.retry = 0
+    WHERE s.status = 'active' AND s.current_period_end <= :horizon
       AND (NOT s.cancel_at_period_end OR s.current_period_end <= :now)
-      AND NOT EXISTS (SELECT 1 FROM scheduled_renewals r
-                      WHERE r.subscription_id = s.id AND r.period_start = s.current_period_end
-                        AND r.retry = 0 AND r.enqueued_at > :resend_before)
+      AND (r.enqueued_at IS NULL OR r.enqueued_at <= :resend_before)
     UNION ALL
-    SELECT s.id, s.current_period_end AS period_start, s.dunning_attempts + 1 AS retry
-    FROM subscriptions s WHERE s.status = 'past_due' AND s.next_retry_at <= :now
-      AND NOT EXISTS (SELECT 1 FROM scheduled_renewals r
-                      WHERE r.subscription_id = s.id AND r.period_start = s.current_period_end
-                        AND r.retry = s.dunning_attempts + 1 AND r.enqueued_at > :resend_before)
+    SELECT s.id, s.current_period_end AS period_start, s.dunning_attempts + 1 AS retry,
+           r.broker_message_id AS sent_as
+    FROM subscriptions s
+    LEFT JOIN scheduled_renewals r
+      ON r.subscription_id = s.id AND r.period_start = s.current_period_end AND r.retry = s.dunning_attempts + 1
+    WHERE s.status = 'past_due' AND s.next_retry_at <= :now
+      AND (r.enqueued_at IS NULL OR r.enqueued_at <= :resend_before)
 """
 
 # The renewals of one enqueued batch, as the scheduler's record (one row per subscription).
 _RECORD_ENQUEUED = """
-    INSERT INTO scheduled_renewals AS r (subscription_id, period_start, retry, enqueued_at)
-    SELECT e.id, e.period_start, e.retry, :enqueued_at
-    FROM unnest(CAST(:ids AS text[]), CAST(:period_starts AS timestamptz[]), CAST(:retries AS integer[]))
-         AS e(id, period_start, retry)
+    INSERT INTO scheduled_renewals AS r (subscription_id, period_start, retry, enqueued_at, broker_message_id)
+    SELECT e.id, e.period_start, e.retry, :enqueued_at, e.sent_as
+    FROM unnest(CAST(:ids AS text[]), CAST(:period_starts AS timestamptz[]), CAST(:retries AS integer[]),
+                CAST(:sent_as AS text[]))
+         AS e(id, period_start, retry, sent_as)
     ON CONFLICT (subscription_id) DO UPDATE
-    SET period_start = EXCLUDED.period_start, retry = EXCLUDED.retry, enqueued_at = EXCLUDED.enqueued_at
+    SET period_start = EXCLUDED.period_start, retry = EXCLUDED.retry, enqueued_at = EXCLUDED.enqueued_at,
+        broker_message_id = EXCLUDED.broker_message_id
 """
 
 
@@ -119,6 +128,7 @@ async def due_renewals(
       horizon: ``now`` plus the lead time; renewals of periods ending at or before it.
       resend_before: Leave out a renewal :func:`record_enqueued` recorded after
         this time (UTC) for the same period and retry; ``now`` leaves out none.
+        A renewal recorded before it comes with its ``sent_as``.
       batch_size: Rows fetched per round trip.
     """
     result = await conn.stream(
@@ -126,11 +136,13 @@ async def due_renewals(
         {"now": now, "horizon": horizon, "resend_before": resend_before},
     )
     async for rows in result.partitions(batch_size):
-        yield [DueRenewal(r.id, r.period_start, int(r.retry)) for r in rows]
+        yield [DueRenewal(r.id, r.period_start, int(r.retry), r.sent_as) for r in rows]
 
 
 async def record_enqueued(conn: AsyncConnection, batch: list[DueRenewal], enqueued_at: datetime) -> None:
-    """Record that ``batch`` was enqueued at ``enqueued_at`` (UTC), one statement; the caller commits.
+    """Record that ``batch`` was enqueued at ``enqueued_at`` (UTC), each under its ``sent_as``.
+
+    One statement; the caller commits.
 
     Raises:
       sqlalchemy.exc.DBAPIError: PostgreSQL refused or could not be reached.
@@ -142,6 +154,7 @@ async def record_enqueued(conn: AsyncConnection, batch: list[DueRenewal], enqueu
                 "ids": [d.subscription_id for d in batch],
                 "period_starts": [d.period_start for d in batch],
                 "retries": [d.retry for d in batch],
+                "sent_as": [d.sent_as for d in batch],
                 "enqueued_at": enqueued_at,
             },
         )

@@ -358,6 +358,7 @@ CREATE TABLE public.scheduled_renewals (
     period_start timestamp with time zone NOT NULL,
     retry integer NOT NULL,
     enqueued_at timestamp with time zone NOT NULL,
+    broker_message_id text,
     CONSTRAINT scheduled_renewals_retry_check CHECK ((retry >= 0))
 );
 

@@ -16,7 +16,7 @@ from dramatiq.brokers.redis import (
     RedisBroker,
     _RedisConsumer,
 )
-from dramatiq.common import current_millis
+from dramatiq.common import current_millis, dq_name
 from dramatiq.encoder import JSONEncoder
 from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.middleware import AsyncIO, CurrentMessage
@@ -347,6 +347,34 @@ class BillingRedisBroker(RedisBroker):
         for message in enqueued:
             self.emit_after("enqueue", message, None)
         return enqueued
+
+    def held(self, queue_name: str, redis_message_ids: Sequence[str]) -> set[str]:
+        """Which of these messages Redis still holds on ``queue_name``: ready, in flight or delayed.
+
+        A message's body stays in ``{namespace}:{queue}.msgs`` (or the delay
+        queue's ``.DQ.msgs``) from its enqueue until a worker acknowledges it
+        (dead-lettered ones move to ``.XQ.msgs``), so a message not found is
+        processed, dead-lettered or lost.  One pipelined round trip.
+
+        Parameters:
+          redis_message_ids: The ``redis_message_id`` options the messages were enqueued with.
+
+        Raises:
+          redis.RedisError: Redis could not be reached.
+        """
+        if not redis_message_ids:
+            return set()
+        ready, delayed = f"{self.namespace}:{queue_name}.msgs", f"{self.namespace}:{dq_name(queue_name)}.msgs"
+        with self.client.pipeline(transaction=False) as pipe:
+            for redis_id in redis_message_ids:
+                pipe.hexists(ready, redis_id)
+                pipe.hexists(delayed, redis_id)
+            found = pipe.execute()
+        return {
+            redis_id
+            for redis_id, in_ready, in_delayed in zip(redis_message_ids, found[::2], found[1::2], strict=True)
+            if in_ready or in_delayed
+        }
 
 
 def make_broker(settings: Settings, *, url: str | None = None, client: Any = None) -> BillingRedisBroker:

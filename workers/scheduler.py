@@ -11,17 +11,18 @@ A pass (SPEC "Messages"):
 3. enqueues one ``renew`` per due subscription with the deterministic key
    ``renew:{subscription_id}:{period_start}`` (``...:retry:{n}`` for the
    n-th dunning retry), a batch per pipelined Redis round trip, and records
-   each batch in ``scheduled_renewals`` (one upsert per batch, on its own
-   connection, overlapping the next fetch).
+   each batch with its broker message ids in ``scheduled_renewals`` (one
+   upsert per batch, on its own connection, overlapping the next fetch).
 
 The scheduler moves no money and decides nothing: two passes at once, a
 pass repeated, or a message enqueued twice all send the same key, and the
 ``renew`` actor charges a period at most once under the subscription's row
-lock.  A subscription stays due until its renewal commits; a pass leaves
-out a renewal it enqueued less than ``resend_after`` ago (the queue holds
-it: re-sending it every pass floods a backlog with copies faster than the
-workers drop them), so a lost message costs ``resend_after``, never a
-period.  The next period of a catch-up, and the next dunning retry, are
+lock.  A subscription stays due until its renewal commits.  A pass sends a
+renewal it enqueued before again only once ``resend_after`` has passed and
+the broker no longer holds that message (:meth:`BillingRedisBroker.held`:
+processed, dead-lettered or lost): re-sent at every pass, a backlog gains a
+copy of every due renewal per pass, faster than the workers drop copies,
+and never drains.  A lost message costs ``resend_after``, never a period.  The next period of a catch-up, and the next dunning retry, are
 other renewals and go out on the next pass.  Time comes from an injected
 clock.
 """
@@ -32,7 +33,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -69,12 +70,14 @@ class PassReport:
       ran: False when another scheduler held the lock (nothing was scanned).
       renewals: ``renew`` messages enqueued for periods ending.
       retries: ``renew`` messages enqueued as dunning retries of past_due subscriptions.
+      held: Due renewals not enqueued again because the broker still holds the last one sent.
       seconds: Wall time of the pass.
     """
 
     ran: bool
     renewals: int = 0
     retries: int = 0
+    held: int = 0
     seconds: float = 0.0
     completer: CompleterReport | None = None
     reconciler: ReconcilerReport | None = None
@@ -148,10 +151,10 @@ class Scheduler:
         started = time.monotonic()
         now = self.clock.now()
         horizon = now + self.lead_time
-        renewals = retries = 0
+        renewals = retries = held = 0
         scanned = await self._scan(now, horizon, on_total, on_batch)
         if scanned is not None:
-            renewals, retries = scanned
+            renewals, retries, held = scanned
         # the owners of the states that wait, after the scan (they take rows with
         # SKIP LOCKED, so every scheduler runs them, not only the one that scanned)
         completed = await self.completer.run_pass()
@@ -160,6 +163,7 @@ class Scheduler:
             scanned is not None,
             renewals,
             retries,
+            held,
             time.monotonic() - started,
             completer=completed,
             reconciler=reconciled,
@@ -169,6 +173,7 @@ class Scheduler:
             now=now.isoformat(),
             renewals=renewals,
             retries=retries,
+            held=held,
             redriven=completed.redriven,
             ended=completed.ended,
             waits_released=completed.waits_released,
@@ -183,9 +188,9 @@ class Scheduler:
         horizon: datetime,
         on_total: Callable[[int], None] | None,
         on_batch: Callable[[int], None] | None,
-    ) -> tuple[int, int] | None:
-        """Enqueue what is due, under the scheduler lock: (renewals, retries), or None if another holds it."""
-        renewals = retries = 0
+    ) -> tuple[int, int, int] | None:
+        """Enqueue what is due, under the scheduler lock: (renewals, retries, held), or None if another holds it."""
+        counts = (0, 0, 0)
         resend_before = now - self.resend_after
         async with translate_errors(), self.engine.connect() as conn, self.engine.connect() as recorder:
             if not await try_scheduler_lock(conn):
@@ -196,41 +201,60 @@ class Scheduler:
                 if on_total is not None:
                     on_total(await count_due(conn, now=now, horizon=horizon, resend_before=resend_before))
                 # one batch goes to Redis (in a thread) and into the record while the next one is fetched
-                sending: asyncio.Future[None] | None = None
-                sent: list[DueRenewal] = []
+                sending: asyncio.Future[tuple[list[DueRenewal], int]] | None = None
                 batches = due_renewals(
                     conn, now=now, horizon=horizon, resend_before=resend_before, batch_size=self.batch_size
                 )
                 async for batch in batches:
                     if sending is not None:
-                        await sending
-                        renewals, retries = self._count(sent, renewals, retries, on_batch)
-                    sending, sent = asyncio.ensure_future(self._send(recorder, batch, now)), batch
+                        counts = self._count(await sending, counts, on_batch)
+                    sending = asyncio.ensure_future(self._send(recorder, batch, now))
                 if sending is not None:
-                    await sending
-                    renewals, retries = self._count(sent, renewals, retries, on_batch)
+                    counts = self._count(await sending, counts, on_batch)
             finally:
                 await conn.rollback()
                 await release_scheduler_lock(conn)
                 await conn.commit()
-        return renewals, retries
+        return counts
 
-    async def _send(self, recorder: AsyncConnection, batch: list[DueRenewal], now: datetime) -> None:
-        """Enqueue ``batch``, then record it (committed: a failed enqueue records nothing)."""
-        await asyncio.to_thread(self._enqueue, batch)
-        await record_enqueued(recorder, batch, now)
+    async def _send(
+        self, recorder: AsyncConnection, batch: list[DueRenewal], now: datetime
+    ) -> tuple[list[DueRenewal], int]:
+        """Enqueue what of ``batch`` the broker does not hold, then record it: (sent, held back).
+
+        Recorded after the enqueue and committed, so a failed enqueue records nothing.
+        """
+        sent, held = await asyncio.to_thread(self._enqueue, batch)
+        await record_enqueued(recorder, sent, now)
         await recorder.commit()
+        return sent, held
 
     @staticmethod
     def _count(
-        batch: list[DueRenewal], renewals: int, retries: int, on_batch: Callable[[int], None] | None
-    ) -> tuple[int, int]:
-        batch_retries = sum(1 for due in batch if due.retry)
+        done: tuple[list[DueRenewal], int],
+        counts: tuple[int, int, int],
+        on_batch: Callable[[int], None] | None,
+    ) -> tuple[int, int, int]:
+        sent, held = done
+        batch_retries = sum(1 for due in sent if due.retry)
         if on_batch is not None:
-            on_batch(len(batch))
-        return renewals + len(batch) - batch_retries, retries + batch_retries
+            on_batch(len(sent) + held)
+        renewals, retries, held_total = counts
+        return renewals + len(sent) - batch_retries, retries + batch_retries, held_total + held
 
-    def _enqueue(self, batch: list[DueRenewal]) -> None:
+    def _enqueue(self, batch: list[DueRenewal]) -> tuple[list[DueRenewal], int]:
+        """Enqueue each renewal of ``batch`` the broker no longer holds: (those sent, with their ids; held back).
+
+        A renewal enqueued before (``sent_as``) is sent again only when the
+        broker says it is gone (processed, dead-lettered or lost); a broker
+        that cannot say (no ``held``) gets it again.
+        """
+        held_ids: set[str] = set()
+        previous = [due.sent_as for due in batch if due.sent_as is not None]
+        held_by: Any = getattr(self.broker, "held", None)
+        if previous and held_by is not None:
+            held_ids = held_by(RenewMessage.queue_name, previous)
+        todo = [due for due in batch if due.sent_as is None or due.sent_as not in held_ids]
         messages: list[dramatiq.Message[Any]] = [
             dramatiq.Message(
                 queue_name=RenewMessage.queue_name,
@@ -240,14 +264,18 @@ class Scheduler:
                 options={},
                 message_id=str(uuid.uuid4()),
             )
-            for due in batch
+            for due in todo
         ]
         enqueue_many: Any = getattr(self.broker, "enqueue_many", None)
         if enqueue_many is not None:
-            enqueue_many(messages)
+            enqueued = enqueue_many(messages)
         else:
-            for message in messages:
-                self.broker.enqueue(message)
+            enqueued = [self.broker.enqueue(message) for message in messages]
+        sent = [
+            replace(due, sent_as=message.options.get("redis_message_id"))
+            for due, message in zip(todo, enqueued, strict=True)
+        ]
+        return sent, len(batch) - len(todo)
 
     async def run_forever(self, *, interval: timedelta, stop: asyncio.Event) -> None:
         """Run a pass every ``interval`` until ``stop`` is set.

@@ -113,8 +113,9 @@ class Settings(BaseSettings):
     renewal_lead_ms: int = Field(0, ge=0)
     #: Due subscriptions read and enqueued per batch (one pipelined Redis round trip each).
     scheduler_batch_size: int = Field(1_000, ge=1, le=100_000)
-    #: A due renewal the scheduler enqueued is not enqueued again for this long
-    #: (the queue holds it; a lost one goes out again after it).  0: every pass.
+    #: A due renewal the scheduler enqueued is not enqueued again for this long,
+    #: nor while the broker still holds its message (a lost one goes out again
+    #: after it).  0: at every pass once its message is gone.
     scheduler_resend_after_ms: int = Field(300_000, ge=0)
 
     #: ``billing dashboard``: the token operators log in with (16 characters

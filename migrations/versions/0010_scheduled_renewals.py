@@ -1,4 +1,4 @@
-"""The scheduler remembers what it enqueued: a due renewal is re-sent only after a while.
+"""The scheduler remembers what it enqueued: a due renewal the queue still holds is not sent again.
 
 Expand-only (SPEC "Deployment"): one new table.
 
@@ -17,10 +17,11 @@ branch_labels = None
 depends_on = None
 
 # One row per subscription: the last renewal the scheduler enqueued for it
-# (period and dunning retry) and when, by the scheduler's clock.  A pass skips
-# a due renewal enqueued less than BILLING_SCHEDULER_RESEND_AFTER_MS ago, so
-# a backlog is not flooded with copies of what it already holds; a lost
-# message is sent again once that time has passed.  No foreign key to
+# (period and dunning retry), when (by the scheduler's clock) and under which
+# broker message id.  A pass sends a due renewal again only once
+# BILLING_SCHEDULER_RESEND_AFTER_MS has passed and the broker no longer holds
+# that message (consumed, dead-lettered or lost), so a backlog is not
+# flooded with copies of what it already holds.  No foreign key to
 # subscriptions: its check would take a KEY SHARE lock that waits on a
 # renewal holding the subscription's row lock (subscriptions are never
 # deleted, so no row is orphaned).
@@ -30,7 +31,8 @@ UPGRADE: list[str] = [
         subscription_id text PRIMARY KEY,
         period_start timestamptz NOT NULL,
         retry integer NOT NULL CHECK (retry >= 0),
-        enqueued_at timestamptz NOT NULL
+        enqueued_at timestamptz NOT NULL,
+        broker_message_id text
     )
     """,
 ]

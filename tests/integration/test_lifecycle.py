@@ -466,12 +466,12 @@ def test_entitlements_read_with_one_plain_select_in_the_same_transaction(
     assert disagree == 0
 
 
-def test_a_queued_renewal_is_sent_again_only_after_the_resend_interval(
+def test_a_queued_renewal_is_sent_again_only_once_it_is_gone_and_the_resend_interval_passed(
     setup, producer, drain, db, clock, services, broker
 ):
-    """The scheduler copies a renewal the queue still holds only once ``resend_after`` has passed
-    (a copy at every pass floods a backlog faster than workers drop copies), sends a lost one again
-    after it, and sends the next period at once."""
+    """The scheduler does not copy a renewal the queue still holds (a copy at every pass floods a
+    backlog faster than workers drop copies), sends a lost one again once ``resend_after`` has
+    passed, and sends the next period at once."""
     import redis
 
     from db.engine import make_engine
@@ -489,42 +489,48 @@ def test_a_queued_renewal_is_sent_again_only_after_the_resend_interval(
     sub = _sub(db)
     end = sub["current_period_end"]
     idle = make_broker(get_settings(), url=services.redis_db(2))  # no worker consumes it
-    five = timedelta(minutes=5)
+    client = redis.Redis.from_url(services.redis_db(2))
+    five, minute, second = timedelta(minutes=5), timedelta(minutes=1), timedelta(seconds=1)
 
     def sent(at, resend_after=five, on=idle):
+        """(renewals sent, held back) by one pass at ``at``."""
         clock.set(at)
 
         async def run():
             engine = make_engine(services.database_url, pool_size=2)
             try:
-                return (
-                    await Scheduler(engine, on, clock=clock, resend_after=resend_after).run_pass()
-                ).renewals
+                return await Scheduler(engine, on, clock=clock, resend_after=resend_after).run_pass()
             finally:
                 await engine.dispose()
 
-        return asyncio.run(run())
+        report = asyncio.run(run())
+        return report.renewals, report.held
 
-    minute = timedelta(minutes=1)
-    assert sent(end) == 1
-    assert sent(end + 4 * minute) == 0  # the queue holds it: no copy
-    assert sent(end + 4 * minute, resend_after=timedelta(0)) == 1  # 0: every pass
-    assert sent(end + 9 * minute - timedelta(seconds=1)) == 0
-    assert sent(end + 9 * minute + timedelta(seconds=1)) == 1  # 5 min after the last send: lost, send again
-    client = redis.Redis.from_url(services.redis_db(2))
+    def queued():
+        return [json.loads(m)["kwargs"]["idempotency_key"] for m in client.hvals("dramatiq:billing.msgs")]
+
     try:
-        queued = [json.loads(m) for m in client.hvals("dramatiq:billing.msgs")]
+        assert sent(end) == (1, 0)
+        assert sent(end + 4 * minute) == (0, 0)  # within the resend interval: not even looked up
+        assert sent(end + 4 * minute, resend_after=timedelta(0)) == (0, 1)  # the queue holds it
+        assert sent(end + 5 * minute + second) == (0, 1)
+        assert queued() == [renewal_key(sub["id"], end, 0)]
+        client.flushdb()  # lost (a Redis failover drops acknowledged writes)
+        assert sent(end + 5 * minute + second) == (1, 0)
+        assert queued() == [renewal_key(sub["id"], end, 0)]
+
+        # the next period is another renewal: the record of the one before does not hold it back
+        client.flushdb()
+        assert sent(end + DAY - second) == (
+            1,
+            0,
+        )  # recorded, and (below) charged through the session's worker
+        assert sent(end + DAY - second, resend_after=timedelta(0), on=broker) == (1, 0)
+        drain()
+        assert _sub(db)["current_period_end"] == end + DAY
+        assert sent(end + DAY) == (1, 0)
+        assert db("SELECT period_start, retry FROM scheduled_renewals") == [
+            {"period_start": end + DAY, "retry": 0}
+        ]
     finally:
         client.close()
-    assert [m["kwargs"]["idempotency_key"] for m in queued] == [renewal_key(sub["id"], end, 0)] * 3
-
-    # the next period is another renewal: the record of the one before does not hold it back
-    assert sent(end + DAY - timedelta(seconds=1)) == 1
-    # (delivered through the session's worker)
-    assert sent(end + DAY - timedelta(seconds=1), resend_after=timedelta(0), on=broker) == 1
-    drain()
-    assert _sub(db)["current_period_end"] == end + DAY
-    assert sent(end + DAY) == 1
-    assert db("SELECT period_start, retry FROM scheduled_renewals") == [
-        {"period_start": end + DAY, "retry": 0}
-    ]
