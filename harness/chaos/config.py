@@ -133,7 +133,8 @@ class Fault:
 
     Attributes:
       at_s: Seconds after the load starts.
-      kind: ``kill_worker``, ``terminate_pg``, ``restart_redis``, ``clock_jump`` or ``payments_outage``.
+      kind: ``kill_worker``, ``terminate_pg``, ``restart_redis``, ``clock_jump``, ``payments_outage``
+        or ``resend_waiting`` (the runner re-publishes the renewals waiting for funds).
       slot: The worker slot to SIGKILL (``kill_worker``).
       outage_s: How long Redis stays down (``restart_redis``), or the
         ``billing.payments`` workers stay stopped (``payments_outage``).
@@ -164,18 +165,19 @@ OUTAGE_JUMP_S = 86_400.0 + 60.0
 #: The scheduler's pass interval (real time).
 SCHEDULER_INTERVAL_MS = 500
 #: The scheduler re-sends a due renewal it enqueued after this long (real time plus the injected
-#: clock's jumps): every other pass, so a renewal waiting for a top-up is re-sent many times in an
-#: outage, but a backlog is not flooded with a copy of every due renewal at every pass.
+#: clock's jumps) once the queue no longer holds it: every other pass at most.
 SCHEDULER_RESEND_AFTER_MS = 1_000
+#: In the payments outage the runner itself re-publishes every waiting renewal this many times,
+#: this often, from a second after the day jump: more deliveries than the delivery limit allows,
+#: whatever the queue's latency (the scheduler holds back what the queue still holds).
+OUTAGE_RESENDS = MAX_DELIVERIES + 3
+OUTAGE_RESEND_EVERY_S = 0.5
 
 
 def payments_outage_s(seconds: float) -> float:
-    """How long the payments workers stay stopped: 15% of the run, and at least the day jump's
-    delay plus ``1.5 * (MAX_DELIVERIES + 2)`` re-send intervals, so a renewal waiting for a top-up
-    is re-sent more often than the delivery limit allows deliveries (half as many again as
-    needed, since a pass under load takes longer than its interval)."""
-    resend_s = max(SCHEDULER_INTERVAL_MS, SCHEDULER_RESEND_AFTER_MS) / 1000
-    return round(max(0.15 * seconds, OUTAGE_JUMP_AFTER_S + 1.5 * (MAX_DELIVERIES + 2) * resend_s), 2)
+    """How long the payments workers stay stopped: 15% of the run, and at least until a second
+    after the last of the runner's :data:`OUTAGE_RESENDS` re-sends of the waiting renewals."""
+    return round(max(0.15 * seconds, OUTAGE_JUMP_AFTER_S + 2 + OUTAGE_RESENDS * OUTAGE_RESEND_EVERY_S), 2)
 
 
 def plan_faults(seed: int, seconds: float, workers: int) -> list[Fault]:
@@ -186,7 +188,8 @@ def plan_faults(seed: int, seconds: float, workers: int) -> list[Fault]:
     restart between 25% and 35% or 60% and 68% of the run (away from the
     payments outage) with an outage of 0.5 to 2 s, the payments workers
     stopped from 40% for :func:`payments_outage_s` with a day's clock jump
-    1 s into it, and the clock jumps of :data:`CLOCK_JUMPS` (each moved by
+    1 s into it and :data:`OUTAGE_RESENDS` re-sends of the waiting renewals
+    after it, and the clock jumps of :data:`CLOCK_JUMPS` (each moved by
     up to 2% of the run); nothing in the last second.
     """
     rng = random.Random(f"{seed}:faults")
@@ -210,6 +213,9 @@ def plan_faults(seed: int, seconds: float, workers: int) -> list[Fault]:
     outage_at = round(PAYMENTS_OUTAGE_AT * seconds, 2)
     faults.append(Fault(outage_at, "payments_outage", outage_s=payments_outage_s(seconds)))
     faults.append(Fault(round(outage_at + OUTAGE_JUMP_AFTER_S, 2), "clock_jump", jump_s=OUTAGE_JUMP_S))
+    for n in range(OUTAGE_RESENDS):
+        at = outage_at + OUTAGE_JUMP_AFTER_S + 1 + n * OUTAGE_RESEND_EVERY_S
+        faults.append(Fault(round(at, 2), "resend_waiting"))
     for at, jump_s in CLOCK_JUMPS:
         faults.append(Fault(round((at + rng.uniform(-0.02, 0.02)) * seconds, 2), "clock_jump", jump_s=jump_s))
     return sorted(faults, key=lambda f: f.at_s)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import json
 import subprocess
 import time
 from collections.abc import Callable
@@ -18,6 +19,9 @@ from datetime import timedelta
 
 from rich.console import Console
 
+from tasks.messages import RenewMessage
+from tasks.producer import Producer
+from tasks.signing import signing_keys_from_env
 from workers.clock import write_clock_offset
 
 from .config import APP_NAME_PREFIX, ChaosConfig, Fault, RunState
@@ -63,6 +67,43 @@ def _waiting_renewals(url: str) -> set[str]:
     return asyncio.run(go())
 
 
+def _waiting_renewal_messages(url: str) -> list[RenewMessage]:
+    """The ``renew`` message of every renewal waiting for funds (from ``funds_waits``)."""
+
+    async def go() -> list[RenewMessage]:
+        conn = await pg_connect(url)
+        try:
+            rows = await conn.fetch(
+                "SELECT w.kwargs FROM funds_waits w JOIN idempotency_keys k ON k.key = w.idempotency_key"
+                " WHERE w.actor_name = 'renew' AND k.status = 'waiting_for_funds'"
+            )
+            return [RenewMessage.model_validate(json.loads(r["kwargs"])) for r in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+def resend_waiting(pool: WorkerPool, rds: RedisInfo, db: Database, state: RunState) -> int:
+    """Publish every renewal waiting for funds once more, signed, as a re-sending producer would.
+
+    The scheduler holds back a renewal the queue still holds, so under load it
+    re-sends a waiting one only a few times in an outage; these re-sends, from
+    outside, take each waiting renewal past the delivery limit.  Counted per
+    key in ``state.outage["resent"]``.  Returns how many were published.
+    """
+    messages = _waiting_renewal_messages(db.url)
+    producer = Producer(rds.url, signing_keys=signing_keys_from_env(pool.env))
+    try:
+        resent = state.outage.setdefault("resent", {})
+        for message in messages:
+            producer.publish(message)
+            resent[message.idempotency_key] = resent.get(message.idempotency_key, 0) + 1
+    finally:
+        producer.broker.close()
+    return len(messages)
+
+
 def _inject(
     fault: Fault, pool: WorkerPool, rds: RedisInfo, db: Database, state: RunState, console: Console
 ) -> Fault | None:
@@ -94,6 +135,9 @@ def _inject(
             console.print(
                 f"{fault.at_s:6.1f}s billing.payments workers back; {len(waiting)} renewal(s) waiting for a top-up"
             )
+        elif fault.kind == "resend_waiting":
+            if state.outage and "ended_ms" not in state.outage:
+                resend_waiting(pool, rds, db, state)
         elif fault.kind == "kill_worker":
             pool.kill(fault.slot)
             state.faults_injected["worker SIGKILL"] += 1

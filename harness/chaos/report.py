@@ -109,7 +109,10 @@ def report(
         for p in passes
         if outage.get("jump_ms", 1 << 62) <= p["t0"] and p["t1"] <= outage.get("ended_ms", 0)
     ]
-    outage_resends = len([p for p in outage_passes if p.get("renewals", 0) > 0])
+    outage_sending = len([p for p in outage_passes if p.get("renewals", 0) > 0])
+    resent = outage.get("resent", {})
+    # the most re-sends a renewal still waiting at the outage's end went through
+    outage_resends = max((resent.get(k, 0) for k in outage.get("waiting_keys", [])), default=0)
     waiting_after = {k: figures["keys"].get(k) for k in outage.get("waiting_keys", [])}
 
     checks: dict[str, bool] = {
@@ -200,8 +203,9 @@ def report(
             (
                 "payments outage",
                 f"billing.payments workers stopped {(outage.get('ended_ms', 0) - outage['started_ms']) / 1000:.1f} s; "
-                f"{outage.get('waiting_renewals', 0)} renewal(s) waiting for a top-up at its end, re-sent by "
-                f"{outage_resends} scheduler passes after the day jump (delivery limit {MAX_DELIVERIES}); "
+                f"{outage.get('waiting_renewals', 0)} renewal(s) waiting for a top-up at its end, re-sent up to "
+                f"{outage_resends} times by the runner (delivery limit {MAX_DELIVERIES}), and renewals sent by "
+                f"{outage_sending} scheduler passes after the day jump; "
                 f"their keys at the end: "
                 + (
                     ", ".join(

@@ -97,8 +97,8 @@ def test_short_chaos_run_loses_nothing_and_charges_nothing_twice(services, tmp_p
         assert faults["Redis restart"] == 1  # also a check of the run ("Redis restarted")
     assert faults["clock jump"] == 3
     assert faults["payments workers stopped"] == 1
-    # renewals waited for their top-ups through more scheduler re-sends than the delivery limit
-    # allows deliveries, and every one of them finished
+    # renewals waited for their top-ups through more re-sends (the runner's) than the delivery
+    # limit allows deliveries, and every one of them finished
     outage = result["outage"]
     assert outage["waiting_renewals"] >= 1 and outage["resends"] > 8, outage
     # (completed; or forgotten, None, when the resumed renewal was asked before its period began)
