@@ -367,7 +367,8 @@ def test_a_stale_key_the_database_cannot_re_send_is_ended_and_its_waits_released
     assert json.loads(failure["kwargs"])["idempotency_key"] == slot  # an operator can retry it
     # the renewal's wait had nothing left to wait on: resumed, it found the slot
     # finished and went past_due (entitled within grace), not waiting forever
-    run_scheduler()
+    # (the clock has not moved: re-sent at once, not after BILLING_SCHEDULER_RESEND_AFTER_MS)
+    run_scheduler(resend_after=timedelta(0))
     drain()
     assert _key(db, _renewal_key(sub))["result"]["outcome"] == "past_due"
     assert db("SELECT * FROM funds_waits") == []
