@@ -62,7 +62,7 @@ from tasks.messages import (
 )
 from tasks.signing import SigningKeys
 
-from . import metrics
+from . import metrics, outbox
 from .clock import Clock, SystemClock
 from .crash import FAST_PATH_CRASHPOINTS, crashpoint
 from .logging import mark_logged
@@ -311,41 +311,17 @@ class BillingService:
                 log.warning("outbox_relay_deferred", error=type(exc).__name__, messages=len(effect.outbox))
 
     async def relay(self, messages: list[OutboxMessage]) -> None:
-        """Enqueue committed outbox messages on Redis, then delete them from the outbox.
-
-        A crash between the two sends them again later (the sweeper), with the
-        same message id and idempotency key: harmless.
-        """
-        await self._enqueue(messages)
-        async with translate_errors(), self.autocommit.connect() as conn:
-            await money.delete_outbox(conn, [m.message_id for m in messages])
-
-    async def _enqueue(self, messages: list[OutboxMessage]) -> None:
-        """Enqueue outbox messages on the broker (off the event loop), keeping their message ids."""
+        """Enqueue committed outbox messages, then delete them from the outbox (:func:`workers.outbox.relay`)."""
         assert self.broker is not None
-        broker = self.broker
-
-        def enqueue_all() -> None:
-            for m in messages:
-                broker.enqueue(
-                    dramatiq.Message(
-                        queue_name=m.queue_name,
-                        actor_name=m.actor_name,
-                        args=(),
-                        kwargs=m.kwargs,
-                        options={},
-                        message_id=m.message_id,
-                    )
-                )
-
-        await asyncio.to_thread(enqueue_all)
+        await outbox.relay(self.engine, self.broker, messages)
 
     async def sweep_outbox(self, *, older_than_s: float, limit: int = 500) -> int:
         """Relay outbox messages a dead worker left behind. Returns how many were relayed."""
         async with transaction(self.engine) as conn:
             stale = await money.claim_stale_outbox(conn, older_than_s=older_than_s, limit=limit)
             if stale:
-                await self._enqueue(stale)
+                assert self.broker is not None
+                await outbox.enqueue(self.broker, stale)
                 await money.delete_outbox(conn, [m.message_id for m in stale])
         return len(stale)
 

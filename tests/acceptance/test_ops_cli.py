@@ -414,3 +414,51 @@ def test_two_concurrent_replays_of_one_failure_enqueue_one_message(services, db,
     assert db("SELECT count(*) AS n FROM idempotency_keys WHERE key IN ('k2', 'k3')") == [{"n": 1}]
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'subscription_charge'") == [{"n": 1}]
     assert db("SELECT count(*) AS n FROM operator_actions WHERE action = 'replay'") == [{"n": 1}]
+
+
+def test_a_replay_whose_relay_fails_is_committed_and_sent_by_the_outbox_sweeper(
+    services, db, setup, producer, drain
+):
+    """The replay's new message is written to the outbox with the replay record: Redis failing
+    after the commit loses nothing, and the replay is not open to a second one meanwhile."""
+    import asyncio
+    import time
+
+    from db.engine import make_engine
+    from tasks.errors import AlreadyReplayed
+    from workers import actors
+    from workers.operators.actions import replay_with_new_key
+
+    _fail_a_subscribe(setup, producer, drain)
+    setup(accounts=[{"account_id": "late", "balance_micros": 30 * USD}])
+    message_id = db("SELECT message_id FROM failed_messages")[0]["message_id"]
+
+    class DownBroker:
+        def enqueue(self, message: Any, *, delay: Any = None) -> Any:
+            raise redis.ConnectionError("Redis is down")
+
+    async def replay(key: str, broker: Any) -> str:
+        engine = make_engine(services.database_url, pool_size=1)
+        try:
+            return await replay_with_new_key(engine, broker, message_id, new_key=key, operator="t", via="cli")
+        finally:
+            await engine.dispose()
+
+    new_id = asyncio.run(replay("k2", DownBroker()))
+    assert db("SELECT replay_key, replay_message_id FROM failed_messages") == [
+        {"replay_key": "k2", "replay_message_id": new_id}
+    ]
+    try:
+        asyncio.run(replay("k3", actors.broker))
+        raise AssertionError("a second replay was accepted")
+    except AlreadyReplayed:
+        pass
+    # the session worker's outbox sweeper (500 ms) sends it
+    deadline = time.monotonic() + 30
+    while db("SELECT status FROM idempotency_keys WHERE key = 'k2'") != [{"status": "completed"}]:
+        assert time.monotonic() < deadline, db("SELECT * FROM outbox")
+        time.sleep(0.2)
+        drain()
+    assert db("SELECT count(*) AS n FROM outbox") == [{"n": 0}]
+    assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'subscription_charge'") == [{"n": 1}]
+    assert db("SELECT key FROM idempotency_keys WHERE key IN ('k2', 'k3')") == [{"key": "k2"}]

@@ -22,15 +22,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db import money
 from db import operators as sql
 from db.engine import transaction
+from db.money import OutboxMessage
 from db.operators import NOT_RETRYABLE, FailureFilter
 from db.queries import account_snapshot
 from tasks.errors import AlreadyReplayed
 from tasks.messages import validate_message
 
+from .. import outbox
 from .redis_layout import QUEUES, dead_ids_older_than, dead_lettered, remove_dead
 
 __all__ = [
@@ -42,6 +46,8 @@ __all__ = [
     "purge_dead",
     "resolve",
 ]
+
+log = structlog.get_logger("operators")
 
 
 def operator_name() -> str:
@@ -218,9 +224,12 @@ async def replay_with_new_key(
     Unlike a retry this can charge again (it is not the same request), so the
     CLI asks for confirmation, and a failure is replayed **once**: the replay
     (who, when, the new key and message id) is recorded on the failure by a
-    conditional UPDATE in the transaction that enqueues the new message, so
-    a second replay, even one racing this one, is refused.  The failure is
-    marked ``resolved`` with the new key, and the action is audit-logged.
+    conditional UPDATE, so a second replay, even one racing this one, is
+    refused.  The new message is written to the outbox in that transaction
+    and relayed after commit (by the sweeper of any worker if the relay
+    fails): it is never sent for a replay that did not commit, which a
+    second replay could then send again.  The failure is marked
+    ``resolved`` with the new key, and the action is audit-logged.
 
     Returns:
       The new Dramatiq message id.
@@ -241,6 +250,7 @@ async def replay_with_new_key(
     from tasks.producer import to_dramatiq_message
 
     message = to_dramatiq_message(validated)
+    queued = OutboxMessage(message.queue_name, message.actor_name, message.kwargs, message.message_id)
     async with transaction(engine) as conn:
         claimed = await sql.claim_replay(
             conn, message_id, operator=operator, new_key=new_key, new_message_id=message.message_id
@@ -264,7 +274,11 @@ async def replay_with_new_key(
                 "old_key": failure["idempotency_key"],
             },
         )
-        await asyncio.to_thread(broker.enqueue, message)
+        await money.insert_outbox(conn, [queued])
+    try:
+        await outbox.relay(engine, broker, [queued])
+    except Exception as exc:  # noqa: BLE001 - committed: the outbox sweeper relays it
+        log.warning("outbox_relay_deferred", error=type(exc).__name__, messages=1)
     return message.message_id
 
 

@@ -1,0 +1,58 @@
+"""Relaying the transactional outbox: committed rows of ``outbox`` onto the broker.
+
+Every process that writes the outbox relays what it wrote right after its
+commit (:func:`relay`); a row whose relay never ran (the process died, or
+the broker was down) is relayed by the outbox sweeper of any worker
+(:meth:`workers.billing.BillingService.sweep_outbox`).  A relay that runs
+twice sends the same message id and idempotency key: harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import dramatiq
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from db import money
+from db.engine import translate_errors
+from db.money import OutboxMessage
+
+__all__ = ["enqueue", "relay"]
+
+
+async def enqueue(broker: dramatiq.Broker, messages: list[OutboxMessage]) -> None:
+    """Enqueue outbox messages on ``broker`` with their own message ids (in a thread, off the event loop).
+
+    Raises:
+      redis.RedisError: The broker could not be reached (what was enqueued stays enqueued).
+    """
+
+    def enqueue_all() -> None:
+        for m in messages:
+            message: dramatiq.Message[Any] = dramatiq.Message(
+                queue_name=m.queue_name,
+                actor_name=m.actor_name,
+                args=(),
+                kwargs=m.kwargs,
+                options={},
+                message_id=m.message_id,
+            )
+            broker.enqueue(message)
+
+    await asyncio.to_thread(enqueue_all)
+
+
+async def relay(engine: AsyncEngine, broker: dramatiq.Broker, messages: list[OutboxMessage]) -> None:
+    """Enqueue committed outbox messages, then delete their rows (autocommit).
+
+    Raises:
+      redis.RedisError: The broker could not be reached; the rows stay for the sweeper.
+      DatabaseUnavailable: The rows could not be deleted; the sweeper sends them again.
+    """
+    if not messages:
+        return
+    await enqueue(broker, messages)
+    async with translate_errors(), engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
+        await money.delete_outbox(conn, [m.message_id for m in messages])
