@@ -22,9 +22,9 @@ renewal it enqueued before again only once ``resend_after`` has passed and
 the broker no longer holds that message (:meth:`BillingRedisBroker.held`:
 processed, dead-lettered or lost): re-sent at every pass, a backlog gains a
 copy of every due renewal per pass, faster than the workers drop copies,
-and never drains.  A lost message costs ``resend_after``, never a period.  The next period of a catch-up, and the next dunning retry, are
-other renewals and go out on the next pass.  Time comes from an injected
-clock.
+and never drains.  A lost message costs ``resend_after``, never a period.
+The next period of a catch-up, and the next dunning retry, are other
+renewals and go out on the next pass.  Time comes from an injected clock.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class Scheduler:
       lead_time: Renew periods ending up to this long after now.
       batch_size: Subscriptions per cursor fetch and per pipelined enqueue.
       resend_after: A due renewal enqueued less than this long ago (scheduler
-        clock) is not enqueued again; ``timedelta(0)``: every pass.
+        clock) is not enqueued again, nor while the broker still holds it;
+        ``timedelta(0)``: at every pass once its message is gone.
       policy: The deadlines the completer and the reconciler apply.
       provider: The payment provider the reconciler asks about pending
         top-ups (None: no reconciliation in this scheduler's passes).
