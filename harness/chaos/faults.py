@@ -53,31 +53,23 @@ def jump_clock(pool: WorkerPool, state: RunState, seconds: float) -> None:
     write_clock_offset(pool.clock_file, timedelta(seconds=state.clock_offset_s))
 
 
-def _waiting_renewals(url: str) -> set[str]:
-    async def go() -> set[str]:
+def _waiting_renewals(url: str) -> dict[str, RenewMessage | None]:
+    """Every renewal key waiting for funds -> its message, from its ``funds_waits`` row (None without one)."""
+
+    async def go() -> dict[str, RenewMessage | None]:
         conn = await pg_connect(url)
         try:
             rows = await conn.fetch(
-                "SELECT key FROM idempotency_keys WHERE kind = 'renew' AND status = 'waiting_for_funds'"
+                "SELECT k.key, w.kwargs FROM idempotency_keys k"
+                " LEFT JOIN funds_waits w ON w.idempotency_key = k.key"
+                " WHERE k.kind = 'renew' AND k.status = 'waiting_for_funds'"
             )
-            return {r["key"] for r in rows}
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
-
-
-def _waiting_renewal_messages(url: str) -> list[RenewMessage]:
-    """The ``renew`` message of every renewal waiting for funds (from ``funds_waits``)."""
-
-    async def go() -> list[RenewMessage]:
-        conn = await pg_connect(url)
-        try:
-            rows = await conn.fetch(
-                "SELECT w.kwargs FROM funds_waits w JOIN idempotency_keys k ON k.key = w.idempotency_key"
-                " WHERE w.actor_name = 'renew' AND k.status = 'waiting_for_funds'"
-            )
-            return [RenewMessage.model_validate(json.loads(r["kwargs"])) for r in rows]
+            return {
+                r["key"]: None
+                if r["kwargs"] is None
+                else RenewMessage.model_validate(json.loads(r["kwargs"]))
+                for r in rows
+            }
         finally:
             await conn.close()
 
@@ -92,7 +84,7 @@ def resend_waiting(pool: WorkerPool, rds: RedisInfo, db: Database, state: RunSta
     outside, take each waiting renewal past the delivery limit.  Counted per
     key in ``state.outage["resent"]``.  Returns how many were published.
     """
-    messages = _waiting_renewal_messages(db.url)
+    messages = [m for m in _waiting_renewals(db.url).values() if m is not None]
     producer = Producer(rds.url, signing_keys=signing_keys_from_env(pool.env))
     try:
         resent = state.outage.setdefault("resent", {})
