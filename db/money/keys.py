@@ -5,7 +5,7 @@ counts the delivery even when the worker dies mid-transaction), locked
 ``FOR UPDATE`` at the start of the effect's transaction (concurrent
 deliveries of one key run one at a time), and written with the outcome in
 that same transaction.  A key that waits for funds is not delivered again
-by a re-send: the scheduler re-sends a due renewal every pass, and counting
+by a re-send: the scheduler re-sends a due renewal while it is due, and counting
 those as deliveries killed renewals that waited on a slow top-up; only the
 wait's owner (the top-up settling, or the completer) moves it on.
 """

@@ -5,7 +5,7 @@
 -- One delivery per element, in key order (concurrent batches never wait on
 -- each other in a cycle); a single message is a one-element batch.
 -- A key that waits for funds is not delivered again by a re-send: the
--- scheduler re-sends a due renewal every pass, and counting those as
+-- scheduler re-sends a due renewal while it is due, and counting those as
 -- deliveries killed renewals that waited on a slow top-up.  Only the wait's
 -- owner (the top-up settling, or the completer) moves it on.
 -- A NULL request (the renewal fast path stores none) keeps the stored one.
