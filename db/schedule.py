@@ -39,12 +39,14 @@ class DueRenewal:
       retry: 0 for the renewal at period end, n for the n-th dunning retry of a past_due one.
       sent_as: The broker message id this renewal was last enqueued under
         (:func:`record_enqueued`), or None if it never was (or the broker gave none).
+      sent_at: When it was last enqueued (scheduler clock, UTC), or None.
     """
 
     subscription_id: str
     period_start: datetime
     retry: int
     sent_as: str | None = None
+    sent_at: datetime | None = None
 
 
 # Two index scans (subscriptions_renewal_due, subscriptions_dunning_due):
@@ -56,7 +58,8 @@ class DueRenewal:
 # comes along: a renewal enqueued after ``resend_before`` is left out, and
 # one enqueued before it brings the broker message id to look for.
 _DUE = """
-    SELECT s.id, s.current_period_end AS period_start, 0 AS retry, r.broker_message_id AS sent_as
+    SELECT s.id, s.current_period_end AS period_start, 0 AS retry, r.broker_message_id AS sent_as,
+           r.enqueued_at AS sent_at
     FROM subscriptions s
     LEFT JOIN scheduled_renewals r
       ON r.subscription_id = s.id AND r.period_start = s.current_period_end AND r.retry = 0
@@ -65,7 +68,7 @@ _DUE = """
       AND (r.enqueued_at IS NULL OR r.enqueued_at <= :resend_before)
     UNION ALL
     SELECT s.id, s.current_period_end AS period_start, s.dunning_attempts + 1 AS retry,
-           r.broker_message_id AS sent_as
+           r.broker_message_id AS sent_as, r.enqueued_at AS sent_at
     FROM subscriptions s
     LEFT JOIN scheduled_renewals r
       ON r.subscription_id = s.id AND r.period_start = s.current_period_end AND r.retry = s.dunning_attempts + 1
@@ -128,7 +131,7 @@ async def due_renewals(
       horizon: ``now`` plus the lead time; renewals of periods ending at or before it.
       resend_before: Leave out a renewal :func:`record_enqueued` recorded after
         this time (UTC) for the same period and retry; ``now`` leaves out none.
-        A renewal recorded before it comes with its ``sent_as``.
+        A renewal recorded before it comes with its ``sent_as`` and ``sent_at``.
       batch_size: Rows fetched per round trip.
     """
     result = await conn.stream(
@@ -136,7 +139,7 @@ async def due_renewals(
         {"now": now, "horizon": horizon, "resend_before": resend_before},
     )
     async for rows in result.partitions(batch_size):
-        yield [DueRenewal(r.id, r.period_start, int(r.retry), r.sent_as) for r in rows]
+        yield [DueRenewal(r.id, r.period_start, int(r.retry), r.sent_as, r.sent_at) for r in rows]
 
 
 async def record_enqueued(conn: AsyncConnection, batch: list[DueRenewal], enqueued_at: datetime) -> None:

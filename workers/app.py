@@ -164,6 +164,7 @@ def build_scheduler(
         "lead_time": timedelta(milliseconds=settings.renewal_lead_ms if lead_ms is None else lead_ms),
         "batch_size": settings.scheduler_batch_size,
         "resend_after": timedelta(milliseconds=settings.scheduler_resend_after_ms),
+        "hold_at_most": timedelta(milliseconds=settings.scheduler_hold_max_ms),
         "policy": settings.billing_policy(),
         **overrides,
     }

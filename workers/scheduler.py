@@ -23,6 +23,10 @@ the broker no longer holds that message (:meth:`BillingRedisBroker.held`:
 processed, dead-lettered or lost): re-sent at every pass, a backlog gains a
 copy of every due renewal per pass, faster than the workers drop copies,
 and never drains.  A lost message costs ``resend_after``, never a period.
+A message the broker has held for ``hold_at_most`` is sent again all the
+same (a body left in Redis without its queue entry would hold a renewal
+for good), one copy per ``hold_at_most``, well within the audit's renewal
+deadline (1 h).
 The next period of a catch-up, and the next dunning retry, are other
 renewals and go out on the next pass.  Time comes from an injected clock.
 """
@@ -105,6 +109,8 @@ class Scheduler:
       resend_after: A due renewal enqueued less than this long ago (scheduler
         clock) is not enqueued again, nor while the broker still holds it;
         ``timedelta(0)``: at every pass once its message is gone.
+      hold_at_most: A renewal the broker has held this long since it was
+        enqueued is enqueued again all the same.
       policy: The deadlines the completer and the reconciler apply.
       provider: The payment provider the reconciler asks about pending
         top-ups (None: no reconciliation in this scheduler's passes).
@@ -119,6 +125,7 @@ class Scheduler:
         lead_time: timedelta = timedelta(0),
         batch_size: int = 1_000,
         resend_after: timedelta = timedelta(minutes=5),
+        hold_at_most: timedelta = timedelta(minutes=30),
         policy: BillingPolicy | None = None,
         provider: PaymentProvider | None = None,
     ) -> None:
@@ -128,6 +135,7 @@ class Scheduler:
         self.lead_time = lead_time
         self.batch_size = batch_size
         self.resend_after = resend_after
+        self.hold_at_most = hold_at_most
         policy = policy or BillingPolicy()
         self.completer = Completer(engine, policy, self.clock)
         self.reconciler = Reconciler(engine, provider, policy, self.clock) if provider is not None else None
@@ -209,7 +217,7 @@ class Scheduler:
                 async for batch in batches:
                     if sending is not None:
                         counts = self._count(await sending, counts, on_batch)
-                    sending = asyncio.ensure_future(self._send(recorder, batch, now))
+                    sending = asyncio.ensure_future(self._send(recorder, batch, now, now - self.hold_at_most))
                 if sending is not None:
                     counts = self._count(await sending, counts, on_batch)
             finally:
@@ -219,13 +227,13 @@ class Scheduler:
         return counts
 
     async def _send(
-        self, recorder: AsyncConnection, batch: list[DueRenewal], now: datetime
+        self, recorder: AsyncConnection, batch: list[DueRenewal], now: datetime, hold_since: datetime
     ) -> tuple[list[DueRenewal], int]:
         """Enqueue what of ``batch`` the broker does not hold, then record it: (sent, held back).
 
         Recorded after the enqueue and committed, so a failed enqueue records nothing.
         """
-        sent, held = await asyncio.to_thread(self._enqueue, batch)
+        sent, held = await asyncio.to_thread(self._enqueue, batch, hold_since)
         await record_enqueued(recorder, sent, now)
         await recorder.commit()
         return sent, held
@@ -243,15 +251,20 @@ class Scheduler:
         renewals, retries, held_total = counts
         return renewals + len(sent) - batch_retries, retries + batch_retries, held_total + held
 
-    def _enqueue(self, batch: list[DueRenewal]) -> tuple[list[DueRenewal], int]:
+    def _enqueue(self, batch: list[DueRenewal], hold_since: datetime) -> tuple[list[DueRenewal], int]:
         """Enqueue each renewal of ``batch`` the broker no longer holds: (those sent, with their ids; held back).
 
-        A renewal enqueued before (``sent_as``) is sent again only when the
-        broker says it is gone (processed, dead-lettered or lost); a broker
-        that cannot say (no ``held``) gets it again.
+        A renewal enqueued after ``hold_since`` (``sent_as``, ``sent_at``) is
+        sent again only when the broker says it is gone (processed,
+        dead-lettered or lost); a broker that cannot say (no ``held``) gets it
+        again, and so does one enqueued before ``hold_since``.
         """
         held_ids: set[str] = set()
-        previous = [due.sent_as for due in batch if due.sent_as is not None]
+        previous = [
+            due.sent_as
+            for due in batch
+            if due.sent_as is not None and due.sent_at is not None and due.sent_at > hold_since
+        ]
         held_by: Any = getattr(self.broker, "held", None)
         if previous and held_by is not None:
             held_ids = held_by(RenewMessage.queue_name, previous)

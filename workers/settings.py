@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     #: nor while the broker still holds its message (a lost one goes out again
     #: after it).  0: at every pass once its message is gone.
     scheduler_resend_after_ms: int = Field(300_000, ge=0)
+    #: A renewal the broker has held this long since the scheduler enqueued it is
+    #: enqueued again all the same (one copy per this long; below the audit's 1 h).
+    scheduler_hold_max_ms: int = Field(1_800_000, ge=1_000)
 
     #: ``billing dashboard``: the token operators log in with (16 characters
     #: at least; ``openssl rand -hex 32``).  Unset: the dashboard starts only

@@ -470,8 +470,8 @@ def test_a_queued_renewal_is_sent_again_only_once_it_is_gone_and_the_resend_inte
     setup, producer, drain, db, clock, services, broker
 ):
     """The scheduler does not copy a renewal the queue still holds (a copy at every pass floods a
-    backlog faster than workers drop copies), sends a lost one again once ``resend_after`` has
-    passed, and sends the next period at once."""
+    backlog faster than workers drop copies) for up to ``hold_at_most``, sends a lost one again once
+    ``resend_after`` has passed, and sends the next period at once."""
     import redis
 
     from db.engine import make_engine
@@ -515,8 +515,13 @@ def test_a_queued_renewal_is_sent_again_only_once_it_is_gone_and_the_resend_inte
         assert sent(end + 4 * minute, resend_after=timedelta(0)) == (0, 1)  # the queue holds it
         assert sent(end + 5 * minute + second) == (0, 1)
         assert queued() == [renewal_key(sub["id"], end, 0)]
+        # held 30 min (hold_at_most): sent again all the same, one copy
+        assert sent(end + 30 * minute - second) == (0, 1)
+        assert sent(end + 30 * minute + second) == (1, 0)
+        assert sent(end + 36 * minute) == (0, 1)
+        assert queued() == [renewal_key(sub["id"], end, 0)] * 2
         client.flushdb()  # lost (a Redis failover drops acknowledged writes)
-        assert sent(end + 5 * minute + second) == (1, 0)
+        assert sent(end + 36 * minute) == (1, 0)
         assert queued() == [renewal_key(sub["id"], end, 0)]
 
         # the next period is another renewal: the record of the one before does not hold it back
