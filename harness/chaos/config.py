@@ -138,6 +138,8 @@ class Fault:
       slot: The worker slot to SIGKILL (``kill_worker``).
       outage_s: How long Redis stays down (``restart_redis``), or the
         ``billing.payments`` workers stay stopped (``payments_outage``).
+      extend_s: How much longer the payments outage may last while Redis still
+        holds some of the runner's re-sends of the waiting renewals.
       jump_s: How far the injected clock jumps forward (``clock_jump``), in seconds.
     """
 
@@ -146,6 +148,7 @@ class Fault:
     slot: int = 0
     outage_s: float = 0.0
     jump_s: float = 0.0
+    extend_s: float = 0.0
 
 
 #: Injected-clock jumps of the load, at these fractions of the run: past the
@@ -211,7 +214,11 @@ def plan_faults(seed: int, seconds: float, workers: int) -> list[Fault]:
         )
     )
     outage_at = round(PAYMENTS_OUTAGE_AT * seconds, 2)
-    faults.append(Fault(outage_at, "payments_outage", outage_s=payments_outage_s(seconds)))
+    outage_s = payments_outage_s(seconds)
+    # past its planned end, the outage goes on while Redis still holds some of the runner's re-sends
+    # (they must be delivered while the renewals wait), but ends before the next clock jump
+    extend_s = max(0.0, round((CLOCK_JUMPS[-1][0] - 0.03) * seconds - outage_at - outage_s, 2))
+    faults.append(Fault(outage_at, "payments_outage", outage_s=outage_s, extend_s=extend_s))
     faults.append(Fault(round(outage_at + OUTAGE_JUMP_AFTER_S, 2), "clock_jump", jump_s=OUTAGE_JUMP_S))
     for n in range(OUTAGE_RESENDS):
         at = outage_at + OUTAGE_JUMP_AFTER_S + 1 + n * OUTAGE_RESEND_EVERY_S

@@ -20,8 +20,9 @@ from datetime import timedelta
 from rich.console import Console
 
 from tasks.messages import RenewMessage
-from tasks.producer import Producer
+from tasks.producer import Producer, to_dramatiq_message
 from tasks.signing import signing_keys_from_env
+from workers.broker import BillingRedisBroker
 from workers.clock import write_clock_offset
 
 from .config import APP_NAME_PREFIX, ChaosConfig, Fault, RunState
@@ -82,18 +83,34 @@ def resend_waiting(pool: WorkerPool, rds: RedisInfo, db: Database, state: RunSta
     The scheduler holds back a renewal the queue still holds, so under load it
     re-sends a waiting one only a few times in an outage; these re-sends, from
     outside, take each waiting renewal past the delivery limit.  Counted per
-    key in ``state.outage["resent"]``.  Returns how many were published.
+    key in ``state.outage["resent"]``; their Redis ids go to
+    ``state.outage["resent_ids"]``, so the outage lasts until the workers
+    have taken them (:func:`_resends_queued`).  Returns how many were published.
     """
     messages = [m for m in _waiting_renewals(db.url).values() if m is not None]
     producer = Producer(rds.url, signing_keys=signing_keys_from_env(pool.env))
     try:
         resent = state.outage.setdefault("resent", {})
+        ids = state.outage.setdefault("resent_ids", [])
         for message in messages:
-            producer.publish(message)
+            enqueued = producer.broker.enqueue(to_dramatiq_message(message))
+            ids.append(enqueued.options["redis_message_id"])
             resent[message.idempotency_key] = resent.get(message.idempotency_key, 0) + 1
     finally:
         producer.broker.close()
     return len(messages)
+
+
+def _resends_queued(rds: RedisInfo, state: RunState) -> int:
+    """How many of the runner's re-sends Redis still holds (not yet taken by a worker)."""
+    ids = state.outage.get("resent_ids", [])
+    if not ids:
+        return 0
+    broker = BillingRedisBroker(url=rds.url)
+    try:
+        return len(broker.held(RenewMessage.queue_name, ids))
+    finally:
+        broker.close()
 
 
 def _inject(
@@ -112,12 +129,22 @@ def _inject(
                 f"(injected clock now wall + {timedelta(seconds=round(state.clock_offset_s))})"
             )
         elif fault.kind == "payments_outage":
-            state.outage = {"started_ms": int(time.time() * 1000), "planned_s": fault.outage_s}
+            state.outage = {
+                "started_ms": int(time.time() * 1000),
+                "planned_s": fault.outage_s,
+                "extend_s": fault.extend_s,
+            }
             pool.pause(pool.payments_slot)
             state.faults_injected["payments workers stopped"] += 1
             console.print(f"{fault.at_s:6.1f}s billing.payments workers stopped for {fault.outage_s:.1f} s")
             return Fault(round(fault.at_s + fault.outage_s, 2), "payments_resume")
         elif fault.kind == "payments_resume":
+            # not before the workers have taken the re-sends (a queue behind a backlog delivers them
+            # late, after the waits resumed, and then they test nothing), for up to the outage's extend_s
+            late_s = time.time() - state.outage["started_ms"] / 1000 - state.outage["planned_s"]
+            if late_s < state.outage["extend_s"] and _resends_queued(rds, state):
+                return Fault(round(fault.at_s + 0.5, 2), "payments_resume")
+            state.outage["extended_s"] = round(max(0.0, late_s), 1)
             # the renewals waiting for a top-up now, and the scheduler passes since the jump that made them due
             waiting = _waiting_renewals(db.url)
             state.outage["waiting_renewals"] = len(waiting)

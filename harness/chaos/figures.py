@@ -20,10 +20,12 @@ from .config import RunState
 from .pool import Database, RedisInfo, pg_connect
 
 
-def log_counts(logs: Path) -> tuple[Counter[str], Counter[str], Counter[str]]:
-    """Events of the workers' JSON logs, transient errors by type, and Dramatiq's own warnings."""
+def log_counts(logs: Path) -> tuple[Counter[str], Counter[str], Counter[str], Counter[str]]:
+    """Events of the workers' JSON logs, transient errors by type, Dramatiq's own warnings, and the
+    deliveries of each idempotency key that found it waiting for funds (``waiting_for_funds`` lines)."""
     events: Counter[str] = Counter()
     transient: Counter[str] = Counter()
+    waiting: Counter[str] = Counter()
     dramatiq_lines: Counter[str] = Counter()
     needles = {
         "Consumer encountered a connection error": "consumer connection errors",
@@ -44,11 +46,13 @@ def log_counts(logs: Path) -> tuple[Counter[str], Counter[str], Counter[str]]:
                         events[name] += 1
                         if name == "transient_error":
                             transient[str(event.get("error"))] += 1
+                        elif name == "waiting_for_funds":
+                            waiting[str(event.get("idempotency_key"))] += 1
                     continue
                 for needle, label in needles.items():
                     if needle in line:
                         dramatiq_lines[label] += 1
-    return events, transient, dramatiq_lines
+    return events, transient, dramatiq_lines, waiting
 
 
 _RETRYING = re.compile(

@@ -40,7 +40,7 @@ def report(
 ) -> bool:
     """Count, check and print the run's figures (and write the JSON and the docs when asked); whether it passed."""
     records, publish_retries = read_published(specs)
-    events, transient, dramatiq_lines = log_counts(logs)
+    events, transient, dramatiq_lines, waiting_deliveries = log_counts(logs)
     figures = asyncio.run(db_figures(db.url))
 
     published_keys = {r["k"] for r in records}
@@ -110,9 +110,9 @@ def report(
         if outage.get("jump_ms", 1 << 62) <= p["t0"] and p["t1"] <= outage.get("ended_ms", 0)
     ]
     outage_sending = len([p for p in outage_passes if p.get("renewals", 0) > 0])
-    resent = outage.get("resent", {})
-    # the most re-sends a renewal still waiting at the outage's end went through
-    outage_resends = max((resent.get(k, 0) for k in outage.get("waiting_keys", [])), default=0)
+    # the most deliveries that found a renewal waiting, of those still waiting at the outage's end
+    # (the runner's re-sends and the scheduler's, as the workers logged them)
+    outage_resends = max((waiting_deliveries[k] for k in outage.get("waiting_keys", [])), default=0)
     waiting_after = {k: figures["keys"].get(k) for k in outage.get("waiting_keys", [])}
 
     checks: dict[str, bool] = {
@@ -128,7 +128,7 @@ def report(
     }
     if cfg.faults:
         # the outage must outlast the delivery limit with renewals waiting, or it tested nothing
-        checks["renewals waited through more re-sends than the delivery limit"] = (
+        checks["renewals waited through more deliveries than the delivery limit"] = (
             outage.get("waiting_renewals", 0) > 0 and outage_resends > MAX_DELIVERIES
         )
         if rds.server is not None:
@@ -203,9 +203,10 @@ def report(
             (
                 "payments outage",
                 f"billing.payments workers stopped {(outage.get('ended_ms', 0) - outage['started_ms']) / 1000:.1f} s; "
-                f"{outage.get('waiting_renewals', 0)} renewal(s) waiting for a top-up at its end, re-sent up to "
-                f"{outage_resends} times by the runner (delivery limit {MAX_DELIVERIES}), and renewals sent by "
-                f"{outage_sending} scheduler passes after the day jump; "
+                f"{outage.get('waiting_renewals', 0)} renewal(s) waiting for a top-up at its end, delivered up to "
+                f"{outage_resends} times while waiting (delivery limit {MAX_DELIVERIES}; re-sent by the runner "
+                f"{max(outage.get('resent', {}).values(), default=0)} times, and renewals sent by "
+                f"{outage_sending} scheduler passes after the day jump); "
                 f"their keys at the end: "
                 + (
                     ", ".join(
