@@ -142,8 +142,10 @@ async def due_renewals(
         yield [DueRenewal(r.id, r.period_start, int(r.retry), r.sent_as, r.sent_at) for r in rows]
 
 
-async def record_enqueued(conn: AsyncConnection, batch: list[DueRenewal], enqueued_at: datetime) -> None:
-    """Record that ``batch`` was enqueued at ``enqueued_at`` (UTC), each under its ``sent_as``.
+async def record_enqueued(
+    conn: AsyncConnection, batch: list[DueRenewal], broker_ids: list[str | None], enqueued_at: datetime
+) -> None:
+    """Record that ``batch`` was enqueued at ``enqueued_at`` (UTC), each under its broker message id.
 
     One statement; the caller commits.
 
@@ -157,7 +159,7 @@ async def record_enqueued(conn: AsyncConnection, batch: list[DueRenewal], enqueu
                 "ids": [d.subscription_id for d in batch],
                 "period_starts": [d.period_start for d in batch],
                 "retries": [d.retry for d in batch],
-                "sent_as": [d.sent_as for d in batch],
+                "sent_as": broker_ids,
                 "enqueued_at": enqueued_at,
             },
         )

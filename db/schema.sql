@@ -353,7 +353,7 @@ CREATE TABLE public.plans (
     CONSTRAINT plans_price_micros_check CHECK (((price_micros >= 1) AND (price_micros <= '1000000000000000'::bigint)))
 );
 
-CREATE TABLE public.scheduled_renewals (
+CREATE UNLOGGED TABLE public.scheduled_renewals (
     subscription_id text NOT NULL,
     period_start timestamp with time zone NOT NULL,
     retry integer NOT NULL,

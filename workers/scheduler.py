@@ -12,7 +12,8 @@ A pass (SPEC "Messages"):
    ``renew:{subscription_id}:{period_start}`` (``...:retry:{n}`` for the
    n-th dunning retry), a batch per pipelined Redis round trip, and records
    each batch with its broker message ids in ``scheduled_renewals`` (one
-   upsert per batch, on its own connection, overlapping the next fetch).
+   upsert per batch, on its own connection, while the next batch goes to
+   Redis and the one after it is fetched).
 
 The scheduler moves no money and decides nothing: two passes at once, a
 pass repeated, or a message enqueued twice all send the same key, and the
@@ -37,7 +38,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -90,6 +91,16 @@ class PassReport:
     def enqueued(self) -> int:
         """All messages enqueued by the pass."""
         return self.renewals + self.retries
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one batch's enqueue did: the renewals enqueued, their broker message ids (in order), and
+    how many renewals of the batch were held back because the broker still holds the last one sent."""
+
+    renewals: list[DueRenewal]
+    broker_ids: list[str | None]
+    held: int
 
 
 class Scheduler:
@@ -209,50 +220,71 @@ class Scheduler:
             try:
                 if on_total is not None:
                     on_total(await count_due(conn, now=now, horizon=horizon, resend_before=resend_before))
-                # one batch goes to Redis (in a thread) and into the record while the next one is fetched
-                sending: asyncio.Future[tuple[list[DueRenewal], int]] | None = None
+                # three batches in flight: one fetched from PostgreSQL, the one before it going
+                # to Redis (in a thread), and the one before that into the record (its own connection)
+                hold_since = now - self.hold_at_most
+                sending: asyncio.Future[Sent] | None = None
+                recording: asyncio.Future[None] | None = None
                 batches = due_renewals(
                     conn, now=now, horizon=horizon, resend_before=resend_before, batch_size=self.batch_size
                 )
-                async for batch in batches:
+                try:
+                    async for batch in batches:
+                        if sending is not None:
+                            recording = await self._sent(sending, recording, recorder, now)
+                            counts = self._count(sending.result(), counts, on_batch)
+                        sending = asyncio.ensure_future(asyncio.to_thread(self._enqueue, batch, hold_since))
                     if sending is not None:
-                        counts = self._count(await sending, counts, on_batch)
-                    sending = asyncio.ensure_future(self._send(recorder, batch, now, now - self.hold_at_most))
-                if sending is not None:
-                    counts = self._count(await sending, counts, on_batch)
+                        recording = await self._sent(sending, recording, recorder, now)
+                        counts = self._count(sending.result(), counts, on_batch)
+                    if recording is not None:
+                        await recording
+                finally:
+                    # a failed pass leaves nothing running on the connections it is about to release
+                    pending = [f for f in (sending, recording) if f is not None and not f.done()]
+                    await asyncio.gather(*pending, return_exceptions=True)
             finally:
                 await conn.rollback()
                 await release_scheduler_lock(conn)
                 await conn.commit()
         return counts
 
-    async def _send(
-        self, recorder: AsyncConnection, batch: list[DueRenewal], now: datetime, hold_since: datetime
-    ) -> tuple[list[DueRenewal], int]:
-        """Enqueue what of ``batch`` the broker does not hold, then record it: (sent, held back).
+    async def _sent(
+        self,
+        sending: asyncio.Future[Sent],
+        recording: asyncio.Future[None] | None,
+        recorder: AsyncConnection,
+        now: datetime,
+    ) -> asyncio.Future[None]:
+        """Once ``sending`` is enqueued and the record before it written, start recording it.
 
-        Recorded after the enqueue and committed, so a failed enqueue records nothing.
+        Recorded after its enqueue and committed, so a failed enqueue records nothing.
         """
-        sent, held = await asyncio.to_thread(self._enqueue, batch, hold_since)
-        await record_enqueued(recorder, sent, now)
+        sent = await sending
+        if recording is not None:
+            await recording
+        return asyncio.ensure_future(self._record(recorder, sent, now))
+
+    @staticmethod
+    async def _record(recorder: AsyncConnection, sent: Sent, now: datetime) -> None:
+        await record_enqueued(recorder, sent.renewals, sent.broker_ids, now)
         await recorder.commit()
-        return sent, held
 
     @staticmethod
     def _count(
-        done: tuple[list[DueRenewal], int],
+        sent: Sent,
         counts: tuple[int, int, int],
         on_batch: Callable[[int], None] | None,
     ) -> tuple[int, int, int]:
-        sent, held = done
-        batch_retries = sum(1 for due in sent if due.retry)
+        batch_retries = sum(1 for due in sent.renewals if due.retry)
         if on_batch is not None:
-            on_batch(len(sent) + held)
-        renewals, retries, held_total = counts
-        return renewals + len(sent) - batch_retries, retries + batch_retries, held_total + held
+            on_batch(len(sent.renewals) + sent.held)
+        renewals, retries, held = counts
+        n = len(sent.renewals)
+        return renewals + n - batch_retries, retries + batch_retries, held + sent.held
 
-    def _enqueue(self, batch: list[DueRenewal], hold_since: datetime) -> tuple[list[DueRenewal], int]:
-        """Enqueue each renewal of ``batch`` the broker no longer holds: (those sent, with their ids; held back).
+    def _enqueue(self, batch: list[DueRenewal], hold_since: datetime) -> Sent:
+        """Enqueue each renewal of ``batch`` the broker no longer holds.
 
         A renewal enqueued after ``hold_since`` (``sent_as``, ``sent_at``) is
         sent again only when the broker says it is gone (processed,
@@ -285,11 +317,7 @@ class Scheduler:
             enqueued = enqueue_many(messages)
         else:
             enqueued = [self.broker.enqueue(message) for message in messages]
-        sent = [
-            replace(due, sent_as=message.options.get("redis_message_id"))
-            for due, message in zip(todo, enqueued, strict=True)
-        ]
-        return sent, len(batch) - len(todo)
+        return Sent(todo, [m.options.get("redis_message_id") for m in enqueued], len(batch) - len(todo))
 
     async def run_forever(self, *, interval: timedelta, stop: asyncio.Event) -> None:
         """Run a pass every ``interval`` until ``stop`` is set.

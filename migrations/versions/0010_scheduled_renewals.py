@@ -21,13 +21,17 @@ depends_on = None
 # broker message id.  A pass sends a due renewal again only once
 # BILLING_SCHEDULER_RESEND_AFTER_MS has passed and the broker no longer holds
 # that message (consumed, dead-lettered or lost), so a backlog is not
-# flooded with copies of what it already holds.  No foreign key to
+# flooded with copies of what it already holds.  UNLOGGED: the table is a
+# cache of sends, written for every renewal enqueued, and skipping the WAL
+# keeps it cheap; after a crash or a failover it starts empty, and the
+# scheduler then sends each due renewal once more (a duplicate the actor
+# drops by its key), as it did at every pass before.  No foreign key to
 # subscriptions: its check would take a KEY SHARE lock that waits on a
 # renewal holding the subscription's row lock (subscriptions are never
 # deleted, so no row is orphaned).
 UPGRADE: list[str] = [
     """
-    CREATE TABLE scheduled_renewals (
+    CREATE UNLOGGED TABLE scheduled_renewals (
         subscription_id text PRIMARY KEY,
         period_start timestamptz NOT NULL,
         retry integer NOT NULL CHECK (retry >= 0),
