@@ -26,8 +26,10 @@ For every delivery (SPEC "Processing rules"), :meth:`BillingService.handle` runs
    this loses nothing, the outbox sweeper relays what was left.
 
 An error is classified once, in ``handle``: a :class:`PermanentError` is
-recorded and the key marked failed (or dead); any other error is retried,
-and recorded when the retries are exhausted.
+recorded and the key marked failed (or dead), both in one transaction; any
+other error is retried, and recorded when the retries are exhausted.  A
+failure PostgreSQL cannot take is retried as :class:`DatabaseUnavailable`,
+never dropped: a key is never failed without its record.
 """
 
 from __future__ import annotations
@@ -150,7 +152,9 @@ class BillingService:
 
         Raises:
           PermanentError: Recorded in ``failed_messages``; not to be retried.
-          TransientError: To be retried with backoff (recorded once retries are exhausted).
+          TransientError: To be retried with backoff (recorded once retries are exhausted);
+            :class:`DatabaseUnavailable` also in place of a permanent error that
+            PostgreSQL could not record.
         """
         structlog.contextvars.bind_contextvars(message_id=delivery.message_id, actor=actor_name)
         try:
@@ -172,11 +176,19 @@ class BillingService:
             elif result is None:
                 result = await self.apply(message)
         except PermanentError as exc:
-            if not isinstance(exc, IdempotencyConflict):
-                status = "dead" if isinstance(exc, TooManyDeliveries) else "failed"
-                await self._mark_key(message, fingerprint, status, exc)
+            # the key's end and its failure record commit together; when they
+            # cannot (PostgreSQL gone), DatabaseUnavailable replaces ``exc`` and
+            # the delivery is retried, so the failure is recorded at a later one
             await self.record_failure(
-                actor_name, kwargs, message, delivery, exc, attempts=delivery.retries + 1
+                actor_name,
+                kwargs,
+                message,
+                delivery,
+                exc,
+                attempts=delivery.retries + 1,
+                end_key=None
+                if isinstance(exc, IdempotencyConflict)
+                else (fingerprint, "dead" if isinstance(exc, TooManyDeliveries) else "failed"),
             )
             raise
         except Exception as exc:
@@ -356,16 +368,21 @@ class BillingService:
     ) -> None:
         """A transient error: logged for a retry, or recorded as ``retries_exhausted`` at the last one."""
         if delivery.retries >= delivery.max_retries:
-            await self._mark_key(message, fingerprint, "failed", exc)
-            await self.record_failure(
-                message.actor_name,
-                kwargs,
-                message,
-                delivery,
-                exc,
-                attempts=delivery.retries + 1,
-                event="retries_exhausted",
-            )
+            try:
+                await self.record_failure(
+                    message.actor_name,
+                    kwargs,
+                    message,
+                    delivery,
+                    exc,
+                    attempts=delivery.retries + 1,
+                    event="retries_exhausted",
+                    end_key=(fingerprint, "failed"),
+                )
+            except BillingError:
+                # Dramatiq gives the message up; the key keeps its lease, so the
+                # completer re-sends or ends it (db.deadlines) once it runs out
+                pass
             return
         # one line; a traceback only for an exception we did not classify
         log.warning(
@@ -377,15 +394,6 @@ class BillingService:
         )
         mark_logged(exc)
 
-    async def _mark_key(
-        self, message: BillingMessage, fingerprint: str, status: str, exc: BaseException
-    ) -> None:
-        try:
-            async with translate_errors(), self.autocommit.connect() as conn:
-                await money.fail_key(conn, message.idempotency_key, fingerprint, status, _describe(exc))
-        except BillingError:
-            log.error("could_not_mark_key", status=status)
-
     async def record_failure(
         self,
         actor_name: str,
@@ -396,6 +404,7 @@ class BillingService:
         *,
         attempts: int,
         event: str = "message_failed",
+        end_key: tuple[str, str] | None = None,
     ) -> None:
         """Record a failure in ``failed_messages`` and log it: one line, ``event``, whatever happens.
 
@@ -403,13 +412,21 @@ class BillingService:
         ERROR) carries the error's code and reason, and a traceback only for
         an exception that is not a :class:`BillingError` (an unexpected one).
         Dramatiq does not log ``exc`` again (:func:`workers.logging.mark_logged`).
-        A failure that cannot be recorded (PostgreSQL down) is logged as such.
+        With ``end_key``, the message's idempotency key is ended in the same
+        transaction, so a key is never ``failed`` without its record.
 
         Parameters:
           kwargs: The arguments as received (any JSON value); stored escaped and redacted.
           message: The validated message, None when validation did not get that far.
           attempts: Deliveries so far (Dramatiq's retries + 1).
           event: ``message_failed`` or ``retries_exhausted``.
+          end_key: ``(fingerprint, status)``: end ``message``'s key as ``failed``
+            (a new delivery runs it again) or ``dead`` (poison); a completed key stays completed.
+
+        Raises:
+          DatabaseUnavailable: Nothing was recorded (PostgreSQL down or the
+            connection lost; logged as ``could_not_record_failure``): the caller
+            retries the delivery rather than drop the failure.
         """
         metrics.failure_recorded(actor_name, exc)
         code = exc.code if isinstance(exc, BillingError) else type(exc).__name__
@@ -425,7 +442,11 @@ class BillingService:
         if len(json.dumps(stored_kwargs)) > 64_000:
             stored_kwargs = {"truncated": json.dumps(stored_kwargs)[:2000]}
         try:
-            async with translate_errors(), self.autocommit.connect() as conn:
+            async with transaction(self.engine) as conn:
+                if end_key is not None and message is not None:
+                    await money.fail_key(
+                        conn, message.idempotency_key, end_key[0], end_key[1], _describe(exc)
+                    )
                 await money.record_failure(
                     conn,
                     message_id=delivery.message_id,
@@ -441,6 +462,7 @@ class BillingService:
                 )
         except BillingError:
             log.error("could_not_record_failure", error=type(exc).__name__)
+            raise
 
     async def record_undecodable(
         self, queue_name: str, redis_id: str, payload: bytes, error: BaseException

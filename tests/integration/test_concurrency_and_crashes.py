@@ -392,3 +392,67 @@ def test_a_fast_path_renewal_crashing_between_claim_and_apply_or_after_is_applie
     assert db("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'") == [{"n": 1}]
     assert db("SELECT balance_micros FROM accounts") == [{"balance_micros": 10 * USD}]
     assert db("SELECT status FROM idempotency_keys WHERE kind = 'renew'") == [{"status": "completed"}]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "key_after"),
+    [
+        # a permanent error: the key is ended failed with its record
+        (_sub("a1", "no-such-plan", "k-doomed"), "unknown_plan", "failed"),
+        # a conflict: the record alone; the key keeps its first outcome
+        (_sub("a1", "other", "k-taken"), "idempotency_conflict", "completed"),
+    ],
+)
+def test_a_permanent_failure_whose_record_loses_its_connection_is_retried_and_recorded_once(
+    setup, services, db, monkeypatch, kwargs, error, key_after
+):
+    """The key's end and its ``failed_messages`` row commit together or not at all.
+
+    The recording connection is terminated on the server (``pg_terminate_backend``)
+    at the exact step: the delivery is then a transient error, retried, not a
+    permanent one that Dramatiq would drop with the key failed and no record.
+    """
+    from sqlalchemy import text
+
+    from db import money
+    from tasks.errors import DatabaseUnavailable, PermanentError
+    from workers import billing
+
+    setup(
+        accounts=[{"account_id": "a1", "balance_micros": 30 * USD}],
+        plans=[{"plan_id": "pro", "price_micros": 20 * USD}, {"plan_id": "other", "price_micros": USD}],
+    )
+    real = money.record_failure
+    terminated: list[int] = []
+
+    async def terminated_once(conn: Any, **kw: Any) -> None:
+        if not terminated:
+            terminated.append(1)
+            await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        await real(conn, **kw)
+
+    async def run() -> None:
+        service = _service(services)
+        try:
+            if error == "idempotency_conflict":
+                await service.handle("subscribe", _sub("a1", "pro", "k-taken"), Delivery("m0"))
+            monkeypatch.setattr(billing.money, "record_failure", terminated_once)
+            with pytest.raises(DatabaseUnavailable):
+                await service.handle("subscribe", kwargs, Delivery("m1"))
+            assert await _q(service, "SELECT count(*) AS n FROM failed_messages") == [{"n": 0}]
+            if key_after == "failed":  # not failed without its record: still processing, under its lease
+                assert await _q(service, "SELECT status FROM idempotency_keys WHERE key = 'k-doomed'") == [
+                    {"status": "processing"}
+                ]
+            with pytest.raises(PermanentError):  # the retry
+                await service.handle("subscribe", kwargs, Delivery("m1", retries=1))
+        finally:
+            await service.engine.dispose()
+
+    asyncio.run(run())
+    assert terminated == [1]
+    key = kwargs["idempotency_key"]
+    assert db("SELECT status FROM idempotency_keys WHERE key = $1", key) == [{"status": key_after}]
+    assert db("SELECT message_id, idempotency_key, error_type, attempts FROM failed_messages") == [
+        {"message_id": "m1", "idempotency_key": key, "error_type": error, "attempts": 2}
+    ]
