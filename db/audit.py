@@ -102,6 +102,18 @@ CHECKS: dict[str, tuple[str, str]] = {
         FROM api_key_deliveries WHERE status = 'pending' AND deliver_by < CAST(:now AS timestamptz)
         """,
     ),
+    # a message that failed for good is kept for operators: its key's end and its failed_messages
+    # row commit in one transaction (workers.billing.BillingService.record_failure,
+    # db.deadlines.end_key). A renewal the completer ended without a stored request has no message
+    # to keep; its period is the scheduler's to send again (no_unpaid_entitled_period).
+    "failed_key_recorded": (
+        "every failed or dead key has its failure record for operators (failed_messages)",
+        """
+        SELECT k.key, k.kind, k.status, k.account_id, k.last_error FROM idempotency_keys k
+        WHERE k.status IN ('failed', 'dead') AND NOT (k.kind = 'renew' AND k.request IS NULL)
+          AND NOT EXISTS (SELECT 1 FROM failed_messages f WHERE f.idempotency_key = k.key)
+        """,
+    ),
     # -- every state that waits has an owner and a deadline (docs/lifecycle.md "States that wait");
     # -- past its deadline (plus :slack, one owner's pass) the state is flagged, whatever
     # -- failed_messages says: a failure row is not an answer for the customer.

@@ -193,3 +193,13 @@ def test_an_outbox_row_past_its_deadline_is_flagged(healthy, db, clock, services
     assert "outbox_within_deadline" not in audit(quiescent=False)
     db("UPDATE outbox SET created_at = now() - interval '10 minutes' WHERE message_id = 'o1'")
     assert [r["message_id"] for r in audit(quiescent=False)["outbox_within_deadline"]] == ["o1"]
+
+
+def test_a_failed_key_without_its_failure_record_is_flagged(healthy, producer, drain, db, audit):
+    producer.subscribe(account_id="a1", plan_id="no-such-plan", idempotency_key="doomed")
+    drain()
+    assert db("SELECT status FROM idempotency_keys WHERE key = 'doomed'") == [{"status": "failed"}]
+    assert "failed_key_recorded" not in audit(quiescent=True)  # failed with its record
+    db("DELETE FROM failed_messages WHERE idempotency_key = 'doomed'")
+    flagged = audit(quiescent=False)["failed_key_recorded"]
+    assert [(r["key"], r["status"]) for r in flagged] == [("doomed", "failed")]
