@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
 from datetime import datetime
 from typing import Any
 
 import dramatiq
+import uuid_utils
 from dramatiq.brokers.redis import RedisBroker
 
 from .errors import ConfigurationError
@@ -50,7 +50,7 @@ def to_dramatiq_message(message: BillingMessage, *, message_id: str | None = Non
         args=(),
         kwargs=message.kwargs(),
         options={},
-        message_id=message_id or str(uuid.uuid4()),
+        message_id=message_id or str(uuid_utils.uuid4()),
     )
 
 

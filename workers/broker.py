@@ -6,9 +6,9 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
-from uuid import uuid4
 
 import redis
+import uuid_utils
 from dramatiq import Message, set_encoder
 from dramatiq.brokers.redis import (
     MAINTENANCE_COMMAND_BLACKLIST,
@@ -330,7 +330,7 @@ class BillingRedisBroker(RedisBroker):
         enqueued = []
         bodies: dict[str, dict[str, bytes]] = {}
         for original in messages:
-            message = original.copy(options={"redis_message_id": str(uuid4())})
+            message = original.copy(options={"redis_message_id": str(uuid_utils.uuid4())})
             if "redis_message_id" in original.options:  # came from Redis: keeps its signature
                 with forwarding():
                     self.emit_before("enqueue", message, None)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -44,6 +43,7 @@ from typing import Any
 
 import dramatiq
 import structlog
+import uuid_utils
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from db.engine import translate_errors
@@ -308,7 +308,7 @@ class Scheduler:
                 args=(),
                 kwargs=renewal_kwargs(due.subscription_id, due.period_start, due.retry),
                 options={},
-                message_id=str(uuid.uuid4()),
+                message_id=str(uuid_utils.uuid4()),
             )
             for due in todo
         ]

@@ -9,11 +9,11 @@ integer micros (1 USD = 1_000_000).
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import uuid_utils
 from sqlalchemy.engine import RowMapping
 
 from tasks.messages import BillingMessage
@@ -94,7 +94,7 @@ class OutboxMessage:
     queue_name: str
     actor_name: str
     kwargs: dict[str, Any]
-    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    message_id: str = field(default_factory=lambda: str(uuid_utils.uuid4()))
 
     @classmethod
     def of(cls, message: BillingMessage) -> OutboxMessage:
