@@ -57,11 +57,20 @@ SIGNATURE_OPTION = "billing_signature"
 MIN_SECRET_LENGTH = 32
 
 
+#: The canonical JSON encoder (built once: ``json.dumps`` with options builds one per call).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_form(actor_name: str, message_id: str, kwargs: Any) -> bytes:
-    """The bytes a signature covers: ``[actor_name, message_id, kwargs]`` as canonical JSON (UTF-8)."""
-    return json.dumps(
-        [actor_name, message_id, kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    ).encode()
+    """The bytes a signature covers: ``[actor_name, message_id, kwargs]`` as canonical JSON (UTF-8).
+
+    Exactly ``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)``.
+
+    Raises:
+      TypeError: ``kwargs`` holds a value JSON has no form for.
+      ValueError: A lone surrogate, which UTF-8 cannot encode (``UnicodeEncodeError``).
+    """
+    return _CANONICAL.encode([actor_name, message_id, kwargs]).encode()
 
 
 @dataclass(frozen=True)
