@@ -11,8 +11,9 @@ holds the figures of the last full run.  Modules:
 * :mod:`bench.renewal_script`: the pgbench script of one renewal, generated
   from ``db/money.py`` (committed as ``bench/renewal.sql``);
 * :mod:`bench.data`: the accounts, plans and subscriptions, in bulk SQL;
-* :mod:`bench.noop`, :mod:`bench.naive`: the broker's ceiling and the naive
-  baseline, each a stock Dramatiq worker module;
+* :mod:`bench.noop`, :mod:`bench.naive`, :mod:`bench.naive_usage`: the
+  broker's ceiling and the naive baselines (renewals, usage), each a stock
+  Dramatiq worker module;
 * :mod:`bench.report`: the table, ``docs/benchmarks.md`` and the chart;
 * :mod:`bench.stats`: summaries, ratios, percentiles, pgbench and profile parsing.
 """
@@ -23,9 +24,13 @@ __all__ = [
     "NOOP_ACTOR",
     "NAIVE_QUEUE",
     "NAIVE_ACTOR",
+    "NAIVE_USAGE_QUEUE",
+    "NAIVE_USAGE_ACTOR",
 ]
 
 NOOP_QUEUE = "bench.noop"
 NOOP_ACTOR = "bench_noop"
 NAIVE_QUEUE = "bench.naive"
 NAIVE_ACTOR = "bench_naive_renew"
+NAIVE_USAGE_QUEUE = "bench.naive_usage"
+NAIVE_USAGE_ACTOR = "bench_naive_record_usage"

@@ -37,6 +37,7 @@ from harness.services import WorkerProcess, database_engine, drain, producer_bro
 from tasks.messages import (
     AutoTopUpMessage,
     BillingMessage,
+    RecordUsageMessage,
     RenewMessage,
     RevokeKeyMessage,
     SubscribeMessage,
@@ -46,7 +47,7 @@ from tasks.producer import Producer, to_dramatiq_message
 from tasks.signing import signing_keys_from_env
 from workers.broker import BillingRedisBroker
 
-from . import NAIVE_ACTOR, NAIVE_QUEUE, NOOP_ACTOR, NOOP_QUEUE
+from . import NAIVE_ACTOR, NAIVE_QUEUE, NAIVE_USAGE_ACTOR, NAIVE_USAGE_QUEUE, NOOP_ACTOR, NOOP_QUEUE
 from .config import (
     APP_NAME,
     ARTIFACTS,
@@ -72,6 +73,16 @@ from .services import (
 from .stats import parse_pgbench, percentile
 
 __all__ = ["Bench", "Measurement"]
+
+#: The stock Dramatiq setups (their own broker, queue and worker module ``bench.<setup>``).
+STOCK_QUEUES = {"noop": NOOP_QUEUE, "naive": NAIVE_QUEUE, "naive_usage": NAIVE_USAGE_QUEUE}
+STOCK_SETUPS = frozenset(STOCK_QUEUES)
+#: The usage workload: accounts drawn Zipf-distributed with this exponent (rank 1 the hottest).
+USAGE_ZIPF_S = 1.1
+#: Share of usage events that repeat an earlier event id (a producer's retry).
+USAGE_REPEATS = 0.2
+#: Micros debited by each usage event (a bench account holds a million dollars: never owed).
+USAGE_AMOUNT_MICROS = 1_000
 
 
 @dataclass
@@ -133,6 +144,7 @@ class Bench:
         self.keys_seq = 0
         self.profile_files: list[Path] = []
         self.profile_notes: list[str] = []
+        self._zipf: list[float] | None = None
 
     # ------------------------------------------------------------------ environments
 
@@ -165,7 +177,7 @@ class Bench:
     def worker_group(self, setup: str, db_url: str, processes: int, tag: str) -> WorkerProcess:
         """The worker command of ``setup``: a stock Dramatiq module (noop, naive) or ``billing worker``."""
         log = self.logs / f"{tag}.log"
-        if setup in ("noop", "naive"):
+        if setup in STOCK_SETUPS:
             argv = worker_command(f"bench.{setup}", processes=processes, threads=self.cfg.threads)
             return WorkerProcess(argv, self.stock_env(db_url), log=log, name=setup)
         billing = str(Path(sys.executable).with_name("billing"))
@@ -212,6 +224,36 @@ class Bench:
         finally:
             await conn.close()
         return [(r["id"], r["current_period_end"]) for r in rows]
+
+    def usage_events(self, n: int) -> list[RecordUsageMessage]:
+        """``n`` usage events on the accounts, Zipf-distributed (s = :data:`USAGE_ZIPF_S`, a few very hot
+        accounts), :data:`USAGE_REPEATS` of them repeats of an earlier event (the same key and arguments)."""
+        weights = self._zipf_weights()
+        firsts = max(1, round(n * (1 - USAGE_REPEATS)))
+        accounts = self.rng.choices(range(self.cfg.accounts), cum_weights=weights, k=firsts)
+        events = [
+            RecordUsageMessage(
+                account_id=account_id(a),
+                amount_micros=USAGE_AMOUNT_MICROS,
+                idempotency_key=self._key("usage"),
+                meter="llm.tokens",
+                quantity=USAGE_AMOUNT_MICROS // 10,
+            )
+            for a in accounts
+        ]
+        repeats = [events[self.rng.randrange(len(events))] for _ in range(n - firsts)]
+        out = events + repeats
+        self.rng.shuffle(out)
+        return out
+
+    def _zipf_weights(self) -> list[float]:
+        if self._zipf is None or len(self._zipf) != self.cfg.accounts:
+            total, cumulative = 0.0, []
+            for rank in range(1, self.cfg.accounts + 1):
+                total += 1.0 / rank**USAGE_ZIPF_S
+                cumulative.append(total)
+            self._zipf = cumulative
+        return self._zipf
 
     def renewals(self, db_url: str, indices: Sequence[int]) -> list[BillingMessage]:
         """``renew`` of each subscription's next period, under the scheduler's key."""
@@ -271,7 +313,7 @@ class Bench:
             m.rate = None
             m.error = f"{type(exc).__name__}: {exc}"[:1500]
         finally:
-            purge_queues(self.redis, [*BILLING_QUEUES, NOOP_QUEUE, NAIVE_QUEUE])
+            purge_queues(self.redis, [*BILLING_QUEUES, *STOCK_QUEUES.values()])
         if setup != "noop":
             try:
                 m.audit = self.audit(db_url)
@@ -339,6 +381,21 @@ class Bench:
                     )
                 )
             return messages, [str(d.kwargs["idempotency_key"]) for d in messages]
+        if setup in ("usage", "naive_usage"):
+            events = self.usage_events(n)
+            keys = list(dict.fromkeys(e.idempotency_key for e in events))
+            if setup == "usage":
+                return [to_dramatiq_message(e) for e in events], keys
+            return [
+                dramatiq.Message(
+                    queue_name=NAIVE_USAGE_QUEUE,
+                    actor_name=NAIVE_USAGE_ACTOR,
+                    args=(),
+                    kwargs=e.kwargs(),
+                    options={},
+                )
+                for e in events
+            ], keys
         billing: list[BillingMessage]
         if setup == "project":
             billing = self.renewals(db_url, indices)
@@ -371,10 +428,8 @@ class Bench:
         cap = MAX_NOOP_BATCH if setup == "noop" else subscriptions
         n = self.batch(setup, cap)
         messages, keys = self._build(setup, db_url, n, subscriptions, m.round)
-        queues = (
-            [NOOP_QUEUE] if setup == "noop" else [NAIVE_QUEUE] if setup == "naive" else list(BILLING_QUEUES)
-        )
-        broker = self.plain_broker if setup in ("noop", "naive") else self.producer.broker
+        queues = [STOCK_QUEUES[setup]] if setup in STOCK_SETUPS else list(BILLING_QUEUES)
+        broker = self.plain_broker if setup in STOCK_SETUPS else self.producer.broker
         assert isinstance(broker, BillingRedisBroker)
         group = self.worker_group(setup, db_url, m.processes, tag)
         profilers: list[subprocess.Popen[bytes]] = []
@@ -430,20 +485,29 @@ class Bench:
 
     # ------------------------------------------------------------------ latency
 
-    def latency(self, db_url: str, rate: float) -> dict[str, Any]:
-        """Enqueue-to-commit latency of ``renew`` paced at ``rate`` messages/s for ``seconds``."""
+    def latency(self, db_url: str, rate: float, setup: str = "project") -> dict[str, Any]:
+        """Enqueue-to-commit latency of ``renew`` (``project``) or ``record_usage`` (``usage``: distinct
+        events of the usage workload) paced at ``rate`` messages/s for ``seconds``."""
         seconds = max(5.0, self.cfg.seconds)
         # a warm-up batch first (not measured): the workers open their connection pools
         warmup = min(self.cfg.accounts // 10, 4 * self.cfg.clients)
-        n = max(10, min(self.cfg.accounts - warmup, int(rate * seconds)))
-        indices = self.rng.sample(range(self.cfg.accounts), n + warmup)
-        warm = [to_dramatiq_message(b) for b in self.renewals(db_url, indices[n:])]
-        billing = self.renewals(db_url, indices[:n])
+        billing: list[BillingMessage]
+        if setup == "usage":
+            n = max(10, int(rate * seconds))
+            events = list({e.idempotency_key: e for e in self.usage_events(2 * (n + warmup))}.values())
+            warm = [to_dramatiq_message(b) for b in events[n : n + warmup]]
+            billing = list(events[:n])
+            n = len(billing)
+        else:
+            n = max(10, min(self.cfg.accounts - warmup, int(rate * seconds)))
+            indices = self.rng.sample(range(self.cfg.accounts), n + warmup)
+            warm = [to_dramatiq_message(b) for b in self.renewals(db_url, indices[n:])]
+            billing = self.renewals(db_url, indices[:n])
         messages = [to_dramatiq_message(b) for b in billing]
         keys = [b.idempotency_key for b in billing]
         broker = self.producer.broker
         assert isinstance(broker, BillingRedisBroker)
-        group = self.worker_group("project", db_url, self.cfg.processes, "latency")
+        group = self.worker_group("project", db_url, self.cfg.processes, f"latency-{setup}")
         sent_at: dict[str, float] = {}
         out: dict[str, Any] = {"target_rate": rate, "messages": n, "warmup": len(warm)}
         try:

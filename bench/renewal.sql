@@ -41,9 +41,9 @@ SELECT s.id AS sub, s.account_id AS account, s.plan_id AS plan,
 FROM subscriptions s JOIN plans p ON p.id = s.plan_id
 WHERE s.id = 'bsub-' || CAST(:n AS text) \gset
 -- db.money._LOCK_ACCOUNT
-SELECT id, currency, balance_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
+SELECT id, currency, balance_micros, owed_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
        auto_top_up_amount_micros, payment_method_ref, auto_top_up_monthly_cap_micros,
-       auto_top_up_disabled_reason
+       auto_top_up_disabled_reason, auto_top_up_max_per_period
 FROM accounts WHERE id = :account FOR UPDATE;
 -- db.money._LOCK_SUBSCRIPTION
 SELECT s.id, s.account_id, s.plan_id, s.status, s.billing_anchor, s.period_index, s.current_period_start,

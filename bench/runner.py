@@ -67,7 +67,7 @@ from rich.console import Console
 from harness.figures import describe_machine
 from harness.services import interrupt_on_sigterm
 
-from . import NAIVE_QUEUE, NOOP_QUEUE
+from . import NAIVE_QUEUE, NAIVE_USAGE_QUEUE, NOOP_QUEUE
 from .config import (
     ARTIFACTS,
     BILLING_QUEUES,
@@ -110,7 +110,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> int:
             )
             console.print(f"Redis {services.redis_version}: {services.redis_label}")
             if not services.own_redis and pending_messages(
-                bench.redis, [*BILLING_QUEUES, NOOP_QUEUE, NAIVE_QUEUE]
+                bench.redis, [*BILLING_QUEUES, NOOP_QUEUE, NAIVE_QUEUE, NAIVE_USAGE_QUEUE]
             ):
                 raise RuntimeError("the configured Redis holds billing messages: use an empty Redis database")
             committed_script = SCRIPT_PATH.read_text() if SCRIPT_PATH.exists() else ""
@@ -176,16 +176,22 @@ def _run(bench: Bench, cfg: BenchConfig, console: Console) -> dict[str, Any]:
                     )
 
         project_rate = _median([m.rate for m in bench.measurements if m.setup == "project" and m.ok])
-        if cfg.latency and project_rate:
-            console.print(f"latency: renew paced at half the peak, {project_rate / 2:,.0f} messages/s")
+        usage_rate = _median([m.rate for m in bench.measurements if m.setup == "usage" and m.ok])
+        for kind, setup, peak, key in (
+            ("renew", "project", project_rate, "latency"),
+            ("usage", "usage", usage_rate, "usage_latency"),
+        ):
+            if not (cfg.latency and peak):
+                continue
+            console.print(f"latency: {kind} paced at half the peak, {peak / 2:,.0f} messages/s")
             try:
-                results["latency"] = lat = bench.latency(db_url, project_rate / 2)
+                results[key] = lat = bench.latency(db_url, peak / 2, setup)
                 console.print(
                     f"  p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms, {lat['completed']:,} messages"
                 )
             except Exception as exc:  # noqa: BLE001 - reported; the run goes on
-                bench.failures.append(f"latency: {type(exc).__name__}: {exc}")
-                console.print(f"[red bold]latency FAILED: {exc}[/red bold]")
+                bench.failures.append(f"{key}: {type(exc).__name__}: {exc}")
+                console.print(f"[red bold]{kind} latency FAILED: {exc}[/red bold]")
 
         for processes in cfg.scaling:
             console.print(f"scaling: renew with {processes} worker process(es) x {cfg.threads} threads")

@@ -92,6 +92,54 @@ CHECKS: dict[str, tuple[str, str]] = {
                                         AND next_retry_at IS NOT NULL AND next_retry_at <= grace_ends_at)
         """,
     ),
+    # usage (record_usage): what was applied is charged or owed, owed usage is collected first by
+    # the next credit, each event once, and the replica-safe flag agrees with the account
+    "usage_charged_or_owed": (
+        "the usage applied to each account equals its usage_charge ledger entries plus what it owes",
+        """
+        SELECT a.id AS account_id, COALESCE(u.applied, 0) AS usage_micros,
+               COALESCE(l.charged, 0) AS usage_charged_micros, a.owed_micros
+        FROM accounts a
+        LEFT JOIN (SELECT account_id, sum(amount_micros)::bigint AS applied FROM usage_events
+                   GROUP BY account_id) u ON u.account_id = a.id
+        LEFT JOIN (SELECT account_id, (-sum(amount_micros))::bigint AS charged FROM ledger_entries
+                   WHERE kind = 'usage_charge' GROUP BY account_id) l ON l.account_id = a.id
+        WHERE COALESCE(u.applied, 0) <> COALESCE(l.charged, 0) + a.owed_micros
+        """,
+    ),
+    "owed_usage_collected": (
+        "owed usage is collected by the next credit: no account owes usage while its balance is above zero",
+        "SELECT id AS account_id, balance_micros, owed_micros FROM accounts WHERE owed_micros > 0 AND balance_micros > 0",
+    ),
+    "usage_applied_once": (
+        "each usage event key is applied once: its event row, its completed key, and batch entries that "
+        "equal their events' charges",
+        """
+        SELECT 'ledger entry' AS what, l.idempotency_key AS key, (-l.amount_micros)::bigint AS ledger_micros,
+               COALESCE(sum(u.charged_micros), 0)::bigint AS events_micros
+        FROM ledger_entries l LEFT JOIN usage_events u ON u.ledger_entry_id = l.id
+        WHERE l.kind = 'usage_charge' AND l.idempotency_key LIKE 'usage:%'
+        GROUP BY l.id HAVING -l.amount_micros <> COALESCE(sum(u.charged_micros), 0)
+        UNION ALL
+        SELECT 'completed key without its event', k.key, NULL::bigint, NULL::bigint FROM idempotency_keys k
+        WHERE k.kind = 'record_usage' AND k.status = 'completed' AND NOT EXISTS (
+            SELECT 1 FROM usage_events u WHERE u.idempotency_key = k.key
+              AND u.amount_micros = (k.result->>'amount_micros')::bigint)
+        UNION ALL
+        SELECT 'event without its completed key', u.idempotency_key, NULL::bigint, NULL::bigint
+        FROM usage_events u WHERE NOT EXISTS (
+            SELECT 1 FROM idempotency_keys k
+            WHERE k.key = u.idempotency_key AND k.kind = 'record_usage' AND k.status = 'completed')
+        """,
+    ),
+    "has_credits_matches_account": (
+        "has_credits (account_entitlements) is true exactly while the balance is above zero and nothing is owed",
+        """
+        SELECT a.id AS account_id, a.balance_micros, a.owed_micros, e.has_credits
+        FROM accounts a LEFT JOIN account_entitlements e ON e.account_id = a.id
+        WHERE e.has_credits IS DISTINCT FROM (a.balance_micros > 0 AND a.owed_micros = 0)
+        """,
+    ),
     # owner: the consumer of the subscriber's private key (`billing keys fetch`,
     # examples/key_consumer.py); deadline: deliver_by, BILLING_KEY_DELIVERY_DEADLINE_MS
     # after the key was issued (written with the row, from the money path's clock)

@@ -18,6 +18,8 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from .money.record_usage import usage_event
+
 __all__ = [
     "FailureFilter",
     "NOT_RETRYABLE",
@@ -137,7 +139,11 @@ async def get_failure(conn: AsyncConnection, message_id: str) -> dict[str, Any] 
 
 
 async def key_record(conn: AsyncConnection, key: str) -> dict[str, Any] | None:
-    """The stored state and outcome of an idempotency key, or None."""
+    """The stored state and outcome of an idempotency key, or None.
+
+    A usage event's key (``record_usage``) also carries its ``usage_event``
+    row (amount, charged and owed micros, meter, ledger entry), None until applied.
+    """
     row = await conn.execute(
         text(
             """
@@ -149,7 +155,12 @@ async def key_record(conn: AsyncConnection, key: str) -> dict[str, Any] | None:
         {"key": key},
     )
     found = row.mappings().one_or_none()
-    return _plain(found) if found is not None else None
+    if found is None:
+        return None
+    record = _plain(found)
+    if found["kind"] == "record_usage":
+        record["usage_event"] = await usage_event(conn, key)
+    return record
 
 
 _RESET_KEY = text(

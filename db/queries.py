@@ -34,6 +34,15 @@ _ACCOUNT_PARTS = {
         SELECT plan_id, subscription_id, status, entitled, current_period_end, grace_ends_at
         FROM entitlements WHERE account_id = :id ORDER BY plan_id
         """,
+    # usage by meter and by day (UTC), from the events' own rows (index usage_events_account)
+    "usage": """
+        SELECT (recorded_at AT TIME ZONE 'UTC')::date AS day, COALESCE(meter, '') AS meter,
+               count(*) AS events, COALESCE(sum(quantity), 0)::bigint AS quantity,
+               sum(amount_micros)::bigint AS amount_micros, sum(charged_micros)::bigint AS charged_micros,
+               sum(owed_micros)::bigint AS owed_at_record_micros
+        FROM usage_events WHERE account_id = :id
+        GROUP BY 1, 2 ORDER BY 1 DESC, 2 LIMIT 400
+        """,
 }
 
 
@@ -42,7 +51,8 @@ def _plain(row: Any) -> dict[str, Any]:
 
 
 async def account_snapshot(engine: AsyncEngine, account_id: str) -> dict[str, Any] | None:
-    """Balance, subscriptions, API keys (no hashes, no secrets), ledger and top-ups of an account.
+    """Balance, owed usage and ``has_credits``, subscriptions, API keys (no hashes, no secrets), ledger,
+    top-ups, entitlements and usage by day and meter of an account (micros, UTC).
 
     Returns None for an unknown account.
     """
@@ -52,11 +62,14 @@ async def account_snapshot(engine: AsyncEngine, account_id: str) -> dict[str, An
                 await conn.execute(
                     text(
                         """
-                    SELECT id, currency, balance_micros, auto_top_up_enabled, auto_top_up_threshold_micros,
-                           auto_top_up_amount_micros, payment_method_ref IS NOT NULL AS has_payment_method,
-                           auto_top_up_monthly_cap_micros, auto_top_up_consecutive_declines,
-                           auto_top_up_disabled_reason, auto_top_up_disabled_at, created_at, updated_at
-                    FROM accounts WHERE id = :id
+                    SELECT a.id, a.currency, a.balance_micros, a.owed_micros, e.has_credits,
+                           a.auto_top_up_enabled, a.auto_top_up_threshold_micros,
+                           a.auto_top_up_amount_micros, a.payment_method_ref IS NOT NULL AS has_payment_method,
+                           a.auto_top_up_monthly_cap_micros, a.auto_top_up_max_per_period,
+                           a.auto_top_up_consecutive_declines,
+                           a.auto_top_up_disabled_reason, a.auto_top_up_disabled_at, a.created_at, a.updated_at
+                    FROM accounts a LEFT JOIN account_entitlements e ON e.account_id = a.id
+                    WHERE a.id = :id
                     """
                     ),
                     {"id": account_id},

@@ -45,6 +45,10 @@ WORKER_GRANTS: dict[str, str] = {
     "api_key_recipients": "SELECT, INSERT, UPDATE, DELETE",
     # the scheduler's record of what it enqueued (upserted, one row per subscription)
     "scheduled_renewals": "SELECT, INSERT, UPDATE",
+    # usage events are written once, never changed (migration 0011)
+    "usage_events": "SELECT, INSERT",
+    # the has_credits flag, written by the accounts trigger in the worker's own transaction
+    "account_entitlements": "SELECT, INSERT, UPDATE",
     "alembic_version": "SELECT",
 }
 

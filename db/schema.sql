@@ -1,3 +1,57 @@
+CREATE FUNCTION public.billing_apply_usage_v1(p_account_id text, p_keys text[], p_amounts bigint[], p_meters text[], p_quantities bigint[], p_occurred_at timestamp with time zone[], p_now timestamp with time zone) RETURNS TABLE(o_key text, o_result jsonb)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_total bigint;
+    v_charged bigint;
+    v_entry bigint;
+    v_balance bigint;
+BEGIN
+    SELECT sum(a)::bigint INTO v_total FROM unnest(p_amounts) AS a;
+    SELECT LEAST(acc.balance_micros, v_total) INTO v_charged FROM accounts AS acc WHERE acc.id = p_account_id;
+    WITH entry AS (
+        INSERT INTO ledger_entries (account_id, amount_micros, kind, idempotency_key, created_at)
+        SELECT p_account_id, -v_charged, 'usage_charge', 'usage:' || p_keys[1], p_now WHERE v_charged > 0
+        RETURNING id
+    )
+    UPDATE accounts AS acc SET balance_micros = acc.balance_micros - v_charged,
+           owed_micros = acc.owed_micros + (v_total - v_charged), updated_at = p_now
+        WHERE acc.id = p_account_id
+        RETURNING acc.balance_micros, (SELECT id FROM entry) INTO v_balance, v_entry;
+    RETURN QUERY
+    WITH e AS (
+        SELECT u.k, u.amount, u.meter, u.quantity, u.occurred_at, u.n,
+               GREATEST(0, LEAST(u.amount, v_charged - ((sum(u.amount) OVER (ORDER BY u.n))::bigint - u.amount)))
+                   AS charged
+        FROM unnest(p_keys, p_amounts, p_meters, p_quantities, p_occurred_at) WITH ORDINALITY
+             AS u(k, amount, meter, quantity, occurred_at, n)
+    ), stored AS (
+        INSERT INTO usage_events (idempotency_key, account_id, meter, quantity, amount_micros, charged_micros,
+                                  owed_micros, ledger_entry_id, occurred_at, recorded_at)
+        SELECT e.k, p_account_id, e.meter, e.quantity, e.amount, e.charged, e.amount - e.charged,
+               CASE WHEN e.charged > 0 THEN v_entry END, e.occurred_at, p_now
+        FROM e
+        RETURNING 1
+    )
+    SELECT e.k, jsonb_build_object(
+               'outcome', 'usage_recorded', 'account_id', p_account_id, 'amount_micros', e.amount,
+               'charged_micros', e.charged, 'owed_micros', e.amount - e.charged, 'balance_micros', v_balance,
+               'ledger_entry_id', CASE WHEN e.charged > 0 THEN v_entry END)
+    FROM e ORDER BY e.n;
+END
+$$;
+
+CREATE FUNCTION public.billing_has_credits_v1() RETURNS trigger
+    LANGUAGE plpgsql
+    AS $$
+BEGIN
+    INSERT INTO account_entitlements (account_id, has_credits, updated_at)
+        VALUES (NEW.id, NEW.balance_micros > 0 AND NEW.owed_micros = 0, NEW.updated_at)
+        ON CONFLICT (account_id) DO UPDATE SET has_credits = EXCLUDED.has_credits, updated_at = EXCLUDED.updated_at;
+    RETURN NULL;
+END
+$$;
+
 CREATE FUNCTION public.billing_iso(ts timestamp with time zone) RETURNS text
     LANGUAGE sql IMMUTABLE STRICT
     AS $$
@@ -14,6 +68,79 @@ CREATE FUNCTION public.billing_period_boundary(anchor timestamp with time zone, 
                     WHEN 'month' THEN make_interval(months => intervals)
                     WHEN 'day' THEN make_interval(days => intervals) END) AT TIME ZONE 'UTC'
     $$;
+
+CREATE FUNCTION public.billing_record_usage_batch_v1(p_keys text[], p_account_ids text[], p_amounts bigint[], p_meters text[], p_quantities bigint[], p_occurred_at timestamp with time zone[], p_now timestamp with time zone) RETURNS TABLE(o_key text, o_r jsonb)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_account text;
+    v_acc record;
+    v_out jsonb;
+    v_keys text[];
+    v_amounts bigint[];
+    v_meters text[];
+    v_quantities bigint[];
+    v_occurred timestamptz[];
+BEGIN
+    FOR v_account IN SELECT DISTINCT a FROM unnest(p_account_ids) AS a ORDER BY a LOOP
+        BEGIN
+            PERFORM 1 FROM idempotency_keys AS k
+                WHERE k.key = ANY (ARRAY(SELECT u.k FROM unnest(p_keys, p_account_ids) AS u(k, a)
+                                         WHERE u.a = v_account))
+                ORDER BY k.key FOR UPDATE;
+            SELECT COALESCE(jsonb_object_agg(u.k, CASE
+                       WHEN k.key IS NULL THEN jsonb_build_object('fast', 'fallback', 'why', 'unclaimed')
+                       ELSE jsonb_build_object('fast', 'duplicate', 'result', k.result) END), '{}'::jsonb)
+                INTO v_out
+                FROM unnest(p_keys, p_account_ids) AS u(k, a)
+                LEFT JOIN idempotency_keys AS k ON k.key = u.k
+                WHERE u.a = v_account AND (k.key IS NULL OR k.status = 'completed');
+            SELECT array_agg(u.k ORDER BY u.k), array_agg(u.amount ORDER BY u.k), array_agg(u.meter ORDER BY u.k),
+                   array_agg(u.quantity ORDER BY u.k), array_agg(u.occurred_at ORDER BY u.k)
+                INTO v_keys, v_amounts, v_meters, v_quantities, v_occurred
+                FROM unnest(p_keys, p_account_ids, p_amounts, p_meters, p_quantities, p_occurred_at)
+                     AS u(k, a, amount, meter, quantity, occurred_at)
+                JOIN idempotency_keys AS k ON k.key = u.k
+                WHERE u.a = v_account AND k.status <> 'completed';
+            IF v_keys IS NOT NULL THEN
+                SELECT acc.id, acc.auto_top_up_enabled, acc.auto_top_up_threshold_micros,
+                       acc.auto_top_up_max_per_period INTO v_acc
+                    FROM accounts AS acc WHERE acc.id = v_account FOR UPDATE;
+                IF NOT FOUND THEN
+                    SELECT v_out || jsonb_object_agg(k, jsonb_build_object('fast', 'fallback', 'why', 'unknown_account'))
+                        INTO v_out FROM unnest(v_keys) AS k;
+                ELSE
+                    WITH applied AS (
+                        SELECT a.o_key, a.o_result
+                        FROM billing_apply_usage_v1(v_account, v_keys, v_amounts, v_meters, v_quantities,
+                                                    v_occurred, p_now) AS a
+                    ), done AS (
+                        UPDATE idempotency_keys AS k SET status = 'completed', result = applied.o_result,
+                               last_error = NULL, updated_at = p_now, account_id = COALESCE(k.account_id, v_account),
+                               completed_at = p_now
+                        FROM applied WHERE k.key = applied.o_key
+                        RETURNING 1
+                    )
+                    SELECT v_out || jsonb_object_agg(applied.o_key, jsonb_build_object(
+                               'fast', 'applied', 'result', applied.o_result,
+                               'account', jsonb_build_object(
+                                   'id', v_acc.id, 'auto_top_up_enabled', v_acc.auto_top_up_enabled,
+                                   'auto_top_up_threshold_micros', v_acc.auto_top_up_threshold_micros,
+                                   'auto_top_up_max_per_period', v_acc.auto_top_up_max_per_period)))
+                        INTO v_out FROM applied;
+                END IF;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            -- this account's writes are rolled back (subtransaction); the Python path runs its events one by one
+            SELECT jsonb_object_agg(u.k, jsonb_build_object('fast', 'fallback', 'why', 'error',
+                                                            'sqlstate', SQLSTATE, 'error', SQLERRM))
+                INTO v_out
+                FROM unnest(p_keys, p_account_ids) AS u(k, a) WHERE u.a = v_account;
+        END;
+        RETURN QUERY SELECT e.key, e.value FROM jsonb_each(v_out) AS e;
+    END LOOP;
+END
+$$;
 
 CREATE FUNCTION public.billing_renew_charge_v1(p_account_id text, p_subscription_id text, p_plan_id text, p_price_micros bigint, p_index integer, p_period_start timestamp with time zone, p_period_end timestamp with time zone, p_now timestamp with time zone) RETURNS bigint
     LANGUAGE plpgsql
@@ -115,6 +242,12 @@ CREATE FUNCTION public.ledger_entries_append_only() RETURNS trigger
     END
     $$;
 
+CREATE TABLE public.account_entitlements (
+    account_id text NOT NULL,
+    has_credits boolean NOT NULL,
+    updated_at timestamp with time zone NOT NULL
+);
+
 CREATE TABLE public.accounts (
     id text NOT NULL,
     currency character(3) NOT NULL,
@@ -129,11 +262,15 @@ CREATE TABLE public.accounts (
     updated_at timestamp with time zone DEFAULT now() NOT NULL,
     auto_top_up_monthly_cap_micros bigint,
     auto_top_up_disabled_at timestamp with time zone,
+    owed_micros bigint DEFAULT 0 NOT NULL,
+    auto_top_up_max_per_period integer,
     CONSTRAINT accounts_balance_non_negative CHECK ((balance_micros >= 0)),
     CONSTRAINT accounts_currency_check CHECK ((currency ~ '^[A-Z]{3}$'::text)),
+    CONSTRAINT accounts_owed_non_negative CHECK ((owed_micros >= 0)),
     CONSTRAINT accounts_top_up_amount_range CHECK (((auto_top_up_amount_micros IS NULL) OR ((auto_top_up_amount_micros >= 1) AND (auto_top_up_amount_micros <= '1000000000000000'::bigint)))),
     CONSTRAINT accounts_top_up_cap_covers_amount CHECK (((auto_top_up_monthly_cap_micros IS NULL) OR (auto_top_up_amount_micros IS NULL) OR (auto_top_up_monthly_cap_micros >= auto_top_up_amount_micros))),
     CONSTRAINT accounts_top_up_configured CHECK (((NOT auto_top_up_enabled) OR ((auto_top_up_amount_micros IS NOT NULL) AND (auto_top_up_threshold_micros IS NOT NULL) AND (payment_method_ref IS NOT NULL)))),
+    CONSTRAINT accounts_top_up_max_per_period_range CHECK (((auto_top_up_max_per_period IS NULL) OR ((auto_top_up_max_per_period >= 1) AND (auto_top_up_max_per_period <= 1000)))),
     CONSTRAINT accounts_top_up_monthly_cap_range CHECK (((auto_top_up_monthly_cap_micros IS NULL) OR ((auto_top_up_monthly_cap_micros >= 1) AND (auto_top_up_monthly_cap_micros <= '1000000000000000'::bigint)))),
     CONSTRAINT accounts_top_up_threshold_range CHECK (((auto_top_up_threshold_micros IS NULL) OR ((auto_top_up_threshold_micros >= 0) AND (auto_top_up_threshold_micros <= '1000000000000000'::bigint))))
 );
@@ -287,8 +424,9 @@ CREATE TABLE public.ledger_entries (
     created_at timestamp with time zone DEFAULT now() NOT NULL,
     CONSTRAINT ledger_charge_has_period CHECK (((kind <> ALL (ARRAY['subscription_charge'::text, 'renewal_charge'::text])) OR ((subscription_id IS NOT NULL) AND (period_start IS NOT NULL) AND (amount_micros < 0)))),
     CONSTRAINT ledger_entries_amount_micros_check CHECK (((amount_micros <> 0) AND (abs(amount_micros) <= '1000000000000000'::bigint))),
-    CONSTRAINT ledger_entries_kind_check CHECK ((kind = ANY (ARRAY['top_up'::text, 'subscription_charge'::text, 'renewal_charge'::text, 'refund'::text, 'adjustment'::text]))),
-    CONSTRAINT ledger_top_up_has_attempt CHECK (((kind <> 'top_up'::text) OR ((top_up_attempt_id IS NOT NULL) AND (amount_micros > 0))))
+    CONSTRAINT ledger_entries_kind_check CHECK ((kind = ANY (ARRAY['top_up'::text, 'subscription_charge'::text, 'renewal_charge'::text, 'refund'::text, 'adjustment'::text, 'usage_charge'::text]))),
+    CONSTRAINT ledger_top_up_has_attempt CHECK (((kind <> 'top_up'::text) OR ((top_up_attempt_id IS NOT NULL) AND (amount_micros > 0)))),
+    CONSTRAINT ledger_usage_is_a_debit CHECK (((kind <> 'usage_charge'::text) OR (amount_micros < 0)))
 );
 
 ALTER TABLE public.ledger_entries ALTER COLUMN id ADD GENERATED ALWAYS AS IDENTITY (
@@ -412,6 +550,28 @@ CREATE TABLE public.top_up_attempts (
     CONSTRAINT top_up_attempts_status_check CHECK ((status = ANY (ARRAY['pending'::text, 'succeeded'::text, 'declined'::text, 'failed'::text])))
 );
 
+CREATE TABLE public.usage_events (
+    idempotency_key text NOT NULL,
+    account_id text NOT NULL,
+    meter text,
+    quantity bigint,
+    amount_micros bigint NOT NULL,
+    charged_micros bigint NOT NULL,
+    owed_micros bigint NOT NULL,
+    ledger_entry_id bigint,
+    occurred_at timestamp with time zone,
+    recorded_at timestamp with time zone NOT NULL,
+    CONSTRAINT usage_events_amount_micros_check CHECK (((amount_micros > 0) AND (amount_micros <= '1000000000000000'::bigint))),
+    CONSTRAINT usage_events_charge_has_entry CHECK (((charged_micros > 0) = (ledger_entry_id IS NOT NULL))),
+    CONSTRAINT usage_events_charged_micros_check CHECK ((charged_micros >= 0)),
+    CONSTRAINT usage_events_owed_micros_check CHECK ((owed_micros >= 0)),
+    CONSTRAINT usage_events_quantity_check CHECK ((quantity >= 0)),
+    CONSTRAINT usage_events_split CHECK (((charged_micros + owed_micros) = amount_micros))
+);
+
+ALTER TABLE ONLY public.account_entitlements
+    ADD CONSTRAINT account_entitlements_pkey PRIMARY KEY (account_id);
+
 ALTER TABLE ONLY public.accounts
     ADD CONSTRAINT accounts_pkey PRIMARY KEY (id);
 
@@ -496,6 +656,9 @@ ALTER TABLE ONLY public.top_up_attempts
 ALTER TABLE ONLY public.top_up_attempts
     ADD CONSTRAINT top_up_attempts_provider_idempotency_key_key UNIQUE (provider_idempotency_key);
 
+ALTER TABLE ONLY public.usage_events
+    ADD CONSTRAINT usage_events_pkey PRIMARY KEY (idempotency_key);
+
 CREATE INDEX api_key_deliveries_account ON public.api_key_deliveries USING btree (account_id);
 
 CREATE INDEX api_key_deliveries_deadline ON public.api_key_deliveries USING btree (deliver_by) WHERE (status = 'pending'::text);
@@ -538,7 +701,18 @@ CREATE INDEX top_up_attempts_account_period ON public.top_up_attempts USING btre
 
 CREATE INDEX top_up_attempts_pending ON public.top_up_attempts USING btree (reconcile_after) WHERE (status = 'pending'::text);
 
+CREATE INDEX usage_events_account ON public.usage_events USING btree (account_id, recorded_at);
+
+CREATE INDEX usage_events_ledger_entry ON public.usage_events USING btree (ledger_entry_id) WHERE (ledger_entry_id IS NOT NULL);
+
+CREATE TRIGGER accounts_has_credits_on_insert AFTER INSERT ON public.accounts FOR EACH ROW EXECUTE FUNCTION public.billing_has_credits_v1();
+
+CREATE TRIGGER accounts_has_credits_on_update AFTER UPDATE OF balance_micros, owed_micros ON public.accounts FOR EACH ROW WHEN ((((old.balance_micros > 0) AND (old.owed_micros = 0)) IS DISTINCT FROM ((new.balance_micros > 0) AND (new.owed_micros = 0)))) EXECUTE FUNCTION public.billing_has_credits_v1();
+
 CREATE TRIGGER ledger_entries_append_only BEFORE DELETE OR UPDATE ON public.ledger_entries FOR EACH ROW EXECUTE FUNCTION public.ledger_entries_append_only();
+
+ALTER TABLE ONLY public.account_entitlements
+    ADD CONSTRAINT account_entitlements_account_id_fkey FOREIGN KEY (account_id) REFERENCES public.accounts(id);
 
 ALTER TABLE ONLY public.api_key_deliveries
     ADD CONSTRAINT api_key_deliveries_account_id_fkey FOREIGN KEY (account_id) REFERENCES public.accounts(id);
@@ -590,3 +764,9 @@ ALTER TABLE ONLY public.subscriptions
 
 ALTER TABLE ONLY public.top_up_attempts
     ADD CONSTRAINT top_up_attempts_account_id_fkey FOREIGN KEY (account_id) REFERENCES public.accounts(id);
+
+ALTER TABLE ONLY public.usage_events
+    ADD CONSTRAINT usage_events_account_id_fkey FOREIGN KEY (account_id) REFERENCES public.accounts(id);
+
+ALTER TABLE ONLY public.usage_events
+    ADD CONSTRAINT usage_events_ledger_entry_id_fkey FOREIGN KEY (ledger_entry_id) REFERENCES public.ledger_entries(id);

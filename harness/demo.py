@@ -15,7 +15,13 @@ The workload (seeded, so a run can be repeated):
 * renewals of the same period from two producers with different keys (the
   scheduler's ``renew:{subscription_id}:{period_start}`` and another);
 * revocations, explicit top-ups, and a few messages that must fail for good
-  (unknown account or plan) and land with the operators.
+  (unknown account or plan) and land with the operators;
+* metered usage (``record_usage``) published in batches with
+  ``Producer.record_usage_many``: Zipf-hot accounts (a few take most of the
+  events), a fifth of the events repeated under the same event id, racing
+  the renewals for the same balances, on accounts with auto-top-up too
+  (usage arriving while a top-up is pending); what a balance does not cover
+  is owed and collected by the next credit.
 
 Counts of processed messages and suppressed duplicates come from the
 workers' own structured logs; outcomes, charges and top-ups from PostgreSQL.
@@ -47,6 +53,7 @@ from db.migrate import upgrade
 from tasks.messages import (
     AutoTopUpMessage,
     BillingMessage,
+    RecordUsageMessage,
     RenewMessage,
     RevokeKeyMessage,
     SubscribeMessage,
@@ -129,6 +136,27 @@ async def _fetch(env: _Env, sql: str, **params: Any) -> list[dict[str, Any]]:
             return [dict(r) for r in (await conn.execute(text(sql), params)).mappings().all()]
     finally:
         await engine.dispose()
+
+
+def _usage_events(
+    run: str, accounts: list[dict[str, Any]], rng: random.Random, n: int
+) -> list[RecordUsageMessage]:
+    """``n`` usage events on Zipf-hot accounts (s = 1.1 by rank), a fifth repeating an earlier event id."""
+    ids = [a["account_id"] for a in accounts]
+    weights = [1 / (rank + 1) ** 1.1 for rank in range(len(ids))]
+    firsts = [
+        RecordUsageMessage(
+            account_id=account,
+            amount_micros=rng.choice([20_000, 250_000, 1_500_000]),
+            idempotency_key=f"{run}:usage:{i}",
+            meter=rng.choice(["llm.tokens", "sms.sent", "storage.gb_hours"]),
+            quantity=rng.randrange(1, 10_000),
+        )
+        for i, account in enumerate(rng.choices(ids, weights=weights, k=n - n // 5))
+    ]
+    events = firsts + [rng.choice(firsts) for _ in range(n // 5)]
+    rng.shuffle(events)
+    return events
 
 
 def _publish(producer: Producer, messages: list[BillingMessage], progress: Progress, label: str) -> None:
@@ -328,9 +356,13 @@ def run_demo(
                 second = _with_duplicates(second, rng, 0.3)
                 while published + len(second) < messages:
                     second.append(rng.choice(second))  # more repeats of the same keys
+                usage = _usage_events(run, plan, rng, max(200, len(second) // 2))
                 _publish(producer, second, progress, "phase 2: publishing renewals, revocations, top-ups")
-                published += len(second)
+                for start in range(0, len(usage), 500):  # one Redis round trip per 500 events
+                    producer.record_usage_many(usage[start : start + 500])
+                published += len(second) + len(usage)
                 repeats += len(second) - len({m.idempotency_key for m in second})
+                repeats += len(usage) - len({m.idempotency_key for m in usage})
                 _drain(producer, env, progress, "phase 2: processing", timeout_s, workers)
             elapsed = time.monotonic() - started
         finally:
@@ -379,6 +411,14 @@ def _report(
         _fetch(env, "SELECT status, count(*) AS n FROM top_up_attempts GROUP BY status ORDER BY status")
     )
     revoked = asyncio.run(_fetch(env, "SELECT count(*) AS n FROM api_keys WHERE status = 'revoked'"))[0]["n"]
+    usage = asyncio.run(
+        _fetch(
+            env,
+            "SELECT count(*) AS n, COALESCE(sum(amount_micros), 0) AS amount, COALESCE(sum(charged_micros), 0) AS "
+            "charged, (SELECT COALESCE(sum(owed_micros), 0) FROM accounts) AS owed, "
+            "(SELECT count(*) FROM account_entitlements WHERE NOT has_credits) AS without_credits FROM usage_events",
+        )
+    )[0]
     failed = asyncio.run(
         _fetch(env, "SELECT error_type, count(*) AS n FROM failed_messages GROUP BY 1 ORDER BY 1")
     )
@@ -403,6 +443,11 @@ def _report(
         table.add_row(f"ledger {r['kind']}", f"{r['n']:,} entries, {int(r['total']) / USD:,.2f} USD")
     table.add_row("top-ups", ", ".join(f"{r['status']} {r['n']}" for r in top_ups) or "0")
     table.add_row("API keys revoked", f"{revoked:,}")
+    table.add_row(
+        "usage events applied",
+        f"{usage['n']:,}: {int(usage['amount']) / USD:,.2f} USD, {int(usage['charged']) / USD:,.2f} charged "
+        f"at once, {int(usage['owed']) / USD:,.2f} still owed; {usage['without_credits']:,} accounts without credits",
+    )
     table.add_row("elapsed seconds", f"{elapsed:.1f}")
     table.add_row("messages/s", f"{processed / elapsed:,.0f}")
     console.print(table)

@@ -9,6 +9,7 @@ subscribe  ``billing``          account_id, plan_id, idempotency_key
 renew      ``billing``          subscription_id, period_start, idempotency_key
 auto_top_up ``billing.payments`` account_id, idempotency_key, amount_micros?, reason?
 revoke_key ``billing``          key_id | subscription_id, reason, idempotency_key
+record_usage ``billing.usage``  account_id, amount_micros, idempotency_key, meter?, quantity?, occurred_at?
 ========== ==================== =========================================
 
 Money is an integer count of micro-units (1 USD = 1_000_000 micros).  Floats,
@@ -48,6 +49,8 @@ __all__ = [
     "RenewMessage",
     "AutoTopUpMessage",
     "RevokeKeyMessage",
+    "RecordUsageMessage",
+    "USAGE_QUEUE",
     "MESSAGE_MODELS",
     "QUEUE_OF_ACTOR",
     "validate_message",
@@ -66,6 +69,9 @@ BILLING_QUEUE = "billing"
 #: Queue of auto_top_up: it waits on an outside provider, so operators can
 #: give it its own workers (SPEC "Messages").
 PAYMENTS_QUEUE = "billing.payments"
+#: Queue of record_usage: metered events arrive by the thousand per second,
+#: so operators can give them their own workers.
+USAGE_QUEUE = "billing.usage"
 
 
 def _printable(value: str) -> str:
@@ -105,12 +111,16 @@ Identifier = Annotated[StrictStr, Field(min_length=1, max_length=255), AfterVali
 AmountMicros = Annotated[StrictInt, Field(gt=0, le=MAX_AMOUNT_MICROS)]
 #: An ISO 8601 timestamp in UTC.
 UtcTimestamp = Annotated[datetime, BeforeValidator(_utc_datetime)]
+#: A meter name: 1 to 100 printable characters without whitespace (``llm.tokens``, ``sms.sent``).
+Meter = Annotated[StrictStr, Field(min_length=1, max_length=100), AfterValidator(_identifier)]
+#: A count of metered units (informational): an integer from 0 to 2**63 - 1 (PostgreSQL ``bigint``).
+Quantity = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
 #: A short free-text reason for operators (printable, at most 500 characters).
 Reason = Annotated[StrictStr, Field(min_length=1, max_length=500), AfterValidator(_printable)]
 
 
 class BillingMessage(BaseModel):
-    """Base of the four messages: keyword arguments only, no extra fields."""
+    """Base of the contract's messages: keyword arguments only, no extra fields."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -181,9 +191,31 @@ class RevokeKeyMessage(BillingMessage):
         return self
 
 
+class RecordUsageMessage(BillingMessage):
+    """Debit ``amount_micros`` of metered usage from the account's prepaid balance, once per event.
+
+    ``idempotency_key`` is the producer's event id.  Usage has already
+    happened when it is reported, so it is never refused for lack of funds:
+    the balance covers what it can (a ``usage_charge`` ledger entry) and the
+    rest is owed (``accounts.owed_micros``), collected first by the
+    account's next credit.  ``meter``, ``quantity`` and ``occurred_at`` are
+    informational, kept with the event.
+    """
+
+    actor_name: ClassVar[str] = "record_usage"
+    queue_name: ClassVar[str] = USAGE_QUEUE
+
+    account_id: Identifier
+    amount_micros: AmountMicros
+    meter: Meter | None = None
+    quantity: Quantity | None = None
+    occurred_at: UtcTimestamp | None = None
+
+
 #: Actor name -> message model.
 MESSAGE_MODELS: dict[str, type[BillingMessage]] = {
-    m.actor_name: m for m in (SubscribeMessage, RenewMessage, AutoTopUpMessage, RevokeKeyMessage)
+    m.actor_name: m
+    for m in (SubscribeMessage, RenewMessage, AutoTopUpMessage, RevokeKeyMessage, RecordUsageMessage)
 }
 #: Actor name -> queue name.
 QUEUE_OF_ACTOR: dict[str, str] = {name: m.queue_name for name, m in MESSAGE_MODELS.items()}

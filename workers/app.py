@@ -133,6 +133,7 @@ def build_service(
         "crashpoints": parse_crashpoints(settings.crashpoints),
         "signing_keys": settings.message_signing_keys(),
         "renew_fast_path": settings.renew_fast_path,
+        "usage_fast_path": settings.usage_fast_path,
         "max_batch": settings.max_batch,
         "max_batches_in_flight": settings.max_batches_in_flight,
         **overrides,

@@ -7,8 +7,9 @@ For every delivery (SPEC "Processing rules"), :meth:`BillingService.handle` runs
 2. :meth:`~BillingService.validate`: the arguments against the contract (a
    malformed or unauthenticated message is recorded for operators and never
    retried);
-3. :meth:`~BillingService.route`: a plain renewal takes the fast path (a
-   group commit, :mod:`workers.renewal_batcher`), anything else the Python path;
+3. :meth:`~BillingService.route`: a renewal or a usage event takes the fast
+   path (a group commit, :mod:`workers.group_commit`), anything else the
+   Python path;
 4. :meth:`~BillingService.claim`: claim the idempotency key in one
    autocommit statement, which also counts the delivery (bounding poison
    messages) and returns a stored outcome for a repeated key without
@@ -58,6 +59,7 @@ from tasks.errors import (
 from tasks.messages import (
     QUEUE_OF_ACTOR,
     BillingMessage,
+    RecordUsageMessage,
     RenewMessage,
     check_json_text,
     validate_message,
@@ -67,12 +69,12 @@ from tasks.signing import SigningKeys
 from . import metrics, outbox
 from .clock import Clock, SystemClock
 from .crash import FAST_PATH_CRASHPOINTS, crashpoint
+from .group_commit import FAST_PATHS, GroupCommit
 from .logging import mark_logged
 from .providers.base import PaymentProvider
-from .renewal_batcher import RenewalBatcher
 from .transactions import TRANSACTION_SCRIPTS
 
-__all__ = ["BillingService", "Delivery", "RenewalBatcher", "API_KEY_CHANNEL"]
+__all__ = ["BillingService", "Delivery", "API_KEY_CHANNEL"]
 
 log = structlog.get_logger("billing")
 
@@ -132,14 +134,18 @@ class BillingService:
     exit_on_crash: bool = False
     signing_keys: SigningKeys | None = None
     renew_fast_path: bool = True
+    usage_fast_path: bool = True
     max_batch: int = 64
     max_batches_in_flight: int = 1
 
     def __post_init__(self) -> None:
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        self._renewals = RenewalBatcher(
-            self, max_batch=self.max_batch, max_in_flight=self.max_batches_in_flight
-        )
+        #: Actor name -> its group commit (the fast path of renewals and usage events).
+        self.group_commits = {
+            name: GroupCommit(self, path, max_batch=self.max_batch, max_in_flight=self.max_batches_in_flight)
+            for name, path in FAST_PATHS.items()
+        }
+        self._renewals = self.group_commits["renew"]
 
     # ------------------------------------------------------------------ entry point
 
@@ -227,19 +233,22 @@ class BillingService:
         return validate_message(actor_name, kwargs, text_checked=True)
 
     def route(self, message: BillingMessage) -> bool:
-        """Step 3: True when ``message`` takes the renewal fast path (claimed and applied in a group commit).
+        """Step 3: True when ``message`` takes the fast path (claimed and applied in a group commit).
 
-        Plain renewals do, with ``renew_fast_path`` on, unless a crash point
-        of the Python path's steps names their key (a crash test needs that path).
+        Renewals do with ``renew_fast_path`` on, usage events with
+        ``usage_fast_path`` on, unless a crash point of the Python path's
+        steps names their key (a crash test needs that path).
         """
-        return (
-            isinstance(message, RenewMessage)
-            and self.renew_fast_path
-            and not any(
-                f in message.idempotency_key
-                for name, f in self.crashpoints.items()
-                if name not in FAST_PATH_CRASHPOINTS
-            )
+        if isinstance(message, RenewMessage):
+            on = self.renew_fast_path
+        elif isinstance(message, RecordUsageMessage):
+            on = self.usage_fast_path
+        else:
+            return False
+        return on and not any(
+            f in message.idempotency_key
+            for name, f in self.crashpoints.items()
+            if name not in FAST_PATH_CRASHPOINTS
         )
 
     async def claim(
@@ -247,15 +256,16 @@ class BillingService:
     ) -> tuple[money.ClaimedKey, dict[str, Any] | None]:
         """Step 4: claim the idempotency key (one autocommit statement, counting the delivery).
 
-        On the fast path the renewal batcher claims it with the renewals
-        that arrive together and applies it if it is plain.
+        On the fast path the kind's group commit claims it with the messages
+        that arrive together and applies it if it can.
 
         Returns:
           The claim, and the outcome when the fast path applied the message (else None).
         """
         if fast:
-            assert isinstance(message, RenewMessage)
-            return await self._renewals.submit(message, fingerprint, delivery.message_id)
+            return await self.group_commits[message.actor_name].submit(
+                message, fingerprint, delivery.message_id
+            )
         async with translate_errors(), self.autocommit.connect() as conn:
             claim = await money.claim_key(
                 conn,

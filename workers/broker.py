@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
-import uuid_utils
 from dramatiq import Message, set_encoder
 from dramatiq.brokers.redis import (
     MAINTENANCE_COMMAND_BLACKLIST,
@@ -23,6 +22,7 @@ from dramatiq.errors import ConnectionClosed, DecodeError
 from dramatiq.middleware import AsyncIO, CurrentMessage
 
 from tasks.errors import ConfigurationError
+from tasks.producer import enqueue_many
 from tasks.signing import SigningMiddleware, forwarding
 
 from .settings import Settings
@@ -310,51 +310,8 @@ class BillingRedisBroker(RedisBroker):
                 pause = min(pause * 2, 1.0)
 
     def enqueue_many(self, messages: Sequence[Message[Any]]) -> list[Message[Any]]:
-        """Enqueue several messages in one round trip to Redis: two commands per queue, not one script per message.
-
-        What Dramatiq's ``enqueue`` command does for one message (``HSET`` of
-        the body in ``{namespace}:{queue}.msgs``, then ``RPUSH`` of its id on
-        ``{namespace}:{queue}``; see ``dispatch.lua``), done for the whole
-        batch as one ``HSET`` and one ``RPUSH`` per queue inside
-        ``MULTI``/``EXEC``: every body is stored before its id can be popped,
-        and Redis runs two commands instead of a thousand scripts.  Each
-        message gets a fresh ``redis_message_id`` and goes through the
-        enqueue middleware hooks (signing, or not for one that came from
-        Redis) like :meth:`enqueue`.  No delay
-        is supported.  Unlike the script, this writes no heartbeat: a
-        producer is not a worker.
-
-        Parameters:
-          messages: Messages built with their queue, actor, keyword arguments and message id.
-
-        Returns:
-          The enqueued messages (with their Redis ids), in order.
-
-        Raises:
-          redis.RedisError: Nothing of the batch was enqueued (the transaction
-            did not run) or, if the reply was lost, all of it was; enqueueing
-            again is safe: consumers dedupe by idempotency key.
-        """
-        enqueued = []
-        bodies: dict[str, dict[str, bytes]] = {}
-        for original in messages:
-            message = original.copy(options={"redis_message_id": str(uuid_utils.uuid4())})
-            if "redis_message_id" in original.options:  # came from Redis: keeps its signature
-                with forwarding():
-                    self.emit_before("enqueue", message, None)
-            else:
-                self.emit_before("enqueue", message, None)
-            bodies.setdefault(message.queue_name, {})[message.options["redis_message_id"]] = message.encode()
-            enqueued.append(message)
-        if bodies:
-            with self.client.pipeline(transaction=True) as pipe:
-                for queue_name, by_id in bodies.items():
-                    pipe.hset(f"{self.namespace}:{queue_name}.msgs", mapping=by_id)  # type: ignore[arg-type]
-                    pipe.rpush(f"{self.namespace}:{queue_name}", *by_id)
-                pipe.execute()
-        for message in enqueued:
-            self.emit_after("enqueue", message, None)
-        return enqueued
+        """Enqueue several messages in one round trip to Redis (:func:`tasks.producer.enqueue_many`)."""
+        return enqueue_many(self, messages)
 
     def held(self, queue_name: str, redis_message_ids: Sequence[str]) -> set[str]:
         """Which of these messages Redis still holds on ``queue_name``: ready, in flight or delayed.

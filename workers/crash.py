@@ -10,12 +10,13 @@ Steps: ``before_commit`` (effect written, transaction open),
 ``after_commit`` (committed, outbox not relayed, message not acked),
 ``after_top_up_intent`` (attempt recorded, provider not called),
 ``after_provider_charge`` (provider charged, ledger not credited); on the
-renewal fast path (:class:`workers.renewal_batcher.RenewalBatcher`, whose keys are
+fast path (:class:`workers.group_commit.GroupCommit`, whose keys are
 claimed in one autocommit statement and applied in another):
 ``fast_after_claim`` (the batch's keys claimed and committed, nothing
-applied) and ``fast_after_apply`` (renewals applied and committed, no
-delivery told).  A renewal whose key matches a Python-path step takes the
-Python path; one that matches only fast-path steps keeps the fast path.
+applied), ``fast_before_commit`` (usage events applied, their transaction
+open) and ``fast_after_apply`` (applied and committed, no delivery told).
+A message whose key matches a Python-path step takes the Python path; one
+that matches only fast-path steps keeps the fast path.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ __all__ = ["CRASH_EXIT_STATUS", "FAST_PATH_CRASHPOINTS", "SimulatedCrash", "pars
 #: Exit status of a process stopped at a crash point.
 CRASH_EXIT_STATUS = 86
 
-#: The crash points of the renewal fast path (the others are the Python path's steps).
-FAST_PATH_CRASHPOINTS = frozenset({"fast_after_claim", "fast_after_apply"})
+#: The crash points of the fast path (the others are the Python path's steps).
+FAST_PATH_CRASHPOINTS = frozenset({"fast_after_claim", "fast_before_commit", "fast_after_apply"})
 
 
 class SimulatedCrash(BaseException):  # noqa: N818 - not an error: a process death

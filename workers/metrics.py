@@ -91,7 +91,11 @@ LATENCY_BUCKETS_S = (
 )
 
 #: Ledger entry kind of the charge each charging outcome made.
-CHARGE_KIND_OF_OUTCOME = {"subscribed": "subscription_charge", "renewed": "renewal_charge"}
+CHARGE_KIND_OF_OUTCOME = {
+    "subscribed": "subscription_charge",
+    "renewed": "renewal_charge",
+    "usage_recorded": "usage_charge",
+}
 
 #: ``billing_top_ups_total`` status of each final ``auto_top_up`` outcome.
 TOP_UP_STATUS_OF_OUTCOME = {

@@ -61,14 +61,21 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(10, ge=1)
     #: Apply plain renewals with the server-side fast path, grouped: the
     #: renewals that arrive together are claimed in one statement and applied
-    #: in one (``renew_fast_batch`` in PostgreSQL, ``RenewalBatcher``).  Off: every renewal runs
+    #: in one (``renew_fast_batch`` in PostgreSQL, ``workers.group_commit``).  Off: every renewal runs
     #: the Python path in its own transaction.
     renew_fast_path: bool = True
+    #: Apply usage events with the server-side fast path, grouped by account
+    #: (``record_usage_batch`` in PostgreSQL): the events that arrive together
+    #: are claimed in one statement and applied in one transaction, one account
+    #: lock and one ledger entry per account.  Off: every event runs the Python
+    #: path in its own transaction.
+    usage_fast_path: bool = True
     #: Most renewals per group commit.
     max_batch: int = Field(64, ge=1, le=10_000)
     #: PostgreSQL connections kept open per worker process; ``billing worker``
-    #: sets it to its threads + 2 (each thread may hold one; the outbox sweeper
-    #: and a renewal batch need their own) unless it is set.
+    #: sets it to its threads + 4 (each thread may hold one; the outbox sweeper,
+    #: a renewal batch and a usage batch, which holds two, need their own)
+    #: unless it is set.
     db_pool_size: int = Field(10, ge=1, le=500)
     #: Group commits of one worker process at PostgreSQL at once.
     max_batches_in_flight: int = Field(1, ge=1, le=64)

@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from db import money
 from db.engine import transaction
 from db.money import BillingPolicy, Effect
+from db.money import record_usage as record_usage_kind
 from db.money import renew as renew_kind
 from db.money import revoke_key as revoke_key_kind
 from db.money import subscribe as subscribe_kind
@@ -76,6 +77,7 @@ def one_transaction(apply: EffectFunction) -> TransactionScript:
 _subscribe: EffectFunction = lambda c, m, now, p: subscribe_kind.apply_subscribe(c, m, now, p)  # noqa: E731
 _renew: EffectFunction = lambda c, m, now, p: renew_kind.apply_renew(c, m, now, p)  # noqa: E731
 _revoke_key: EffectFunction = lambda c, m, now, p: revoke_key_kind.apply_revoke_key(c, m, now)  # noqa: E731
+_record_usage: EffectFunction = lambda c, m, now, p: record_usage_kind.apply_record_usage(c, m, now, p)  # noqa: E731
 
 #: Actor name -> transaction script: the dispatch of :meth:`BillingService.apply`.
 TRANSACTION_SCRIPTS: dict[str, TransactionScript] = {
@@ -83,6 +85,7 @@ TRANSACTION_SCRIPTS: dict[str, TransactionScript] = {
     "renew": one_transaction(_renew),
     "revoke_key": one_transaction(_revoke_key),
     "auto_top_up": top_up,
+    "record_usage": one_transaction(_record_usage),
 }
 
 if set(TRANSACTION_SCRIPTS) != set(MESSAGE_MODELS):  # pragma: no cover - caught by any test run

@@ -9,9 +9,10 @@ leaves the balance under the account's threshold asks for one too
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tasks.messages import AutoTopUpMessage, BillingMessage
@@ -32,7 +33,7 @@ _WAITS = statement("resume_waits", json_columns=("kwargs",))
 
 async def trigger_top_up(
     conn: AsyncConnection,
-    account: RowMapping,
+    account: Mapping[Any, Any],
     now: datetime,
     policy: BillingPolicy,
     *,
@@ -44,7 +45,8 @@ async def trigger_top_up(
     ``low_balance``), whoever asks: the slot's key is the request.
 
     Returns (waiting registered, outbox messages).  At most
-    ``policy.top_ups_per_period`` per top-up period: the message key
+    ``policy.top_up_limit(account)`` per top-up period, a calendar month in
+    UTC: the message key
     ``auto_top_up:{account}:{period}:{n}`` makes every trigger of one slot the
     same message, and a pending attempt counts.  Nothing waits on an
     attempt the provider reported ``processing`` (a bank debit can take
@@ -60,7 +62,7 @@ async def trigger_top_up(
     assert counts is not None
     outbox: list[OutboxMessage] = []
     if counts["pending"] == 0:
-        if counts["attempts"] >= policy.top_ups_per_period:
+        if counts["attempts"] >= policy.top_up_limit(account):
             return False, []
         key = f"auto_top_up:{account['id']}:{period}:{counts['attempts'] + 1}"
         key_row = await one(conn, _KEY_STATUS, key=key)
@@ -103,7 +105,11 @@ async def trigger_top_up(
 
 
 async def after_charge(
-    conn: AsyncConnection, account: RowMapping, balance_micros: int, now: datetime, policy: BillingPolicy
+    conn: AsyncConnection,
+    account: Mapping[Any, Any],
+    balance_micros: int,
+    now: datetime,
+    policy: BillingPolicy,
 ) -> list[OutboxMessage]:
     """After a charge of a locked account: the top-up to send when the balance fell under its threshold."""
     threshold = account["auto_top_up_threshold_micros"]

@@ -87,8 +87,13 @@ async def post_ledger_entry(
     The ledger row and the balance change are applied together or not at
     all, and the balance is changed by SQL arithmetic, never written back
     from a value read into Python.  ``amount_micros`` is signed (a charge is
-    negative).  A repeated ``idempotency_key`` (unique) raises the driver's
-    IntegrityError: callers decide a charge once, under the account's lock.
+    negative).  A credit first collects the usage the account owes
+    (``accounts.owed_micros``), as much as the new balance covers, as a
+    ``usage_charge`` entry keyed ``owed:{idempotency_key}`` in the same
+    statement; the balance returned is after that collection.  The caller
+    holds the account's lock (:func:`lock_account`).  A repeated
+    ``idempotency_key`` (unique) raises the driver's IntegrityError: callers
+    decide a charge once, under the account's lock.
     """
     row = await one(
         conn,

@@ -9,6 +9,7 @@ integer micros (1 USD = 1_000_000).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -75,6 +76,17 @@ class BillingPolicy:
     #: How long a sealed key delivery may wait for the consumer's acknowledgement
     #: before ``billing audit`` flags it.
     key_delivery_deadline: timedelta = timedelta(hours=24)
+
+    def top_up_limit(self, account: Mapping[Any, Any]) -> int:
+        """Auto-top-ups ``account`` may have per top-up period (a calendar month, UTC).
+
+        Its own ``auto_top_up_max_per_period`` when set, else
+        :attr:`top_ups_per_period`.  The one rule both the trigger
+        (:func:`db.money.funds.trigger_top_up`) and the top-up itself
+        (:func:`db.money.top_up.begin_top_up`) apply.
+        """
+        own = account.get("auto_top_up_max_per_period")
+        return int(own) if own else self.top_ups_per_period
 
     def retry_offsets(self) -> list[timedelta]:
         """Dunning retry offsets within grace, ending with the end of grace (sorted, distinct)."""

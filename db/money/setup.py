@@ -189,11 +189,15 @@ async def configure_auto_top_up(
     payment_method_ref: str | None = None,
     monthly_cap_micros: int | None = None,
     clear_monthly_cap: bool = False,
+    max_per_period: int | None = None,
+    clear_max_per_period: bool = False,
 ) -> None:
     """Change an account's auto-top-up settings (None leaves a setting as it is).
 
     Enabling resets the consecutive-decline count and clears the reason it
-    was switched off.
+    was switched off.  ``max_per_period`` is the account's own limit of
+    top-ups per calendar month (1..1000); ``clear_max_per_period`` goes back
+    to the policy's (``BILLING_TOP_UPS_PER_PERIOD``).
 
     Raises:
       UnknownAccount: No such account.
@@ -213,6 +217,8 @@ async def configure_auto_top_up(
                 "payment_method_ref": payment_method_ref,
                 "monthly_cap": monthly_cap_micros,
                 "clear_cap": clear_monthly_cap,
+                "max_per_period": max_per_period,
+                "clear_max": clear_max_per_period,
                 "now": now,
             },
         )

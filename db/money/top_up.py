@@ -67,7 +67,7 @@ async def begin_top_up(
     period = top_up_period(now)
     counts = await one(conn, _PERIOD_TOP_UPS, account_id=account["id"], period=period)
     assert counts is not None
-    if counts["attempts"] >= policy.top_ups_per_period:
+    if counts["attempts"] >= policy.top_up_limit(account):
         return Effect(
             "limit_reached",
             {"account_id": account["id"], "period": period, "attempts": int(counts["attempts"])},

@@ -23,6 +23,8 @@ UPDATE accounts SET
     payment_method_ref = COALESCE(:payment_method_ref, payment_method_ref),
     auto_top_up_monthly_cap_micros = CASE WHEN :clear_cap THEN NULL
         ELSE COALESCE(:monthly_cap, auto_top_up_monthly_cap_micros) END,
+    auto_top_up_max_per_period = CASE WHEN :clear_max THEN NULL
+        ELSE COALESCE(:max_per_period, auto_top_up_max_per_period) END,
     auto_top_up_consecutive_declines = CASE WHEN :enabled THEN 0 ELSE auto_top_up_consecutive_declines END,
     auto_top_up_disabled_reason = CASE WHEN :enabled THEN NULL
         WHEN :enabled = false THEN 'disabled by an operator' ELSE auto_top_up_disabled_reason END,

@@ -31,6 +31,7 @@ from db.engine import transaction
 from tasks.messages import (
     AutoTopUpMessage,
     BillingMessage,
+    RecordUsageMessage,
     RenewMessage,
     RevokeKeyMessage,
     SubscribeMessage,
@@ -118,10 +119,13 @@ class LoadGenerator:
     """The messages of one producer, drawn from its own seeded stream.
 
     Mix per step: 18% a message published before (same key and arguments),
-    28% a subscribe, 8% a racing pair (one account, two plans it can pay only
-    one of), 26% a renewal of a live subscription's current period (half the
-    time twice: the scheduler's key and a billing-portal key), 10% an
-    explicit top-up, 10% a revocation.  Renewals and revocations need
+    20% a subscribe, 8% a burst of one to four usage events (``record_usage``)
+    on one Zipf-hot account, half the time one with auto-top-up (usage racing
+    renewals on the same account, and arriving while a top-up is pending), 8%
+    a racing pair (one account, two plans it can pay only one of), 26% a
+    renewal of a live subscription's current period (half the time twice: the
+    scheduler's key and a billing-portal key), 10% an explicit top-up, 10% a
+    revocation.  Renewals and revocations need
     subscriptions: :meth:`observe` feeds a recent snapshot from PostgreSQL.
     """
 
@@ -173,6 +177,18 @@ class LoadGenerator:
         out: list[BillingMessage]
         if roll < 0.18 and self.recent:
             out = [rng.choice(self.recent)]
+        elif roll < 0.38:
+            account = (self.auto if rng.random() < 0.5 else self.all).pick(rng)
+            out = [
+                RecordUsageMessage(
+                    account_id=account,
+                    amount_micros=rng.choice([100_000, 500_000, 2 * USD, 7 * USD]),
+                    idempotency_key=self._key("usage"),
+                    meter=rng.choice(["llm.tokens", "sms.sent"]),
+                    quantity=rng.randrange(1, 5_000),
+                )
+                for _ in range(rng.randint(1, 4))
+            ]
         elif roll < 0.46:
             out = [
                 SubscribeMessage(

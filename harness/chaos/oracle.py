@@ -34,6 +34,23 @@ DOUBLE_CHARGE_CHECKS: dict[str, str] = {
         WHERE c.status = 'succeeded'
         GROUP BY c.idempotency_key HAVING count(l.id) > 1 OR count(DISTINCT t.id) > 1
     """,
+    # usage debited more than once: an account's usage_charge entries and what it owes exceed the
+    # usage its events recorded, or one batch entry debits more than its events were charged
+    "usage debited twice": """
+        SELECT a.id AS account_id, COALESCE(l.charged, 0) AS debited_micros, a.owed_micros,
+               COALESCE(u.applied, 0) AS usage_micros
+        FROM accounts a
+        LEFT JOIN (SELECT account_id, sum(amount_micros)::bigint AS applied FROM usage_events
+                   GROUP BY account_id) u ON u.account_id = a.id
+        LEFT JOIN (SELECT account_id, (-sum(amount_micros))::bigint AS charged FROM ledger_entries
+                   WHERE kind = 'usage_charge' GROUP BY account_id) l ON l.account_id = a.id
+        WHERE COALESCE(l.charged, 0) + a.owed_micros > COALESCE(u.applied, 0)
+        UNION ALL
+        SELECT l.account_id, -l.amount_micros, NULL, sum(u.charged_micros)::bigint FROM ledger_entries l
+        LEFT JOIN usage_events u ON u.ledger_entry_id = l.id
+        WHERE l.kind = 'usage_charge' AND l.idempotency_key LIKE 'usage:%'
+        GROUP BY l.id HAVING -l.amount_micros > COALESCE(sum(u.charged_micros), 0)
+    """,
     # one top-up request (message key) that took money more than once at the provider
     "top-up request charged twice at the provider": """
         SELECT t.message_idempotency_key, count(*) AS provider_charges FROM top_up_attempts t
@@ -118,6 +135,22 @@ LOST_EFFECT_CHECKS: dict[str, str] = {
     "top-up never settled": """
         SELECT id AS attempt_id, account_id, provider_status FROM top_up_attempts
         WHERE status = 'pending' AND provider_status IS DISTINCT FROM 'processing'
+    """,
+    # usage that happened and was not billed: a completed usage key without its event, usage the
+    # ledger and the owed amount do not cover, or owed usage left uncollected beside a positive balance
+    "usage never billed": """
+        SELECT k.key, k.account_id, NULL::bigint AS missing_micros FROM idempotency_keys k
+        WHERE k.kind = 'record_usage' AND k.status = 'completed'
+          AND NOT EXISTS (SELECT 1 FROM usage_events u WHERE u.idempotency_key = k.key)
+        UNION ALL
+        SELECT NULL, a.id, COALESCE(u.applied, 0) - COALESCE(l.charged, 0) - a.owed_micros FROM accounts a
+        LEFT JOIN (SELECT account_id, sum(amount_micros)::bigint AS applied FROM usage_events
+                   GROUP BY account_id) u ON u.account_id = a.id
+        LEFT JOIN (SELECT account_id, (-sum(amount_micros))::bigint AS charged FROM ledger_entries
+                   WHERE kind = 'usage_charge' GROUP BY account_id) l ON l.account_id = a.id
+        WHERE COALESCE(l.charged, 0) + a.owed_micros < COALESCE(u.applied, 0)
+        UNION ALL
+        SELECT NULL, id, owed_micros FROM accounts WHERE owed_micros > 0 AND balance_micros > 0
     """,
     # a message waiting for funds that was never re-run
     "wait never resumed": "SELECT idempotency_key, account_id, actor_name FROM funds_waits",

@@ -27,7 +27,7 @@ from harness.chaos import (
 )
 
 USD = 1_000_000
-PUBLISHED = {"s1", "s2"}
+PUBLISHED = {"s1", "s2", "u1"}
 
 _COPY_ATTEMPT = """
     INSERT INTO top_up_attempts (id, account_id, message_idempotency_key, provider_idempotency_key,
@@ -72,7 +72,23 @@ CORRUPTIONS: dict[str, tuple[list[str], dict[str, Any]]] = {
         ],
         {},
     ),
+    # a usage charge no event recorded (the ledger is append-only: one more entry is what a second debit leaves)
+    "usage debited twice": (
+        [
+            "INSERT INTO ledger_entries (account_id, amount_micros, kind, idempotency_key) "
+            "VALUES ('a1', -5, 'usage_charge', 'usage:ghost')",
+            "UPDATE accounts SET balance_micros = balance_micros - 5 WHERE id = 'a1'",
+        ],
+        {},
+    ),
     # -- lost effects
+    "usage never billed": (
+        [
+            "INSERT INTO usage_events (idempotency_key, account_id, amount_micros, charged_micros, owed_micros, "
+            "recorded_at) VALUES ('u-lost', 'a1', 5, 0, 5, now())"
+        ],
+        {},
+    ),
     "published message never processed": ([], {"published": PUBLISHED | {"never-seen"}}),
     "key never finished": (["UPDATE idempotency_keys SET status = 'waiting_for_funds' WHERE key = 's1'"], {}),
     "message failed": (
@@ -177,6 +193,7 @@ def healthy(services, setup, producer, drain, db):
     )
     producer.subscribe(account_id="a1", plan_id="pro", idempotency_key="s1")
     producer.subscribe(account_id="a2", plan_id="basic-daily", idempotency_key="s2")
+    producer.record_usage(account_id="a1", amount_micros=3 * USD, idempotency_key="u1", meter="llm.tokens")
     drain()
     assert {r["key"]: r["outcome"] for r in db("SELECT key, result->>'outcome' AS outcome FROM idempotency_keys "
                                               "WHERE key IN ('s1', 's2')")} == {"s1": "subscribed", "s2": "subscribed"}  # fmt: skip

@@ -7,7 +7,9 @@ the outside world can do to the billing system.  Each example starts from
 empty tables and a :class:`~workers.clock.FixedClock` at ``CLOCK_START`` (a
 Jan 31 anchor), with six accounts, three plans and one user-owned key:
 
-* ``subscribe``, ``renew``, ``top_up`` and ``revoke_key``: one message
+* ``subscribe``, ``renew``, ``top_up``, ``revoke_key`` and ``record_usage``
+  (one to three usage events on an account that also pays subscriptions,
+  never refused, what the balance does not cover owed): one message
   through :meth:`BillingService.handle`, as a Dramatiq worker delivers it, to
   the real money path (:mod:`db.money`) on real PostgreSQL.  The accounts
   pay with a normal card (``pm_card_x``), a declining card (``pm_decline_x``),
@@ -145,6 +147,8 @@ REQUIRED_OUTCOMES = {
     "renew:canceled_unpaid",
     "renew:canceled",
     "renew:already_canceled",
+    "record_usage:usage_recorded",
+    "record_usage:usage_recorded:duplicate",
     "auto_top_up:topped_up",
     "auto_top_up:provider_timeout:retried",
     # slow and absent payments: retries run out, the re-sends of a waiting renewal are no-ops,
@@ -511,6 +515,27 @@ class BillingLifecycle(RuleBasedStateMachine):
             kwargs["amount_micros"] = amount_micros
         self._message("auto_top_up", kwargs, twice)
 
+    @rule(
+        account=accounts,
+        key=keys,
+        amount_micros=st.sampled_from([300_000, 3 * USD, 40 * USD]),
+        events=st.integers(1, 3),
+        twice=twice,
+    )
+    def record_usage(
+        self, account: str, key: str | None, amount_micros: int, events: int, twice: bool
+    ) -> None:
+        # metered usage on the accounts that pay subscriptions (usage racing renewals for one balance),
+        # never refused: what the balance does not cover is owed, and the next credit collects it
+        for i in range(events):
+            kwargs = {
+                "account_id": account,
+                "amount_micros": amount_micros,
+                "idempotency_key": self._key(key) if i == 0 else self._key(None),
+                "meter": "llm.tokens",
+            }
+            self._message("record_usage", kwargs, twice)
+
     @precondition(has_subscriptions)
     @rule(sub=subs, by_key_id=st.booleans(), key=keys, twice=twice)
     def revoke_key(self, sub: int, by_key_id: bool, key: str | None, twice: bool) -> None:
@@ -669,13 +694,13 @@ def test_any_sequence_of_messages_scheduler_passes_and_clock_steps_keeps_the_inv
         database_url = services.database_url
         reached: Counter[str] = Counter()
 
-    # 30 examples of 30 steps (15-40 s on the suite's two shared cores); no shrinking: a failing
+    # 36 examples of 30 steps (20-50 s on the suite's two shared cores); no shrinking: a failing
     # example (at most 30 steps, printed in full) is reported at once, where shrinking these
     # database-backed examples takes minutes
     run_state_machine_as_test(
         Machine,
         settings=settings(
-            max_examples=30,
+            max_examples=36,
             stateful_step_count=30,
             phases=(Phase.explicit, Phase.reuse, Phase.generate),
         ),

@@ -174,7 +174,7 @@ def account_create(
 @click.argument("account_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def account_show(account_id: str, as_json: bool) -> None:
-    """Show balance, subscriptions, keys (never secrets) and ledger of an account."""
+    """Show balance, owed usage, has_credits, subscriptions, keys (never secrets), ledger and usage of an account."""
     check_id("account id", account_id)
     from db.queries import account_snapshot
 
@@ -189,8 +189,15 @@ def account_show(account_id: str, as_json: bool) -> None:
 
     console = Console()
     a = snapshot["account"]
-    console.print(f"[bold]{a['id']}[/bold]  {a['currency']}  balance {a['balance_micros']:,} micros")
-    for title, rows in (("subscriptions", snapshot["subscriptions"]), ("api keys", snapshot["api_keys"])):
+    console.print(
+        f"[bold]{a['id']}[/bold]  {a['currency']}  balance {a['balance_micros']:,} micros"
+        f"  owed {a['owed_micros']:,} micros  has_credits {a['has_credits']}"
+    )
+    for title, rows in (
+        ("subscriptions", snapshot["subscriptions"]),
+        ("api keys", snapshot["api_keys"]),
+        ("usage by day and meter", snapshot["usage"]),
+    ):
         table = Table(title=title)
         if rows:
             for col in rows[0]:
@@ -269,6 +276,16 @@ def account_credit(account_id: str, amount: int, idempotency_key: str) -> None:
 @click.option("--payment-method", "payment_method", type=str, default=None, help="Payment method reference.")
 @click.option("--monthly-cap-micros", "monthly_cap", type=int, default=None, help="Most per calendar month.")
 @click.option("--no-monthly-cap", "no_cap", is_flag=True, help="Remove the monthly cap.")
+@click.option(
+    "--max-per-month",
+    "max_per_month",
+    type=click.IntRange(1, 1000),
+    default=None,
+    help="Top-ups this account may have per calendar month (default: BILLING_TOP_UPS_PER_PERIOD).",
+)
+@click.option(
+    "--default-max-per-month", "default_max", is_flag=True, help="Use BILLING_TOP_UPS_PER_PERIOD again."
+)
 def account_auto_top_up(
     account_id: str,
     enabled: bool | None,
@@ -277,6 +294,8 @@ def account_auto_top_up(
     payment_method: str | None,
     monthly_cap: int | None,
     no_cap: bool,
+    max_per_month: int | None,
+    default_max: bool,
 ) -> None:
     """Change an account's auto-top-up settings (options not given stay as they are)."""
     check_id("account id", account_id)
@@ -287,6 +306,8 @@ def account_auto_top_up(
         check_id("--payment-method", payment_method)
     if no_cap and monthly_cap is not None:
         raise UsageProblem("--monthly-cap-micros and --no-monthly-cap exclude each other")
+    if default_max and max_per_month is not None:
+        raise UsageProblem("--max-per-month and --default-max-per-month exclude each other")
     from db import money
     from db.engine import transaction
     from db.errors import SettingRefused
@@ -313,6 +334,8 @@ def account_auto_top_up(
                 payment_method_ref=payment_method,
                 monthly_cap_micros=monthly_cap,
                 clear_monthly_cap=no_cap,
+                max_per_period=max_per_month,
+                clear_max_per_period=default_max,
             )
 
     try:

@@ -11,8 +11,12 @@ from typing import Any
 import click
 
 from tasks.errors import ConfigurationError
+from tasks.messages import QUEUE_OF_ACTOR
 
 from .common import run_db
+
+#: The contract's queues (``billing worker --queues``).
+QUEUE_NAMES = frozenset(QUEUE_OF_ACTOR.values())
 
 __all__ = ["audit", "contract", "scheduler", "worker"]
 
@@ -52,8 +56,20 @@ __all__ = ["audit", "contract", "scheduler", "worker"]
     help="Time in-flight messages get to finish once stopped; every process exits within it + 5 s "
     "[default: BILLING_WORKER_SHUTDOWN_TIMEOUT_MS, else 20000].",
 )
-def worker(processes: int, threads: int, poll_ms: int, shutdown_timeout_ms: int | None) -> None:
-    """Run a Dramatiq worker over the billing actors (queues billing and billing.payments).
+@click.option(
+    "--queues",
+    "queues",
+    multiple=True,
+    type=click.Choice(sorted(QUEUE_NAMES)),
+    help="Consume only these queues (repeatable), e.g. a fleet of its own for billing.usage [default: all].",
+)
+def worker(
+    processes: int, threads: int, poll_ms: int, shutdown_timeout_ms: int | None, queues: tuple[str, ...]
+) -> None:
+    """Run a Dramatiq worker over the billing actors (queues billing, billing.payments and billing.usage).
+
+    ``--queues`` gives a queue its own workers: usage events arrive by the
+    thousand a second, and top-ups wait on the payment provider.
 
     A consumer that finds nothing to fetch (its queue empty, or its
     prefetch full while the threads are busy) backs off exponentially up to
@@ -87,12 +103,13 @@ def worker(processes: int, threads: int, poll_ms: int, shutdown_timeout_ms: int 
         str(threads),
         "--worker-shutdown-timeout",
         str(shutdown_timeout_ms),
+        *(["--queues", *queues] if queues else []),
     ]
     env = dict(os.environ)
     # read by workers.actors' ShutdownDeadline in every worker process
     env["BILLING_WORKER_SHUTDOWN_TIMEOUT_MS"] = str(shutdown_timeout_ms)
-    # a connection per thread, plus the outbox sweeper's and a renewal batch's
-    env.setdefault("BILLING_DB_POOL_SIZE", str(threads + 2))
+    # a connection per thread, plus the outbox sweeper's, a renewal batch's and a usage batch's two
+    env.setdefault("BILLING_DB_POOL_SIZE", str(threads + 4))
     env["dramatiq_worker_timeout"] = str(poll_ms)  # read by dramatiq.worker at import
     if settings.metrics_enabled:
         from ..metrics import exposition_env
