@@ -133,6 +133,16 @@ async def db_figures(url: str) -> dict[str, Any]:
             "subscriptions": await rows(
                 "SELECT status, count(*) AS n FROM subscriptions GROUP BY 1 ORDER BY 1"
             ),
+            "usage": (
+                await rows(
+                    "SELECT count(*) AS events, COUNT(DISTINCT account_id) AS accounts, "
+                    "COALESCE(sum(amount_micros), 0)::bigint AS amount, "
+                    "COALESCE(sum(owed_micros), 0)::bigint AS owed_at_record, "
+                    "(SELECT COALESCE(sum(owed_micros), 0)::bigint FROM accounts) AS owed_now, "
+                    "(SELECT count(*) FROM ledger_entries WHERE kind = 'usage_charge') AS entries "
+                    "FROM usage_events"
+                )
+            )[0],
             # renew and revoke_key name their account in the outcome, not in the message
             "hot": await rows(
                 "SELECT COALESCE(account_id, result->>'account_id') AS account_id, count(*) AS n "

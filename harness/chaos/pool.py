@@ -40,6 +40,7 @@ from harness.services import (
     redis_service,
     worker_command,
 )
+from tasks.messages import BILLING_QUEUE, PAYMENTS_QUEUE, USAGE_QUEUE
 from workers.crash import CRASH_EXIT_STATUS
 
 from .config import (
@@ -311,8 +312,9 @@ class WorkerPool:
         log = (self.logs / f"worker-{self.serial:03d}.log").open("wb")
         self.files.append(log)
         env = {**self.env, "BILLING_FAKE_SEED": str(self.cfg.seed * 1000 + self.serial)}
-        queue = "billing.payments" if slot == self.payments_slot else "billing"
-        argv = worker_command("harness.chaos_worker", processes=1, threads=self.cfg.threads, queues=[queue])
+        # the billing workers take usage too: usage events race renewals for the same balances
+        queues = [PAYMENTS_QUEUE] if slot == self.payments_slot else [BILLING_QUEUE, USAGE_QUEUE]
+        argv = worker_command("harness.chaos_worker", processes=1, threads=self.cfg.threads, queues=queues)
         self.slots[slot] = WorkerProcess(argv, env, log=log, name=f"slot {slot}").start()
 
     def start_all(self) -> None:

@@ -247,6 +247,15 @@ def report(
     rows.append(
         ("subscriptions", ", ".join(f"{r['status']} {r['n']}" for r in figures["subscriptions"]) or "0")
     )
+    u = figures["usage"]
+    rows.append(
+        (
+            "usage",
+            f"{u['events']:,} events on {u['accounts']:,} accounts, {u['amount'] / 1e6:,.2f} USD in "
+            f"{u['entries']:,} usage_charge entries; {u['owed_at_record'] / 1e6:,.2f} USD owed when recorded, "
+            f"{u['owed_now'] / 1e6:,.2f} USD still owed",
+        )
+    )
     rows.append(
         (
             "time",

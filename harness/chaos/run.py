@@ -167,7 +167,7 @@ def run_chaos(cfg: ChaosConfig, console: Console | None = None) -> int:
             _wait_for_workers(rds.url, cfg.workers + 1, pool)
             pool.start_scheduler()
             console.print(
-                f"{cfg.workers} billing workers, 1 billing.payments worker and the scheduler "
+                f"{cfg.workers} billing (and billing.usage) workers, 1 billing.payments worker and the scheduler "
                 f"(a pass every {SCHEDULER_INTERVAL_MS} ms) up; logs in {logs}"
             )
 

@@ -48,7 +48,11 @@ def test_find_inspect_and_retry_a_failed_message(services, db, setup, producer, 
     assert shown["idempotency_key"]["status"] == "failed"
 
     queues = json.loads(billing("ops", "queues", "--json").stdout)
-    assert {q["queue"]: q["dead"] for q in queues["queues"]} == {"billing": 1, "billing.payments": 0}
+    assert {q["queue"]: q["dead"] for q in queues["queues"]} == {
+        "billing": 1,
+        "billing.payments": 0,
+        "billing.usage": 0,
+    }
     assert any(w["alive"] for w in queues["workers"])
 
     # the cause is fixed (the account now exists); the retry applies the message once
@@ -155,12 +159,15 @@ def test_purge_dead_asks_unless_yes_and_keeps_the_postgres_record(services, db, 
     _fail_a_subscribe(setup, producer, drain)
     assert _dead_lettered(services) == 1
     assert billing("ops", "purge-dead", "--older-than", "1h", "--yes").stdout.strip() == (
-        "purged 0 from billing, purged 0 from billing.payments"
+        "purged 0 from billing, purged 0 from billing.payments, purged 0 from billing.usage"
     )
     assert billing("ops", "purge-dead", "--older-than", "0s").returncode == 1  # no confirmation on stdin
     assert _dead_lettered(services) == 1
     out = billing("ops", "purge-dead", "--older-than", "0s", "--yes", "--json", env=OPERATOR)
-    assert json.loads(out.stdout) == {"dry_run": False, "purged": {"billing": 1, "billing.payments": 0}}
+    assert json.loads(out.stdout) == {
+        "dry_run": False,
+        "purged": {"billing": 1, "billing.payments": 0, "billing.usage": 0},
+    }
     assert _dead_lettered(services) == 0
     assert db("SELECT status FROM failed_messages") == [{"status": "dead"}]
     assert billing("ops", "purge-dead", "--older-than", "soon").returncode == 2
