@@ -18,42 +18,19 @@ path writes, so ``billing audit`` passes.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import os
 from datetime import datetime
 
-import asyncpg
 import dramatiq
-from dramatiq.brokers.redis import RedisBroker
-from dramatiq.middleware import AsyncIO
 
 from . import NAIVE_USAGE_ACTOR, NAIVE_USAGE_QUEUE
+from .stock import broker, get_pool
 
 __all__ = ["QUEUE", "ACTOR", "broker", "naive_record_usage"]
 
 QUEUE = NAIVE_USAGE_QUEUE
 ACTOR = NAIVE_USAGE_ACTOR
-
-broker = RedisBroker(url=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/5"))
-broker.add_middleware(AsyncIO())
-dramatiq.set_broker(broker)
-
-_pool: asyncpg.Pool | None = None
-_pool_lock: asyncio.Lock | None = None
-
-
-async def _get_pool() -> asyncpg.Pool:
-    global _pool, _pool_lock
-    if _pool is None:
-        _pool_lock = _pool_lock or asyncio.Lock()
-        async with _pool_lock:
-            if _pool is None:
-                url = os.environ["BENCH_DATABASE_URL"].replace("postgresql+asyncpg://", "postgresql://", 1)
-                threads = int(os.environ.get("BENCH_THREADS", "16"))
-                _pool = await asyncpg.create_pool(url, min_size=1, max_size=threads)
-    return _pool
 
 
 @dramatiq.actor(actor_name=ACTOR, queue_name=QUEUE, max_retries=3, min_backoff=100, max_backoff=1000)
@@ -65,7 +42,7 @@ async def naive_record_usage(
     fingerprint = hashlib.sha256(
         json.dumps([account_id, amount_micros, idempotency_key]).encode()
     ).hexdigest()
-    pool = await _get_pool()
+    pool = await get_pool()
     async with pool.acquire() as conn, conn.transaction():
         inserted = await conn.fetchval(
             "INSERT INTO idempotency_keys (key, kind, fingerprint, status, attempts, account_id) "
