@@ -8,6 +8,7 @@ audit`` passes on the bench database before and after every measurement:
   :data:`TOP_UP_THRESHOLD_MICROS`, far below the balance, so renewals never
   trigger one; the mixed workload's ``auto_top_up`` messages can charge the
   fake provider's card ``pm_card_visa``);
+* ``account_entitlements``: ``has_credits`` true (a balance, nothing owed);
 * ``ledger_entries``: the opening ``adjustment`` (``account-opening:{account}``)
   and the first period's ``subscription_charge``, so balance == sum(ledger);
 * ``subscriptions``: ``bsub-{i}`` on the daily plan :data:`RENEW_PLAN`, period
@@ -88,6 +89,15 @@ _TABLES: list[tuple[str, str, tuple[str, ...]]] = [
         FROM generate_series(0, $1::int - 1) AS i
         """,
         ("n", "opening", "price", "anchor"),
+    ),
+    (
+        # what the accounts trigger writes (skipped with the other triggers below): a balance, nothing owed
+        "account_entitlements",
+        f"""
+        INSERT INTO account_entitlements (account_id, has_credits, updated_at)
+        SELECT '{ACCOUNT_PREFIX}' || i, true, $2::timestamptz FROM generate_series(0, $1::int - 1) AS i
+        """,
+        ("n", "anchor"),
     ),
     (
         "subscriptions",

@@ -76,32 +76,35 @@ DECLARE
     v_account text;
     v_acc record;
     v_out jsonb;
+    v_group text[];
     v_keys text[];
     v_amounts bigint[];
     v_meters text[];
     v_quantities bigint[];
     v_occurred timestamptz[];
+    v_results jsonb;
 BEGIN
     FOR v_account IN SELECT DISTINCT a FROM unnest(p_account_ids) AS a ORDER BY a LOOP
         BEGIN
-            PERFORM 1 FROM idempotency_keys AS k
-                WHERE k.key = ANY (ARRAY(SELECT u.k FROM unnest(p_keys, p_account_ids) AS u(k, a)
-                                         WHERE u.a = v_account))
-                ORDER BY k.key FOR UPDATE;
-            SELECT COALESCE(jsonb_object_agg(u.k, CASE
-                       WHEN k.key IS NULL THEN jsonb_build_object('fast', 'fallback', 'why', 'unclaimed')
+            -- every lookup by primary key (= ANY, or one probe per event): a plan cached for
+            -- the function's life must never scan idempotency_keys
+            v_group := ARRAY(SELECT u.k FROM unnest(p_keys, p_account_ids) AS u(k, a)
+                             WHERE u.a = v_account ORDER BY u.k);
+            PERFORM 1 FROM idempotency_keys AS k WHERE k.key = ANY (v_group) ORDER BY k.key FOR UPDATE;
+            SELECT COALESCE(jsonb_object_agg(g.k, CASE
+                       WHEN k.status IS NULL THEN jsonb_build_object('fast', 'fallback', 'why', 'unclaimed')
                        ELSE jsonb_build_object('fast', 'duplicate', 'result', k.result) END), '{}'::jsonb)
                 INTO v_out
-                FROM unnest(p_keys, p_account_ids) AS u(k, a)
-                LEFT JOIN idempotency_keys AS k ON k.key = u.k
-                WHERE u.a = v_account AND (k.key IS NULL OR k.status = 'completed');
+                FROM unnest(v_group) AS g(k)
+                LEFT JOIN LATERAL (SELECT i.status, i.result FROM idempotency_keys AS i WHERE i.key = g.k) AS k ON true
+                WHERE k.status IS NULL OR k.status = 'completed';
             SELECT array_agg(u.k ORDER BY u.k), array_agg(u.amount ORDER BY u.k), array_agg(u.meter ORDER BY u.k),
                    array_agg(u.quantity ORDER BY u.k), array_agg(u.occurred_at ORDER BY u.k)
                 INTO v_keys, v_amounts, v_meters, v_quantities, v_occurred
                 FROM unnest(p_keys, p_account_ids, p_amounts, p_meters, p_quantities, p_occurred_at)
                      AS u(k, a, amount, meter, quantity, occurred_at)
-                JOIN idempotency_keys AS k ON k.key = u.k
-                WHERE u.a = v_account AND k.status <> 'completed';
+                WHERE u.a = v_account AND EXISTS (
+                    SELECT 1 FROM idempotency_keys AS i WHERE i.key = u.k AND i.status <> 'completed');
             IF v_keys IS NOT NULL THEN
                 SELECT acc.id, acc.auto_top_up_enabled, acc.auto_top_up_threshold_micros,
                        acc.auto_top_up_max_per_period INTO v_acc
@@ -110,24 +113,20 @@ BEGIN
                     SELECT v_out || jsonb_object_agg(k, jsonb_build_object('fast', 'fallback', 'why', 'unknown_account'))
                         INTO v_out FROM unnest(v_keys) AS k;
                 ELSE
-                    WITH applied AS (
-                        SELECT a.o_key, a.o_result
+                    SELECT jsonb_object_agg(a.o_key, a.o_result) INTO v_results
                         FROM billing_apply_usage_v1(v_account, v_keys, v_amounts, v_meters, v_quantities,
-                                                    v_occurred, p_now) AS a
-                    ), done AS (
-                        UPDATE idempotency_keys AS k SET status = 'completed', result = applied.o_result,
-                               last_error = NULL, updated_at = p_now, account_id = COALESCE(k.account_id, v_account),
-                               completed_at = p_now
-                        FROM applied WHERE k.key = applied.o_key
-                        RETURNING 1
-                    )
-                    SELECT v_out || jsonb_object_agg(applied.o_key, jsonb_build_object(
-                               'fast', 'applied', 'result', applied.o_result,
+                                                    v_occurred, p_now) AS a;
+                    UPDATE idempotency_keys AS k SET status = 'completed', result = v_results -> k.key,
+                           last_error = NULL, updated_at = p_now, account_id = COALESCE(k.account_id, v_account),
+                           completed_at = p_now
+                        WHERE k.key = ANY (v_keys);
+                    SELECT v_out || jsonb_object_agg(e.key, jsonb_build_object(
+                               'fast', 'applied', 'result', e.value,
                                'account', jsonb_build_object(
                                    'id', v_acc.id, 'auto_top_up_enabled', v_acc.auto_top_up_enabled,
                                    'auto_top_up_threshold_micros', v_acc.auto_top_up_threshold_micros,
                                    'auto_top_up_max_per_period', v_acc.auto_top_up_max_per_period)))
-                        INTO v_out FROM applied;
+                        INTO v_out FROM jsonb_each(v_results) AS e;
                 END IF;
             END IF;
         EXCEPTION WHEN OTHERS THEN
