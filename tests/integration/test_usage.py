@@ -446,3 +446,31 @@ def test_each_usage_audit_check_passes_when_healthy_and_fails_on_its_corruption(
     flagged = audit(quiescent=False)
     assert check in flagged, flagged
     assert {r.get("account_id", "a1") for r in flagged[check]} == {"a1"}
+
+
+def test_a_usage_event_written_with_redis_cli_as_documented_is_applied(setup, services, drain, db, audit):
+    """The redis-cli block of docs/contract.md, run as it stands (what a producer in another language writes)."""
+    import re
+    import shutil
+
+    if shutil.which("redis-cli") is None:
+        pytest.skip("redis-cli is not installed")
+    doc = (ROOT / "docs" / "contract.md").read_text()
+    section = doc[doc.index("A usage event goes to its own queue") :]
+    block = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert block is not None and "billing.usage" in block[1]
+    setup(accounts=[{"account_id": "acct_1", "balance_micros": 10 * USD}])
+    done = subprocess.run(
+        ["bash", "-c", block[1]],
+        env={**os.environ, "BILLING_REDIS_URL": services.redis_url},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0 and "ERR" not in done.stdout, done.stdout + done.stderr
+    drain()
+    assert db("SELECT idempotency_key, amount_micros, meter, quantity FROM usage_events") == [
+        {"idempotency_key": "evt_01JX4Q", "amount_micros": 1250, "meter": "llm.tokens", "quantity": 412}
+    ]
+    assert _account(db, "acct_1")["balance_micros"] == 10 * USD - 1250
+    assert audit(quiescent=True) == {}
