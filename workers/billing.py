@@ -47,7 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db import money
 from db.engine import transaction, translate_errors
-from db.money import BillingPolicy, Effect, IssuedKey, OutboxMessage
+from db.money import BillingPolicy, Effect, IssuedKey
 from tasks.errors import (
     BillingError,
     IdempotencyConflict,
@@ -145,7 +145,6 @@ class BillingService:
             name: GroupCommit(self, path, max_batch=self.max_batch, max_in_flight=self.max_batches_in_flight)
             for name, path in FAST_PATHS.items()
         }
-        self._renewals = self.group_commits["renew"]
 
     # ------------------------------------------------------------------ entry point
 
@@ -326,16 +325,7 @@ class BillingService:
         """
         if effect.issued_key is not None:
             await self._deliver_key(effect.issued_key)
-        if effect.outbox and self.broker is not None:
-            try:
-                await self.relay(effect.outbox)
-            except Exception as exc:  # noqa: BLE001 - committed; the sweeper relays it
-                log.warning("outbox_relay_deferred", error=type(exc).__name__, messages=len(effect.outbox))
-
-    async def relay(self, messages: list[OutboxMessage]) -> None:
-        """Enqueue committed outbox messages, then delete them from the outbox (:func:`workers.outbox.relay`)."""
-        assert self.broker is not None
-        await outbox.relay(self.engine, self.broker, messages)
+        await outbox.relay_committed(self.engine, self.broker, effect.outbox)
 
     async def sweep_outbox(self, *, older_than_s: float, limit: int = 500) -> int:
         """Relay outbox messages a dead worker left behind. Returns how many were relayed."""

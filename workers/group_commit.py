@@ -40,6 +40,8 @@ from db.engine import transaction, translate_errors
 from db.money import record_usage as record_usage_kind
 from tasks.messages import BillingMessage, RecordUsageMessage, RenewMessage
 
+from .outbox import relay_committed
+
 if TYPE_CHECKING:
     from .billing import BillingService
 
@@ -85,11 +87,7 @@ async def _apply_usage(
         await money.insert_outbox(tx, outbox)
         for m in messages:  # applied, not committed
             service.crash("fast_before_commit", m.idempotency_key)
-    if outbox and service.broker is not None:
-        try:
-            await service.relay(outbox)
-        except Exception as exc:  # noqa: BLE001 - committed; the sweeper relays it
-            log.warning("outbox_relay_deferred", error=type(exc).__name__, messages=len(outbox))
+    await relay_committed(service.engine, service.broker, outbox)
     return results
 
 

@@ -13,13 +13,16 @@ import asyncio
 from typing import Any
 
 import dramatiq
+import structlog
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db import money
 from db.engine import translate_errors
 from db.money import OutboxMessage
 
-__all__ = ["enqueue", "relay"]
+__all__ = ["enqueue", "relay", "relay_committed"]
+
+log = structlog.get_logger("billing")
 
 
 async def enqueue(broker: dramatiq.Broker, messages: list[OutboxMessage]) -> None:
@@ -56,3 +59,20 @@ async def relay(engine: AsyncEngine, broker: dramatiq.Broker, messages: list[Out
     await enqueue(broker, messages)
     async with translate_errors(), engine.execution_options(isolation_level="AUTOCOMMIT").connect() as conn:
         await money.delete_outbox(conn, [m.message_id for m in messages])
+
+
+async def relay_committed(
+    engine: AsyncEngine, broker: dramatiq.Broker | None, messages: list[OutboxMessage]
+) -> None:
+    """:func:`relay` right after the commit that wrote ``messages``; never raises.
+
+    The effect is committed, so a relay that fails changes nothing for it: one
+    ``outbox_relay_deferred`` line, and the rows wait for the outbox sweeper of
+    any worker.  Without a broker (``None``) the rows are the sweeper's at once.
+    """
+    if not messages or broker is None:
+        return
+    try:
+        await relay(engine, broker, messages)
+    except Exception as exc:  # noqa: BLE001 - committed; the sweeper relays it
+        log.warning("outbox_relay_deferred", error=type(exc).__name__, messages=len(messages))

@@ -363,7 +363,7 @@ def test_a_fast_path_renewal_crashing_between_claim_and_apply_or_after_is_applie
         try:
             with pytest.raises(SimulatedCrash, match=step):
                 await crashing.handle("renew", renew, Delivery("m2"))
-            assert crashing._renewals.batches == 1  # it was the fast path that died
+            assert crashing.group_commits["renew"].batches == 1  # it was the fast path that died
         finally:
             await crashing.engine.dispose()
         service = _service(services, clock=at_period_end)
@@ -375,7 +375,7 @@ def test_a_fast_path_renewal_crashing_between_claim_and_apply_or_after_is_applie
         }
         try:
             result = await service.handle("renew", renew, Delivery("m2", retries=0))
-            assert service._renewals.batches == 1
+            assert service.group_commits["renew"].batches == 1
             report = await run_audit(service.engine, now=at_period_end.now())
             assert report.ok, {k: v for k, v in report.violations.items() if v}
             return left, result

@@ -150,7 +150,7 @@ def test_a_fast_renewal_writes_exactly_what_the_python_path_writes(services):
             ].values()
             clock.set(end_a + timedelta(minutes=5))
             outcomes.append((await _renew(fast, a, end_a), await _renew(slow, b, end_b)))
-        return outcomes, await _state(sql, a), await _state(sql, b), fast._renewals.applied
+        return outcomes, await _state(sql, a), await _state(sql, b), fast.group_commits["renew"].applied
 
     outcomes, state_fast, state_slow, applied = _run(services, body)
     assert applied == 4  # the fast service really took the fast path, every time
@@ -202,7 +202,7 @@ def test_renewals_that_are_not_plain_take_the_python_path_with_the_same_outcome(
                 results[name] = (await _renew(svc, sub, end, key=f"k:{name}"))["outcome"]
             except UnknownSubscription as exc:
                 results[name] = exc.code
-        return results, fast._renewals.applied, fast._renewals.fallbacks
+        return results, fast.group_commits["renew"].applied, fast.group_commits["renew"].fallbacks
 
     results, applied, fallbacks = _run(services, body)
     assert results["f"] == results["s"], results
@@ -232,7 +232,7 @@ def test_renewals_that_arrive_together_commit_together_and_a_bad_one_sinks_nothi
         results = await asyncio.gather(*jobs, return_exceptions=True)
         return (
             results,
-            fast._renewals,
+            fast.group_commits["renew"],
             await sql("SELECT count(*) AS n FROM ledger_entries WHERE kind = 'renewal_charge'"),
         )
 

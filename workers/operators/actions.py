@@ -275,10 +275,7 @@ async def replay_with_new_key(
             },
         )
         await money.insert_outbox(conn, [queued])
-    try:
-        await outbox.relay(engine, broker, [queued])
-    except Exception as exc:  # noqa: BLE001 - committed: the outbox sweeper relays it
-        log.warning("outbox_relay_deferred", error=type(exc).__name__, messages=1)
+    await outbox.relay_committed(engine, broker, [queued])
     return message.message_id
 
 
