@@ -208,7 +208,7 @@ _ACKNOWLEDGE = statement("acknowledge_key_deliveries").bindparams(bindparam("ids
 
 
 async def acknowledge(conn: AsyncConnection, delivery_ids: list[str], *, by: str, now: datetime) -> list[str]:
-    """Mark deliveries handed over: ``acknowledged``, ciphertext dropped. Returns the ids changed.
+    """Mark deliveries handed over: ``acknowledged``, ciphertext dropped. Returns the ids changed, in the given order.
 
     Parameters:
       by: Who acknowledged (the consumer's name), kept with the row.
@@ -216,7 +216,8 @@ async def acknowledge(conn: AsyncConnection, delivery_ids: list[str], *, by: str
     if not delivery_ids:
         return []
     rows = (await conn.execute(_ACKNOWLEDGE, {"ids": list(delivery_ids), "by": by, "now": now})).all()
-    return [str(r[0]) for r in rows]
+    changed = {str(r[0]) for r in rows}  # UPDATE ... RETURNING has no order
+    return [d for d in delivery_ids if d in changed]
 
 
 _SET_RECIPIENT = statement("set_key_recipient")
