@@ -5,7 +5,8 @@ Importing this module declares the actors on the worker's broker
 ``dramatiq workers.actors`` and ``billing worker`` run them.  Each actor's
 name and queue are its model's ``actor_name`` and ``queue_name`` (the
 contract), its docstring the model's; every actor runs the same body,
-:meth:`workers.app.WorkerRuntime.run`.
+:meth:`workers.app.WorkerRuntime.run` (or, on a batch queue, :meth:`~workers.app.WorkerRuntime.deliver`
+from a batch thread, :mod:`workers.middleware.batches`).
 
 Retry policy by type: :class:`~tasks.errors.PermanentError` is in every
 actor's ``throws`` (recorded, not retried, dead-lettered); anything else is
@@ -41,7 +42,7 @@ def _declare(model: type[BillingMessage]) -> dramatiq.Actor[Any, Any]:
     name = model.actor_name
 
     async def run(*args: Any, **kwargs: Any) -> None:
-        await _runtime.run(name, args, kwargs)
+        await _runtime.run()
 
     run.__name__ = run.__qualname__ = name
     run.__doc__ = model.__doc__

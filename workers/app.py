@@ -42,6 +42,7 @@ from .broker import BillingRedisBroker, make_broker
 from .crash import parse_crashpoints
 from .logging import configure_logging
 from .middleware import OutboxSweeper, UnknownActorRecorder
+from .middleware.batches import BatchProcessing
 from .middleware.shutdown import ShutdownDeadline
 from .providers import make_provider
 from .providers.base import PaymentProvider
@@ -210,15 +211,20 @@ class WorkerRuntime:
             self._service = self.service_factory()
         return self._service
 
-    async def run(self, actor_name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """The body of every actor: the current Dramatiq message through :meth:`BillingService.handle`.
+    async def run(self) -> dict[str, Any]:
+        """The body of every actor: the current Dramatiq message through :meth:`deliver`."""
+        message = CurrentMessage.get_current_message()
+        assert message is not None
+        return await self.deliver(message)
+
+    async def deliver(self, message: dramatiq.Message[Any]) -> dict[str, Any]:
+        """One Dramatiq message through :meth:`BillingService.handle` (what its actor runs).
 
         Raises:
           MessageValidationError: Positional arguments (recorded, never retried).
           PermanentError / TransientError: As :meth:`BillingService.handle`.
         """
-        message = CurrentMessage.get_current_message()
-        assert message is not None
+        actor_name, args, kwargs = message.actor_name, message.args, message.kwargs
         delivery = Delivery(
             message_id=message.message_id,
             retries=int(message.options.get("retries", 0)),
@@ -330,6 +336,14 @@ def worker() -> WorkerRuntime:
 
         # Dramatiq's Prometheus middleware (started at process boot) and the billing metrics
         broker.add_middleware(PrometheusMetrics())
+    batch_queues = settings.batch_queue_names()
+    if batch_queues:
+        # high-volume queues: batches on the event loop instead of a thread per message
+        broker.add_middleware(
+            BatchProcessing(
+                runtime.deliver, batch_queues, threads=settings.batch_threads, batch_size=settings.max_batch
+            )
+        )
     broker.add_middleware(UnknownActorRecorder(set(MESSAGE_MODELS), runtime.record_unknown_actor))
     broker.undecodable_handler = runtime.record_undecodable
     return runtime

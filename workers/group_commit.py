@@ -22,7 +22,7 @@ comes back as None and takes the Python path alone; a batch that fails as
 a whole (PostgreSQL unreachable) fails each of its messages with the same
 transient error, to be retried.  A key that is already in the forming batch
 waits for the next one (one statement cannot claim a key twice).  Idle, a
-message goes alone at once: no added latency.
+message goes alone on the event loop's next turn: no added latency.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ class GroupCommit:
         self.max_in_flight = max(1, max_in_flight)
         self._waiting: list[_Item] = []
         self._in_flight = 0
+        self._start_scheduled = False
         #: Batches run, the largest one, and messages applied by the fast path (for tests and profiles).
         self.batches = 0
         self.largest_batch = 0
@@ -134,11 +135,20 @@ class GroupCommit:
         Raises:
           DatabaseUnavailable: The batch could not reach PostgreSQL (transient).
         """
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((message, fingerprint, message_id, future))
-        self._start_batches()
+        if not self._start_scheduled:
+            # on the loop's next turn, so the messages a batch thread hands
+            # over together (each a task of the same turn) go as one batch
+            self._start_scheduled = True
+            loop.call_soon(self._scheduled_start)
         result: tuple[money.ClaimedKey, dict[str, Any] | None] = await future
         return result
+
+    def _scheduled_start(self) -> None:
+        self._start_scheduled = False
+        self._start_batches()
 
     def _start_batches(self) -> None:
         """Send what is waiting, in batches, while fewer than ``max_in_flight`` batches are at PostgreSQL."""
