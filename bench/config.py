@@ -55,6 +55,10 @@ class BenchConfig:
       latency: Measure enqueue-to-commit latency at half the peak.
       profile: An extra profiled ``renew`` run (py-spy).
       signing: Sign messages as ``docker-compose.yml`` runs them (BILLING_SIGNING_KEYS).
+      setups: The setups of each round (default :data:`SETUPS`, in that order); a
+        ratio whose setups were not run is not reported.
+      worker_env: ``BILLING_*`` settings given to ``billing worker`` on top of
+        its defaults (to measure a knob; the docs' run uses none).
     """
 
     rounds: int = 3
@@ -73,6 +77,8 @@ class BenchConfig:
     write_docs: bool = False
     json_out: Path | None = None
     keep: bool = False
+    setups: tuple[str, ...] = SETUPS
+    worker_env: tuple[tuple[str, str], ...] = ()
 
     @property
     def clients(self) -> int:
@@ -122,8 +128,22 @@ def config_from_args(argv: list[str] | None, environ: dict[str, str] | None = No
     parser.add_argument(
         "--keep", action="store_true", help="keep the workers' logs (the databases are always dropped)"
     )
+    parser.add_argument("--setups", default=get("BENCH_SETUPS", ",".join(SETUPS)),
+                        help=f"setups of each round, comma-separated (BENCH_SETUPS; default all: {','.join(SETUPS)})")  # fmt: skip
+    parser.add_argument("--worker-env", action="append", default=[], metavar="BILLING_NAME=VALUE",
+                        help="a setting for billing worker, repeatable (BENCH_WORKER_ENV, space-separated)")  # fmt: skip
     args = parser.parse_args(argv)
     quick = bool(args.quick)
+    setups = tuple(s.strip() for s in args.setups.split(",") if s.strip())
+    unknown = sorted(set(setups) - set(SETUPS))
+    if unknown or not setups:
+        parser.error(f"unknown setups {unknown}: choose among {', '.join(SETUPS)}")
+    worker_env = []
+    for item in [*get("BENCH_WORKER_ENV", "").split(), *args.worker_env]:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("BILLING_"):
+            parser.error(f"--worker-env takes BILLING_NAME=VALUE, not {item!r}")
+        worker_env.append((name, value))
     rounds = args.rounds if args.rounds is not None else int(get("BENCH_ROUNDS", "1" if quick else "3"))
     seconds = (
         args.seconds if args.seconds is not None else float(get("BENCH_SECONDS", "5" if quick else "10"))
@@ -152,6 +172,8 @@ def config_from_args(argv: list[str] | None, environ: dict[str, str] | None = No
         write_docs=bool(args.write_docs),
         json_out=args.json,
         keep=bool(args.keep),
+        setups=setups,
+        worker_env=tuple(worker_env),
     )
 
 

@@ -163,6 +163,7 @@ class Bench:
             # the mixed workload tops up the same accounts every round
             "BILLING_TOP_UPS_PER_PERIOD": "1000000",
             **self.signing_env,
+            **dict(self.cfg.worker_env),
         }
 
     def stock_env(self, db_url: str) -> dict[str, str]:

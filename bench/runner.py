@@ -164,8 +164,8 @@ def _run(bench: Bench, cfg: BenchConfig, console: Console) -> dict[str, Any]:
             scheduler_runs.append(bench.scheduler(db_url, cfg.accounts))
 
         for round_no in range(1, cfg.rounds + 1):
-            shift = (round_no - 1) % len(SETUPS)
-            order = SETUPS[shift:] + SETUPS[:shift]
+            shift = (round_no - 1) % len(cfg.setups)
+            order = cfg.setups[shift:] + cfg.setups[:shift]
             console.print(f"[bold]round {round_no}/{cfg.rounds}[/bold]: {', '.join(order)}")
             for setup in order:
                 m = bench.measure(setup, round_no, db_url)

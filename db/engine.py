@@ -31,6 +31,9 @@ __all__ = [
 #: admin shutdown / terminated backend, crash shutdown, cannot connect now,
 #: too many connections and the whole connection-exception class (08xxx).
 TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "57P01", "57P02", "57P03", "53300"}
+#: The transient ones that are a conflict between transactions, not the server being unreachable:
+#: serialization failure, deadlock, lock timeout (still DatabaseUnavailable: retried).
+LOCK_CONFLICT_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
 #: SQLSTATEs that say the configured connection is wrong and will stay wrong:
 #: no such database, no such role (or pg_hba refuses it), a wrong password.
@@ -124,6 +127,10 @@ def database_error(error: BaseException) -> BillingError | None:
         )
     if isinstance(error, OverflowError):  # asyncpg's socket refuses a port outside 0..65535
         return DatabaseMisconfigured(f"BILLING_DATABASE_URL: {error}")
+    if code in LOCK_CONFLICT_SQLSTATES:
+        return DatabaseUnavailable(
+            f"PostgreSQL rolled back a statement in a lock conflict (SQLSTATE {code}): {_driver_message(error)}"
+        )
     if isinstance(error, (sa_exc.DBAPIError, ConnectionError, OSError, TimeoutError)) and is_transient(error):
         return DatabaseUnavailable(
             f"PostgreSQL is unreachable: {type(getattr(error, 'orig', None) or error).__name__}:"

@@ -69,7 +69,7 @@ CREATE FUNCTION public.billing_period_boundary(anchor timestamp with time zone, 
                     WHEN 'day' THEN make_interval(days => intervals) END) AT TIME ZONE 'UTC'
     $$;
 
-CREATE FUNCTION public.billing_record_usage_batch_v1(p_keys text[], p_account_ids text[], p_amounts bigint[], p_meters text[], p_quantities bigint[], p_occurred_at timestamp with time zone[], p_now timestamp with time zone) RETURNS TABLE(o_key text, o_r jsonb)
+CREATE FUNCTION public.billing_record_usage_batch_v2(p_keys text[], p_account_ids text[], p_amounts bigint[], p_meters text[], p_quantities bigint[], p_occurred_at timestamp with time zone[], p_now timestamp with time zone) RETURNS TABLE(o_key text, o_r jsonb)
     LANGUAGE plpgsql
     AS $$
 DECLARE
@@ -84,13 +84,13 @@ DECLARE
     v_occurred timestamptz[];
     v_results jsonb;
 BEGIN
+    -- every lookup by primary key (= ANY, or one probe per event): a plan cached for
+    -- the function's life must never scan idempotency_keys
+    PERFORM 1 FROM idempotency_keys AS k WHERE k.key = ANY (p_keys) ORDER BY k.key FOR UPDATE;
     FOR v_account IN SELECT DISTINCT a FROM unnest(p_account_ids) AS a ORDER BY a LOOP
         BEGIN
-            -- every lookup by primary key (= ANY, or one probe per event): a plan cached for
-            -- the function's life must never scan idempotency_keys
             v_group := ARRAY(SELECT u.k FROM unnest(p_keys, p_account_ids) AS u(k, a)
                              WHERE u.a = v_account ORDER BY u.k);
-            PERFORM 1 FROM idempotency_keys AS k WHERE k.key = ANY (v_group) ORDER BY k.key FOR UPDATE;
             SELECT COALESCE(jsonb_object_agg(g.k, CASE
                        WHEN k.status IS NULL THEN jsonb_build_object('fast', 'fallback', 'why', 'unclaimed')
                        ELSE jsonb_build_object('fast', 'duplicate', 'result', k.result) END), '{}'::jsonb)

@@ -9,7 +9,7 @@ and collected first by the account's next credit
 * :func:`apply_record_usage`, one event in the caller's transaction (the
   Python path of :mod:`workers.transactions`);
 * :func:`record_usage_batch`, the events of many accounts that arrived
-  together, one subtransaction per account (``billing_record_usage_batch_v1``):
+  together, one subtransaction per account (``billing_record_usage_batch_v2``):
   the group commit of hot accounts, one account lock, one ledger entry and
   one balance update for all of an account's events.
 
@@ -79,7 +79,7 @@ async def apply_record_usage(
 async def record_usage_batch(
     conn: AsyncConnection, messages: list[RecordUsageMessage], now: datetime, policy: BillingPolicy
 ) -> tuple[dict[str, dict[str, Any]], list[OutboxMessage]]:
-    """Apply usage events of any accounts in one statement, grouped by account (``billing_record_usage_batch_v1``).
+    """Apply usage events of any accounts in one statement, grouped by account (``billing_record_usage_batch_v2``).
 
     Run it in a transaction the caller commits: the top-ups the debits ask
     for (:func:`db.money.funds.after_charge`, once per account) are written in

@@ -12,7 +12,7 @@ FROM billing_apply_usage_v1(:account_id, CAST(:keys AS text[]), CAST(:amounts AS
 -- name: record_usage_batch
 -- the fast path: the events that arrived together, grouped by account
 SELECT b.o_key AS key, b.o_r AS r
-FROM billing_record_usage_batch_v1(CAST(:keys AS text[]), CAST(:account_ids AS text[]),
+FROM billing_record_usage_batch_v2(CAST(:keys AS text[]), CAST(:account_ids AS text[]),
                                    CAST(:amounts AS bigint[]), CAST(:meters AS text[]),
                                    CAST(:quantities AS bigint[]), CAST(:occurred_ats AS timestamptz[]),
                                    :now) AS b;

@@ -277,6 +277,76 @@ def test_events_arriving_together_for_a_hot_account_commit_in_one_lock_one_entry
     assert audit(quiescent=True) == {}
 
 
+def test_a_batch_takes_its_keys_in_key_order_before_any_account_so_a_claim_cannot_deadlock_it(
+    setup, services, db
+):
+    """A claim statement locks keys in key order; the batch must hold none of its keys while it waits for one.
+
+    Account "a1" sorts first but its event's key ("k9") sorts last.  A
+    transaction standing for another worker's claim holds "k1" (account
+    "a2"'s event); the batch waits for it.  Locking account by account, the
+    batch would hold "k9" meanwhile, and the claim's next key, "k9", would
+    close the cycle: a deadlock, in which PostgreSQL rolls back the claim or
+    the batch's account (checked both ways against version 1 of the function).
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from db import money
+    from db.engine import transaction
+    from db.money import BillingPolicy
+    from db.money import record_usage as kind
+    from tasks.messages import RecordUsageMessage
+
+    setup(accounts=[{"account_id": a, "balance_micros": 10 * USD} for a in ("a1", "a2")])
+    events = [
+        RecordUsageMessage(account_id="a1", amount_micros=USD, idempotency_key="k9"),
+        RecordUsageMessage(account_id="a2", amount_micros=USD, idempotency_key="k1"),
+    ]
+
+    async def run() -> tuple[bool, dict[str, Any]]:
+        service = _service(services)
+        now = datetime.now(UTC)
+        try:
+            async with service.autocommit.connect() as conn:
+                await money.claim_keys(
+                    conn,
+                    [
+                        money.KeyClaim(
+                            e.idempotency_key, "record_usage", e.fingerprint(), e.account_id, "m", None
+                        )
+                        for e in events
+                    ],
+                    lease_expires_at=now + timedelta(minutes=5),
+                )
+            async with service.engine.connect() as claim:
+                await claim.execute(text("BEGIN"))
+                await claim.execute(text("SELECT 1 FROM idempotency_keys WHERE key = 'k1' FOR UPDATE"))
+
+                async def batch() -> dict[str, Any]:
+                    async with transaction(service.engine) as conn:
+                        results, _ = await kind.record_usage_batch(conn, events, now, BillingPolicy())
+                        return results
+
+                running = asyncio.ensure_future(batch())
+                await asyncio.sleep(0.5)  # the batch is waiting for k1
+                assert not running.done()
+                await claim.execute(text("SET LOCAL lock_timeout = '2s'"))
+                try:
+                    await claim.execute(text("SELECT 1 FROM idempotency_keys WHERE key = 'k9' FOR UPDATE"))
+                    free = True
+                except Exception:  # noqa: BLE001 - the batch held k9: lock timeout (or deadlock)
+                    free = False
+                await claim.execute(text("ROLLBACK"))
+                return free, await running
+        finally:
+            await service.engine.dispose()
+
+    free, results = asyncio.run(run())
+    assert free, "the batch held a key while it waited for another"
+    assert {k: r["outcome"] for k, r in results.items()} == {"k1": "usage_recorded", "k9": "usage_recorded"}
+    assert db("SELECT count(*) AS n FROM usage_events") == [{"n": 2}]
+
+
 def test_two_workers_on_one_hot_account_with_repeated_events_debit_each_event_once(
     setup, services, db, audit
 ):

@@ -1,17 +1,21 @@
 -- The usage fast path: the usage events that arrived together, in one round
--- trip, grouped by account.  For each account (in account order, so
--- concurrent batches lock in one order), in its own subtransaction: lock the
--- events' keys (key order) and then the account, as the Python path does;
+-- trip, grouped by account.  First every key of the batch is locked, in key
+-- order: the order in which a claim statement (claim_keys) locks them, so a
+-- batch and another worker's claim of a repeated event never wait on each
+-- other in a cycle (v1 locked them account by account, which deadlocked
+-- against such claims).  Then for each account (in account order, so
+-- concurrent batches lock accounts in one order), in its own subtransaction:
+-- lock the account, as the Python path does after the key;
 -- events whose key is completed return their stored outcome (a duplicate),
 -- the others are applied together by billing_apply_usage_v1 (one ledger
 -- entry, one balance update) and their keys completed with their outcomes.
--- An error in one account's events (an unknown account, a deadlock) rolls
+-- An error in one account's events (an unknown account, a lock timeout) rolls
 -- back that account's events alone and returns them as fallbacks, which the
 -- worker runs one by one on the Python path; the other accounts' events
 -- stand.  The keys must have been claimed before (claim_keys).  Each applied
 -- event's row carries the account's auto-top-up settings, for the caller's
 -- after-charge check (db.money.funds.after_charge) in the same transaction.
-CREATE FUNCTION billing_record_usage_batch_v1(
+CREATE FUNCTION billing_record_usage_batch_v2(
     p_keys text[], p_account_ids text[], p_amounts bigint[], p_meters text[], p_quantities bigint[],
     p_occurred_at timestamptz[], p_now timestamptz)
 RETURNS TABLE (o_key text, o_r jsonb) LANGUAGE plpgsql AS $$
@@ -27,13 +31,13 @@ DECLARE
     v_occurred timestamptz[];
     v_results jsonb;
 BEGIN
+    -- every lookup by primary key (= ANY, or one probe per event): a plan cached for
+    -- the function's life must never scan idempotency_keys
+    PERFORM 1 FROM idempotency_keys AS k WHERE k.key = ANY (p_keys) ORDER BY k.key FOR UPDATE;
     FOR v_account IN SELECT DISTINCT a FROM unnest(p_account_ids) AS a ORDER BY a LOOP
         BEGIN
-            -- every lookup by primary key (= ANY, or one probe per event): a plan cached for
-            -- the function's life must never scan idempotency_keys
             v_group := ARRAY(SELECT u.k FROM unnest(p_keys, p_account_ids) AS u(k, a)
                              WHERE u.a = v_account ORDER BY u.k);
-            PERFORM 1 FROM idempotency_keys AS k WHERE k.key = ANY (v_group) ORDER BY k.key FOR UPDATE;
             SELECT COALESCE(jsonb_object_agg(g.k, CASE
                        WHEN k.status IS NULL THEN jsonb_build_object('fast', 'fallback', 'why', 'unclaimed')
                        ELSE jsonb_build_object('fast', 'duplicate', 'result', k.result) END), '{}'::jsonb)
