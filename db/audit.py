@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .deadlines import LIVE_TOP_UP
+from .money.policy import BillingPolicy
 
 __all__ = ["AuditDeadlines", "AuditReport", "run_audit", "CHECKS", "QUIESCENT_CHECKS"]
 
@@ -204,6 +205,36 @@ CHECKS: dict[str, tuple[str, str]] = {
         WHERE NOT {LIVE_TOP_UP.format(account="w.account_id")}
         """,
     ),
+    # owner: the completer, which asks for the top-up (db.deadlines.request_owed_top_up);
+    # deadline: one pass after the account's last debit or top-up attempt
+    "owed_usage_has_a_top_up_coming": (
+        "owed usage of an account with auto-top-up on has a top-up coming, unless the month's top-ups "
+        "are used up or one is still processing at the provider",
+        f"""
+        SELECT a.id AS account_id, a.owed_micros, c.attempts, c.last_activity
+        FROM accounts a
+        CROSS JOIN LATERAL (
+            SELECT (SELECT count(*) FROM top_up_attempts t WHERE t.account_id = a.id
+                      AND t.billing_period = to_char(CAST(:now AS timestamptz) AT TIME ZONE 'UTC', 'YYYY-MM'))
+                   AS attempts,
+                   GREATEST((SELECT max(u.recorded_at) FROM usage_events u WHERE u.account_id = a.id),
+                            (SELECT max(t.updated_at) FROM top_up_attempts t WHERE t.account_id = a.id),
+                            (SELECT max(k.updated_at) FROM idempotency_keys k
+                             WHERE k.account_id = a.id AND k.kind = 'auto_top_up')) AS last_activity
+        ) c
+        WHERE a.owed_micros > 0 AND a.auto_top_up_enabled
+          AND NOT {LIVE_TOP_UP.format(account="a.id")}
+          AND NOT EXISTS (SELECT 1 FROM top_up_attempts p WHERE p.account_id = a.id AND p.status = 'pending')
+          AND c.attempts < COALESCE(NULLIF(a.auto_top_up_max_per_period, 0), :top_ups_per_period)
+          AND NOT EXISTS (  -- the month's next slot already ended without an attempt (e.g. no payment method)
+              SELECT 1 FROM idempotency_keys s
+              WHERE s.key = 'auto_top_up:' || a.id || ':'
+                            || to_char(CAST(:now AS timestamptz) AT TIME ZONE 'UTC', 'YYYY-MM') || ':'
+                            || (c.attempts + 1)
+                AND s.status IN ('completed', 'failed', 'dead'))
+          AND (c.last_activity IS NULL OR c.last_activity < CAST(:now AS timestamptz) - CAST(:slack AS interval))
+        """,
+    ),
     # owner: the delivery that claimed the key, then the completer; deadline: lease_expires_at
     "processing_keys_within_lease": (
         "no key is processing past its lease (the completer re-sends or ends it)",
@@ -296,6 +327,7 @@ async def run_audit(
     limit: int = 20,
     now: datetime | None = None,
     deadlines: AuditDeadlines | None = None,
+    policy: BillingPolicy | None = None,
 ) -> AuditReport:
     """Run every check in one REPEATABLE READ snapshot.
 
@@ -305,6 +337,9 @@ async def run_audit(
       now: The money path's "now" (UTC) the deadlines are measured from;
         None: PostgreSQL's clock.  A run on an injected clock passes its own.
       deadlines: Tolerances past the owners' deadlines (:class:`AuditDeadlines`).
+      policy: The workers' money policy (``BILLING_TOP_UPS_PER_PERIOD``: whether
+        an account that owes may still be topped up this month); default
+        :class:`~db.money.BillingPolicy`.
     """
     report = AuditReport()
     checks = {**CHECKS, **(QUIESCENT_CHECKS if quiescent else {})}
@@ -314,6 +349,7 @@ async def run_audit(
         "slack": d.slack,
         "processing_deadline": d.processing_deadline,
         "outbox_deadline": d.outbox_deadline,
+        "top_ups_per_period": (policy or BillingPolicy()).top_ups_per_period,
     }
     async with engine.connect() as conn:
         conn = await conn.execution_options(isolation_level="REPEATABLE READ")

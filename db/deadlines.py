@@ -46,6 +46,8 @@ __all__ = [
     "end_key",
     "orphaned_wait_accounts",
     "release_orphaned_waits",
+    "owed_accounts_without_top_up",
+    "request_owed_top_up",
     "claim_due_attempts",
     "settle_attempt",
 ]
@@ -162,6 +164,59 @@ async def release_orphaned_waits(
     if not (await conn.execute(_STILL_ORPHANED, {"account_id": account_id})).scalar_one():
         return []
     return await money.resume_waiting(conn, account_id, now, policy)
+
+
+_OWED_WITHOUT_TOP_UP = text(
+    f"""
+    SELECT a.id FROM accounts a
+    WHERE a.owed_micros > 0 AND a.auto_top_up_enabled
+      AND NOT {LIVE_TOP_UP.format(account="a.id")}
+    ORDER BY a.id LIMIT :limit
+    """
+)
+_LOCK_OWED_ACCOUNT = text(
+    f"""
+    SELECT a.id, a.auto_top_up_enabled, a.auto_top_up_threshold_micros, a.auto_top_up_max_per_period
+    FROM accounts a
+    WHERE a.id = :account_id AND a.owed_micros > 0 AND a.auto_top_up_enabled
+      AND NOT {LIVE_TOP_UP.format(account=":account_id")}
+    FOR UPDATE
+    """
+)
+
+
+async def owed_accounts_without_top_up(conn: AsyncConnection, *, limit: int = 500) -> list[str]:
+    """Accounts that owe usage, have auto-top-up on, and have no top-up coming (:data:`LIVE_TOP_UP`).
+
+    Owed usage is collected by the account's next credit.  With auto-top-up
+    on, that credit is a top-up; one that was declined, or that the month's
+    limit held back, leaves nothing to send the next one, and the debits that
+    would trigger it have stopped (``has_credits`` is false).  The completer
+    asks for it (:func:`request_owed_top_up`).
+    """
+    return [r[0] for r in (await conn.execute(_OWED_WITHOUT_TOP_UP, {"limit": limit})).all()]
+
+
+async def request_owed_top_up(
+    conn: AsyncConnection, account_id: str, *, now: datetime, policy: BillingPolicy
+) -> list[OutboxMessage]:
+    """Ask for the auto-top-up that collects an account's owed usage, under the account's lock.
+
+    The same trigger as a debit's (:func:`db.money.trigger_top_up`): one
+    message per slot of the top-up period, at most the account's limit a
+    month, none while one is processing.  The messages are written to the
+    outbox (the workers' sweeper relays them).
+
+    Returns:
+      The outbox messages written: none when, under the lock, the account no
+      longer owes, a top-up is coming after all, or the month's limit is reached.
+    """
+    account = (await conn.execute(_LOCK_OWED_ACCOUNT, {"account_id": account_id})).mappings().one_or_none()
+    if account is None:
+        return []
+    _, outbox = await money.trigger_top_up(conn, account, now, policy, waiting=None)
+    await money.insert_outbox(conn, outbox)
+    return outbox
 
 
 @dataclass(frozen=True)

@@ -658,6 +658,8 @@ ALTER TABLE ONLY public.top_up_attempts
 ALTER TABLE ONLY public.usage_events
     ADD CONSTRAINT usage_events_pkey PRIMARY KEY (idempotency_key);
 
+CREATE INDEX accounts_owing ON public.accounts USING btree (id) WHERE (owed_micros > 0);
+
 CREATE INDEX api_key_deliveries_account ON public.api_key_deliveries USING btree (account_id);
 
 CREATE INDEX api_key_deliveries_deadline ON public.api_key_deliveries USING btree (deliver_by) WHERE (status = 'pending'::text);

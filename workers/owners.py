@@ -9,7 +9,8 @@ workers' outbox sweeper relays (``BILLING_OUTBOX_SWEEP_AFTER_MS``).
 * :class:`Completer` (rocket-rides-atomic's completer and reaper in one):
   ``processing`` keys past their lease are re-sent from the request the
   database kept, then ended as failed and recorded for operators; waits for
-  funds whose top-up is gone are resumed.
+  funds whose top-up is gone are resumed; owed usage of an account with
+  auto-top-up on and no top-up coming gets its top-up asked for.
 * :class:`Reconciler`: top-ups still ``pending`` past their deadline are
   looked up at the provider under our provider idempotency key and settled.
 """
@@ -45,11 +46,13 @@ class CompleterReport:
       redriven: Stale keys re-sent from their stored request.
       ended: Stale keys ended as failed (recorded in ``failed_messages`` unless a renewal).
       waits_released: Waits for funds resumed because no top-up was coming.
+      owed_top_ups: Auto-top-ups asked for to collect owed usage that no top-up was coming for.
     """
 
     redriven: int = 0
     ended: int = 0
     waits_released: int = 0
+    owed_top_ups: int = 0
 
 
 @dataclass
@@ -106,7 +109,16 @@ class Completer:
             if resumed:
                 released += len(resumed)
                 log.warning("waits_released", account_id=account_id, messages=len(resumed))
-        return CompleterReport(redriven, ended, released)
+        owed_top_ups = 0
+        async with translate_errors(), transaction(self.engine) as conn:
+            owing = await deadlines.owed_accounts_without_top_up(conn, limit=self.batch_size)
+        for account_id in owing:
+            async with translate_errors(), transaction(self.engine) as conn:
+                asked = await deadlines.request_owed_top_up(conn, account_id, now=now, policy=self.policy)
+            if asked:
+                owed_top_ups += 1
+                log.info("owed_top_up_requested", account_id=account_id)
+        return CompleterReport(redriven, ended, released, owed_top_ups)
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,7 @@ class Scheduler:
             redriven=completed.redriven,
             ended=completed.ended,
             waits_released=completed.waits_released,
+            owed_top_ups=completed.owed_top_ups,
             reconciled=reconciled.settled if reconciled is not None else None,
             seconds=round(report.seconds, 3),
         )

@@ -35,7 +35,7 @@ from __future__ import annotations
 from ..errors import KeyNotReissuable
 from .api_keys import hash_api_key
 from .failures import SECRET_ARGUMENT, record_failure, redact
-from .funds import resume_waiting
+from .funds import resume_waiting, trigger_top_up
 from .keys import (
     _CLAIM_KEYS,
     _COMPLETE_KEY,
@@ -95,6 +95,7 @@ __all__ = [
     "begin_top_up",
     "finish_top_up",
     "resume_waiting",
+    "trigger_top_up",
     "message_request",
     "take_charge_lease",
     "TOP_UP_STATES",

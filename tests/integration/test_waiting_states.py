@@ -430,3 +430,62 @@ def test_a_card_that_never_answers_switches_auto_top_up_off_and_the_renewal_goes
     assert account["auto_top_up_enabled"] is False
     assert clock.now() - sub["current_period_end"] < timedelta(hours=1)
     assert audit() == {}
+
+
+def test_owed_usage_whose_top_up_was_declined_gets_the_next_one_from_the_completer(
+    setup, producer, drain, db, clock, run_scheduler, audit
+):
+    """Owed usage waits for a credit; with auto-top-up on, the completer asks for the next top-up.
+
+    The debit that left usage owed asked for a top-up, which was declined;
+    the gateway now sees ``has_credits`` false, so no debit comes to ask
+    again.  a1 allows three top-ups a month: after one pass past the
+    deadline the audit flags it, the scheduler's pass asks for the next
+    top-up (the customer fixed the card meanwhile), and it collects what is
+    owed.  a2 allows one a month, used up by the decline: it waits for next
+    month or a credit, and is not flagged.
+    """
+    owing = {
+        "balance_micros": 1 * USD,
+        "auto_top_up_threshold_micros": 1 * USD,
+        "auto_top_up_amount_micros": 30 * USD,
+        "payment_method_ref": "pm_decline",
+    }
+    setup(
+        accounts=[
+            {"account_id": "a1", **owing},
+            {"account_id": "a2", **owing},
+        ]
+    )
+    db("UPDATE accounts SET auto_top_up_max_per_period = CASE id WHEN 'a1' THEN 3 ELSE 1 END")
+    for account in ("a1", "a2"):
+        producer.record_usage(account_id=account, amount_micros=5 * USD, idempotency_key=f"ev-{account}")
+    drain()
+    state = "SELECT id, balance_micros, owed_micros FROM accounts ORDER BY id"
+    assert db(state) == [
+        {"id": "a1", "balance_micros": 0, "owed_micros": 4 * USD},
+        {"id": "a2", "balance_micros": 0, "owed_micros": 4 * USD},
+    ]
+    attempts = "SELECT account_id, status FROM top_up_attempts ORDER BY account_id, created_at"
+    assert db(attempts) == [
+        {"account_id": "a1", "status": "declined"},
+        {"account_id": "a2", "status": "declined"},
+    ]
+    assert audit(quiescent=True) == {}  # within the deadline
+
+    clock.advance(timedelta(minutes=10))
+    flagged = audit(quiescent=True)
+    assert [r["account_id"] for r in flagged.pop("owed_usage_has_a_top_up_coming")] == ["a1"]
+    assert flagged == {}
+
+    db("UPDATE accounts SET payment_method_ref = 'pm_card_visa' WHERE id IN ('a1', 'a2')")
+    report = run_scheduler()
+    assert report.completer.owed_top_ups == 1
+    drain()
+    assert db(state) == [
+        {"id": "a1", "balance_micros": 26 * USD, "owed_micros": 0},
+        {"id": "a2", "balance_micros": 0, "owed_micros": 4 * USD},
+    ]
+    assert run_scheduler().completer.owed_top_ups == 0  # a2: the month's one top-up is used
+    clock.advance(timedelta(minutes=10))
+    assert audit(quiescent=True) == {}

@@ -430,11 +430,17 @@ class BillingLifecycle(RuleBasedStateMachine):
         for _ in range(passes):
             report = await scheduler.run_pass()
             completer, reconciler = report.completer, report.reconciler
-            for name in ("redriven", "ended", "waits_released"):
+            for name in ("redriven", "ended", "waits_released", "owed_top_ups"):
                 self.outcomes[f"completer:{name}"] += getattr(completer, name)
             for state, n in reconciler.settled.items():
                 self.outcomes[f"reconciler:{state}"] += n
-            moved += completer.redriven + completer.ended + completer.waits_released + reconciler.looked_up
+            moved += (
+                completer.redriven
+                + completer.ended
+                + completer.waits_released
+                + completer.owed_top_ups
+                + reconciler.looked_up
+            )
         for message in broker.messages:
             await self._deliver(message.actor_name, message.kwargs, message.message_id)
         return moved + len(broker.messages)

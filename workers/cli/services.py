@@ -215,7 +215,10 @@ def audit(as_json: bool, drained: bool) -> None:
     """Check SPEC's invariants (read-only, safe on a live system); exit 1 with the violations."""
     from db.audit import run_audit
 
-    report = run_db(lambda engine: run_audit(engine, quiescent=drained))
+    from ..settings import get_settings
+
+    policy = get_settings().billing_policy()  # the workers' top-up limit
+    report = run_db(lambda engine: run_audit(engine, quiescent=drained, policy=policy))
     if as_json:
         click.echo(json.dumps({"ok": report.ok, "violations": report.violations}, indent=2, default=str))
     else:
