@@ -366,6 +366,21 @@ class Bench:
                 )
                 for i in range(n)
             ], []
+        if setup in ("usage", "naive_usage"):  # not tied to subscriptions: any number of events
+            events = self.usage_events(n)
+            keys = list(dict.fromkeys(e.idempotency_key for e in events))
+            if setup == "usage":
+                return [to_dramatiq_message(e) for e in events], keys
+            return [
+                dramatiq.Message(
+                    queue_name=NAIVE_USAGE_QUEUE,
+                    actor_name=NAIVE_USAGE_ACTOR,
+                    args=(),
+                    kwargs=e.kwargs(),
+                    options={},
+                )
+                for e in events
+            ], keys
         indices = self.rng.sample(range(subscriptions), n)
         if setup == "naive":
             messages: list[dramatiq.Message[Any]] = []
@@ -382,21 +397,6 @@ class Bench:
                     )
                 )
             return messages, [str(d.kwargs["idempotency_key"]) for d in messages]
-        if setup in ("usage", "naive_usage"):
-            events = self.usage_events(n)
-            keys = list(dict.fromkeys(e.idempotency_key for e in events))
-            if setup == "usage":
-                return [to_dramatiq_message(e) for e in events], keys
-            return [
-                dramatiq.Message(
-                    queue_name=NAIVE_USAGE_QUEUE,
-                    actor_name=NAIVE_USAGE_ACTOR,
-                    args=(),
-                    kwargs=e.kwargs(),
-                    options={},
-                )
-                for e in events
-            ], keys
         billing: list[BillingMessage]
         if setup == "project":
             billing = self.renewals(db_url, indices)
@@ -426,7 +426,9 @@ class Bench:
 
     def _messages(self, m: Measurement, db_url: str, subscriptions: int, tag: str, *, profile: bool) -> None:
         setup = m.setup
-        cap = MAX_NOOP_BATCH if setup == "noop" else subscriptions
+        # renewals and the mixed kinds are one message per subscription at most; no-op messages and
+        # usage events are not tied to one, so their batches last the measurement's length
+        cap = MAX_NOOP_BATCH if setup in ("noop", "usage", "naive_usage") else subscriptions
         n = self.batch(setup, cap)
         messages, keys = self._build(setup, db_url, n, subscriptions, m.round)
         queues = [STOCK_QUEUES[setup]] if setup in STOCK_SETUPS else list(BILLING_QUEUES)

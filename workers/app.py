@@ -244,6 +244,18 @@ class WorkerRuntime:
             raise error
         return await service.handle(actor_name, kwargs, delivery)
 
+    async def unfinished(self, messages: list[dramatiq.Message[Any]]) -> set[str]:
+        """The ids of the messages whose idempotency key an earlier delivery claimed and did not finish.
+
+        A batch thread runs those one at a time (:mod:`workers.middleware.batches`).
+        """
+        keys = {m.message_id: m.kwargs.get("idempotency_key") for m in messages}
+        wanted = sorted({k for k in keys.values() if isinstance(k, str)})
+        if not wanted:
+            return set()
+        found = await self.service().unfinished(wanted)
+        return {message_id for message_id, key in keys.items() if key in found}
+
     async def sweep(self, older_than_s: float) -> int:
         """Relay the outbox rows a dead worker left behind (the outbox sweeper's pass)."""
         return await self.service().sweep_outbox(older_than_s=older_than_s)
@@ -341,7 +353,11 @@ def worker() -> WorkerRuntime:
         # high-volume queues: batches on the event loop instead of a thread per message
         broker.add_middleware(
             BatchProcessing(
-                runtime.deliver, batch_queues, threads=settings.batch_threads, batch_size=settings.max_batch
+                runtime.deliver,
+                batch_queues,
+                threads=settings.batch_threads,
+                batch_size=settings.max_batch,
+                unfinished=runtime.unfinished,
             )
         )
     broker.add_middleware(UnknownActorRecorder(set(MESSAGE_MODELS), runtime.record_unknown_actor))

@@ -315,6 +315,15 @@ class BillingService:
         """Step 5: run the kind's transaction script (:data:`workers.transactions.TRANSACTION_SCRIPTS`)."""
         return await TRANSACTION_SCRIPTS[message.actor_name](self, message)
 
+    async def unfinished(self, keys: list[str]) -> set[str]:
+        """Which of these idempotency keys an earlier delivery claimed and did not finish (one statement).
+
+        Raises:
+          DatabaseUnavailable: PostgreSQL could not be reached.
+        """
+        async with translate_errors(), self.autocommit.connect() as conn:
+            return await money.unfinished_keys(conn, keys)
+
     # ------------------------------------------------------------------ after commit
 
     async def after_commit(self, effect: Effect) -> None:

@@ -8,10 +8,11 @@ method references are not passed to the logger.
 One line per event, whatever the number of processes:
 
 * structlog writes each line, newline included, with a single ``write()``
-  (:class:`structlog.WriteLoggerFactory`).  A worker process's stderr is
-  Dramatiq's logging pipe, which forwards every ``write()`` as one message
-  to the parent; ``print()`` wrote the text and the newline separately, so
-  two processes could merge two lines into one.
+  (:class:`LineBatchingLogger`; on the event loop, the lines of one turn in
+  one ``write()``).  A worker process's stderr is Dramatiq's logging pipe,
+  which forwards every ``write()`` as one message to the parent; ``print()``
+  wrote the text and the newline separately, so two processes could merge
+  two lines into one.
 * The stdlib's records (Dramatiq's own) are rendered by the same renderer
   through :class:`structlog.stdlib.ProcessorFormatter`: in JSON, a
   traceback is the ``exception`` field of its line, not 40 more lines.
@@ -23,12 +24,15 @@ One line per event, whatever the number of processes:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import threading
+from typing import Any
 
 import structlog
 
-__all__ = ["DramatiqFailureFilter", "configure_logging", "mark_logged"]
+__all__ = ["DramatiqFailureFilter", "LineBatchingLogger", "configure_logging", "mark_logged"]
 
 #: Attribute set on an exception the money path has logged (see :func:`mark_logged`).
 _LOGGED = "_billing_logged"
@@ -79,6 +83,69 @@ class DramatiqFailureFilter(logging.Filter):
         return False
 
 
+class LineBatchingLogger:
+    """structlog's ``WriteLogger``, but the lines logged on an event loop in one turn go out in one ``write()``.
+
+    A batch of messages finishes on the event loop in one turn, each with its
+    line: written one by one, each is a system call here and a forwarded
+    message in Dramatiq's parent process, which at thousands of messages a
+    second costs more than the messages.  Lines logged on a running event
+    loop are kept until the end of that turn (a callback the first one
+    schedules with ``call_soon``) and written together; each is still one
+    whole line, newline included.  Lines logged anywhere else are written at
+    once, as before.
+
+    Parameters:
+      file: The stream (``sys.stderr``).
+    """
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self._write = file.write
+        self._flush = file.flush
+        self._lock = threading.Lock()
+        self._pending: list[str] = []
+
+    def msg(self, message: str) -> None:
+        """Write ``message`` and a newline: now, or at the end of the event loop's turn."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None:
+            with self._lock:
+                self._write(message + "\n")
+                self._flush()
+            return
+        with self._lock:
+            first = not self._pending
+            self._pending.append(message + "\n")
+        if first:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the lines kept so far, in one ``write()``."""
+        with self._lock:
+            if not self._pending:
+                return
+            text, self._pending = "".join(self._pending), []
+            self._write(text)
+            self._flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class LineBatchingLoggerFactory:
+    """Builds the one :class:`LineBatchingLogger` of a stream (structlog's ``logger_factory``)."""
+
+    def __init__(self, file: Any) -> None:
+        self._logger = LineBatchingLogger(file)
+
+    def __call__(self, *args: Any) -> LineBatchingLogger:
+        return self._logger
+
+
 def _install_filter() -> None:
     for name in DramatiqFailureFilter.DROPPED:
         logger = logging.getLogger(name)
@@ -111,8 +178,9 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        # one write() per line, newline included (see the module docstring)
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        # whole lines, newline included, in one write() (see the module docstring); on the
+        # event loop, the lines of one turn in one write()
+        logger_factory=LineBatchingLoggerFactory(sys.stderr),
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")

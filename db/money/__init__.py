@@ -46,6 +46,7 @@ from .keys import (
     fail_key,
     lock_key,
     record_effect,
+    unfinished_keys,
 )
 from .ledger import _LOCK_ACCOUNT, _SUBSCRIPTION_ACCOUNT
 from .outbox import claim_stale_outbox, delete_outbox, insert_outbox
@@ -84,6 +85,7 @@ __all__ = [
     "KeyClaim",
     "renew_fast_batch",
     "lock_key",
+    "unfinished_keys",
     "record_effect",
     "fail_key",
     "record_failure",

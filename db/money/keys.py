@@ -23,13 +23,14 @@ from ..sql import one, statement
 from .outbox import insert_outbox
 from .policy import ClaimedKey, Effect
 
-__all__ = ["KeyClaim", "claim_key", "claim_keys", "fail_key", "lock_key", "record_effect"]
+__all__ = ["KeyClaim", "claim_key", "claim_keys", "fail_key", "lock_key", "record_effect", "unfinished_keys"]
 
 _CLAIM_KEYS = statement("claim_keys", json_columns=("result",))
 _LOCK_KEY = statement("lock_key", json_columns=("result",))
 _COMPLETE_KEY = statement("complete_key", json_params=("result",))
 _FORGET_KEY = statement("forget_key")
 _FAIL_KEY = statement("fail_key")
+_UNFINISHED_KEYS = statement("unfinished_keys")
 
 
 @dataclass(frozen=True)
@@ -158,3 +159,14 @@ async def fail_key(conn: AsyncConnection, key: str, fingerprint: str, status: st
     await conn.execute(
         _FAIL_KEY, {"key": key, "fingerprint": fingerprint, "status": status, "error": error[:2000]}
     )
+
+
+async def unfinished_keys(conn: AsyncConnection, keys: list[str]) -> set[str]:
+    """Which of ``keys`` an earlier delivery claimed and did not finish (``processing``): one statement.
+
+    A worker that died in the middle of a message leaves its key so; the
+    message comes back with the others it was fetched with.
+    """
+    if not keys:
+        return set()
+    return {r[0] for r in (await conn.execute(_UNFINISHED_KEYS, {"keys": keys})).all()}

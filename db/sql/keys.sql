@@ -50,6 +50,10 @@ WHERE key = :key AND fingerprint = :fingerprint;
 -- name: key_status
 SELECT status FROM idempotency_keys WHERE key = :key;
 
+-- name: unfinished_keys
+-- keys an earlier delivery claimed and did not finish (by primary key)
+SELECT key FROM idempotency_keys WHERE key = ANY (CAST(:keys AS text[])) AND status = 'processing';
+
 -- name: reserve_key
 INSERT INTO idempotency_keys (key, kind, fingerprint, status, attempts, account_id, lease_expires_at, request)
 VALUES (:key, :kind, :fingerprint, 'processing', 0, :account_id, :lease_expires_at, :request)

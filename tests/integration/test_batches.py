@@ -42,6 +42,12 @@ class Recorder:
         self.fail_first: set[str] = set()  # raise a transient error on the first delivery
         self.fail_always: set[str] = set()  # raise Expected on every delivery
         self.pause_s = 0.0
+        self.unfinished_keys: set[str] = set()  # what ``unfinished`` reports
+        self.in_flight = 0
+        self.order: list[tuple[str, int]] = []  # (key, deliveries running beside it, itself included)
+
+    async def unfinished(self, messages: list[dramatiq.Message[Any]]) -> set[str]:
+        return {m.message_id for m in messages if m.kwargs["key"] in self.unfinished_keys}
 
     async def deliver(self, message: dramatiq.Message[Any]) -> None:
         import asyncio
@@ -50,6 +56,19 @@ class Recorder:
         with self.lock:
             self.calls[key] += 1
             first = self.calls[key] == 1
+            self.in_flight += 1
+        await asyncio.sleep(0)  # the others handed over with it start too
+        with self.lock:
+            self.order.append((key, self.in_flight))
+        try:
+            await self._work(key, first)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    async def _work(self, key: str, first: bool) -> None:
+        import asyncio
+
         if self.pause_s:
             await asyncio.sleep(self.pause_s)
         if key in self.fail_always:
@@ -71,7 +90,9 @@ def batch_broker(
         url=services.redis_db(2), heartbeat_timeout=5_000, maintenance_interval_ms=200
     )
     recorder = Recorder()
-    batches = BatchProcessing(recorder.deliver, {QUEUE}, threads=2, batch_size=25)
+    batches = BatchProcessing(
+        recorder.deliver, {QUEUE}, threads=2, batch_size=25, unfinished=recorder.unfinished
+    )
     broker.add_middleware(batches)
 
     @dramatiq.actor(
@@ -162,6 +183,26 @@ def test_the_successes_of_a_batch_are_acked_in_one_round_trip(batch_broker, monk
     assert single == []
     assert sum(batched) == 50 and len(batched) == ran <= 4
     assert _redis_state(broker.client, QUEUE)["unacked"] == 0
+
+
+def test_messages_an_earlier_delivery_did_not_finish_run_alone_after_their_batch(batch_broker):
+    """A poison message kills its whole batch, which comes back together: the ones that died before run alone."""
+    broker, recorder, batches = batch_broker
+    batches.threads = 1
+    actor = broker.get_actor("batched")
+    keys = [f"k{i}" for i in range(20)]
+    recorder.unfinished_keys = {"k4", "k11"}
+    broker.enqueue_many([actor.message(key=k) for k in keys])
+    w = inprocess_worker(broker, threads=1)
+    w.start()
+    try:
+        _wait(lambda: _redis_state(broker.client, QUEUE)["bodies"] == 0)
+    finally:
+        w.stop()
+    ran = dict(recorder.order)
+    assert set(ran) == set(keys) and len(recorder.order) == 20
+    assert ran["k4"] == ran["k11"] == 1  # each alone, no other message running beside it
+    assert sum(t.alone for t in batches.batch_threads) == 2
 
 
 def test_a_stopped_worker_gives_back_the_messages_it_fetched_and_did_not_start(batch_broker):

@@ -54,6 +54,8 @@ __all__ = ["BatchProcessing", "BatchWorkerThread"]
 
 #: ``deliver(message)``: runs one message's actor body on the event loop (raises what the actor raises).
 Deliver = Callable[[dramatiq.Message[Any]], Awaitable[Any]]
+#: ``unfinished(messages)``: the ids of those an earlier delivery started and did not finish.
+Unfinished = Callable[[list[dramatiq.Message[Any]]], Awaitable[set[str]]]
 
 _log = get_logger(__name__, "BatchProcessing")
 
@@ -70,12 +72,21 @@ class BatchProcessing(Middleware):  # type: ignore[misc]
       queues: Canonical queue names (``billing.usage``) whose messages go in batches.
       threads: Batch threads per worker process.
       batch_size: Most messages a batch thread takes at once.
+      unfinished: Tells which messages of a batch an earlier delivery started
+        and did not finish; those run one at a time (see :class:`BatchWorkerThread`).
     """
 
     def __init__(
-        self, deliver: Deliver, queues: Iterable[str], *, threads: int = 2, batch_size: int = 64
+        self,
+        deliver: Deliver,
+        queues: Iterable[str],
+        *,
+        threads: int = 2,
+        batch_size: int = 64,
+        unfinished: Unfinished | None = None,
     ) -> None:
         self.deliver = deliver
+        self.unfinished = unfinished
         self.queues = frozenset(queues)
         self.threads = max(1, threads)
         self.batch_size = max(1, batch_size)
@@ -107,6 +118,7 @@ class BatchProcessing(Middleware):  # type: ignore[misc]
                 worker_timeout=worker.worker_timeout,
                 deliver=self.deliver,
                 batch_size=self.batch_size,
+                unfinished=self.unfinished,
             )
             thread.start()
             # Worker.pause/stop/join treat them like its own threads
@@ -133,19 +145,32 @@ class BatchProcessing(Middleware):  # type: ignore[misc]
 class BatchWorkerThread(WorkerThread):  # type: ignore[misc]
     """A Dramatiq worker thread that processes up to ``batch_size`` messages at a time on the event loop.
 
+    A message that kills its worker (a poison message) takes its whole batch
+    down with it, and Dramatiq gives the batch back together.  The delivery
+    count that bounds poison messages would then climb for every message of
+    the batch, and the innocent ones would be dead-lettered with it.  So the
+    messages that an earlier delivery started and did not finish (``unfinished``)
+    run one at a time, after the others of their batch are acked: a poison
+    message dies alone, and a message that died beside one before is counted
+    only once more.
+
     Parameters:
-      deliver: See :class:`BatchProcessing`.
+      deliver, unfinished: See :class:`BatchProcessing`.
       batch_size: Most messages per batch.
       **kwargs: Dramatiq's :class:`~dramatiq.worker.WorkerThread` arguments.
     """
 
-    def __init__(self, *, deliver: Deliver, batch_size: int, **kwargs: Any) -> None:
+    def __init__(
+        self, *, deliver: Deliver, batch_size: int, unfinished: Unfinished | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.deliver = deliver
+        self.unfinished = unfinished
         self.batch_size = batch_size
-        #: Batches processed and messages in them (for tests and profiles).
+        #: Batches processed, messages in them, and messages run alone as unfinished (for tests and profiles).
         self.batches = 0
         self.messages = 0
+        self.alone = 0
 
     def run(self) -> None:
         self.running = True
@@ -176,39 +201,69 @@ class BatchWorkerThread(WorkerThread):  # type: ignore[misc]
 
         The steps of :meth:`dramatiq.worker.WorkerThread.process_message`,
         each for the whole batch: the actors' bodies run concurrently on the
-        event loop, in one hand-off.
+        event loop, in one hand-off; then the unfinished ones, one at a time.
         """
         self.batches += 1
         self.messages += len(messages)
         broker = self.broker
         started: list[tuple[Any, dramatiq.Actor[Any, Any]]] = []
+        done: list[Any] = []
         for message in messages:
             try:
                 broker.emit_before("process_message", message)
                 if message.failed:  # a middleware failed it (e.g. AgeLimit)
                     broker.emit_after("process_message", message, result=None)
+                    done.append(message)
                 else:
                     started.append((message, broker.get_actor(message.actor_name)))
             except BaseException as exc:  # noqa: BLE001 - as Dramatiq's worker thread: the message's outcome
                 self._failed(message, None, exc)
-        if started:
-            try:
-                outcomes = self._run([message for message, _ in started])
-            except BaseException as exc:  # noqa: BLE001 - the hand-off itself failed: every message fails with it
-                outcomes = [exc] * len(started)
-            for (message, actor), outcome in zip(started, outcomes, strict=True):
-                if isinstance(outcome, BaseException):
-                    self._failed(message, actor, outcome)
-                else:
-                    try:
-                        broker.emit_after("process_message", message, result=None)
-                    except BaseException as exc:  # noqa: BLE001
-                        self._failed(message, actor, exc)
+                done.append(message)
+        unfinished = self._unfinished([message for message, _ in started])
+        alone = [item for item in started if item[0].message_id in unfinished]
+        together = [item for item in started if item[0].message_id not in unfinished]
+        self.alone += len(alone)
         try:
-            self._post_process(messages)
+            self._finish(done + self._process(together))
+            for item in alone:
+                self._finish(self._process([item]))
         finally:
             for message in messages:
                 message.clear_exception()
+
+    def _unfinished(self, messages: list[Any]) -> set[str]:
+        if self.unfinished is None or not messages:
+            return set()
+        loop = get_event_loop_thread()
+        if loop is None:
+            return set()
+        try:
+            found: set[str] = loop.run_coroutine(self.unfinished(messages))
+        except Exception:  # noqa: BLE001 - PostgreSQL unreachable: the batch's own statements fail and retry
+            return set()
+        return found
+
+    def _process(self, started: list[tuple[Any, dramatiq.Actor[Any, Any]]]) -> list[Any]:
+        """Run the actors of ``started`` together and their after-process middleware; returns the messages."""
+        if not started:
+            return []
+        broker = self.broker
+        try:
+            outcomes = self._run([message for message, _ in started])
+        except BaseException as exc:  # noqa: BLE001 - the hand-off itself failed: every message fails with it
+            outcomes = [exc] * len(started)
+        for (message, actor), outcome in zip(started, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                self._failed(message, actor, outcome)
+            else:
+                try:
+                    broker.emit_after("process_message", message, result=None)
+                except BaseException as exc:  # noqa: BLE001
+                    self._failed(message, actor, exc)
+        return [message for message, _ in started]
+
+    def _finish(self, messages: list[Any]) -> None:
+        self._post_process(messages)
 
     def _run(self, messages: list[Any]) -> list[Any]:
         loop = get_event_loop_thread()
