@@ -12,8 +12,9 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .deadlines import LIVE_TOP_UP
+from .deadlines import LIVE_TOP_UP, OWED_TOP_UP_DUE
 from .money.policy import BillingPolicy
+from .periods import top_up_period
 
 __all__ = ["AuditDeadlines", "AuditReport", "run_audit", "CHECKS", "QUIESCENT_CHECKS"]
 
@@ -211,27 +212,15 @@ CHECKS: dict[str, tuple[str, str]] = {
         "owed usage of an account with auto-top-up on has a top-up coming, unless the month's top-ups "
         "are used up or one is still processing at the provider",
         f"""
-        SELECT a.id AS account_id, a.owed_micros, c.attempts, c.last_activity
+        SELECT a.id AS account_id, a.owed_micros, c.last_activity
         FROM accounts a
         CROSS JOIN LATERAL (
-            SELECT (SELECT count(*) FROM top_up_attempts t WHERE t.account_id = a.id
-                      AND t.billing_period = to_char(CAST(:now AS timestamptz) AT TIME ZONE 'UTC', 'YYYY-MM'))
-                   AS attempts,
-                   GREATEST((SELECT max(u.recorded_at) FROM usage_events u WHERE u.account_id = a.id),
+            SELECT GREATEST((SELECT max(u.recorded_at) FROM usage_events u WHERE u.account_id = a.id),
                             (SELECT max(t.updated_at) FROM top_up_attempts t WHERE t.account_id = a.id),
                             (SELECT max(k.updated_at) FROM idempotency_keys k
                              WHERE k.account_id = a.id AND k.kind = 'auto_top_up')) AS last_activity
         ) c
-        WHERE a.owed_micros > 0 AND a.auto_top_up_enabled
-          AND NOT {LIVE_TOP_UP.format(account="a.id")}
-          AND NOT EXISTS (SELECT 1 FROM top_up_attempts p WHERE p.account_id = a.id AND p.status = 'pending')
-          AND c.attempts < COALESCE(NULLIF(a.auto_top_up_max_per_period, 0), :top_ups_per_period)
-          AND NOT EXISTS (  -- the month's next slot already ended without an attempt (e.g. no payment method)
-              SELECT 1 FROM idempotency_keys s
-              WHERE s.key = 'auto_top_up:' || a.id || ':'
-                            || to_char(CAST(:now AS timestamptz) AT TIME ZONE 'UTC', 'YYYY-MM') || ':'
-                            || (c.attempts + 1)
-                AND s.status IN ('completed', 'failed', 'dead'))
+        WHERE {OWED_TOP_UP_DUE}
           AND (c.last_activity IS NULL OR c.last_activity < CAST(:now AS timestamptz) - CAST(:slack AS interval))
         """,
     ),
@@ -359,7 +348,8 @@ async def run_audit(
                 now = (await conn.execute(text("SELECT now()"))).scalar_one()
             for name, (description, sql) in checks.items():
                 statement = text(f"SELECT * FROM ({sql}) v LIMIT {int(limit)}")
-                used = {k: v for k, v in {**params, "now": now}.items() if f":{k}" in sql}
+                known = {**params, "now": now, "period": top_up_period(now)}
+                used = {k: v for k, v in known.items() if f":{k}" in sql}
                 rows = (await conn.execute(statement, used)).mappings().all()
                 report.violations[name] = [{k: _plain(v) for k, v in r.items()} for r in rows]
                 report.descriptions[name] = description

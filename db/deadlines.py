@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from . import money
 from .errors import NoStoredRequest
 from .money import BillingPolicy, Effect, OutboxMessage, TopUpIntent
+from .periods import top_up_period
 from .sql import statement
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "end_key",
     "orphaned_wait_accounts",
     "release_orphaned_waits",
+    "OWED_TOP_UP_DUE",
     "owed_accounts_without_top_up",
     "request_owed_top_up",
     "claim_due_attempts",
@@ -166,11 +168,32 @@ async def release_orphaned_waits(
     return await money.resume_waiting(conn, account_id, now, policy)
 
 
+#: SQL predicate over an account row ``a``: it owes usage, its auto-top-up is
+#: on, no top-up is coming or pending, and the top-up period ``:period``
+#: (``YYYY-MM``) still has a slot for it: fewer attempts than its limit (its
+#: own ``auto_top_up_max_per_period``, else ``:top_ups_per_period``; as
+#: :meth:`db.money.BillingPolicy.top_up_limit`) and the next slot's message
+#: not ended without an attempt (as :func:`db.money.trigger_top_up` skips it).
+#: The completer asks for those accounts' top-up; ``billing audit`` flags the
+#: ones still there past its deadline (one rule, one place).
+OWED_TOP_UP_DUE = f"""(
+    a.owed_micros > 0 AND a.auto_top_up_enabled
+    AND NOT {LIVE_TOP_UP.format(account="a.id")}
+    AND NOT EXISTS (SELECT 1 FROM top_up_attempts p WHERE p.account_id = a.id AND p.status = 'pending')
+    AND (SELECT count(*) FROM top_up_attempts t WHERE t.account_id = a.id AND t.billing_period = :period)
+        < COALESCE(NULLIF(a.auto_top_up_max_per_period, 0), :top_ups_per_period)
+    AND NOT EXISTS (
+        SELECT 1 FROM idempotency_keys s
+        WHERE s.key = 'auto_top_up:' || a.id || ':' || :period || ':' || (
+                  (SELECT count(*) FROM top_up_attempts t WHERE t.account_id = a.id
+                     AND t.billing_period = :period) + 1)
+          AND s.status IN ('completed', 'failed', 'dead'))
+)"""
+
 _OWED_WITHOUT_TOP_UP = text(
     f"""
     SELECT a.id FROM accounts a
-    WHERE a.owed_micros > 0 AND a.auto_top_up_enabled
-      AND NOT {LIVE_TOP_UP.format(account="a.id")}
+    WHERE {OWED_TOP_UP_DUE}
     ORDER BY a.id LIMIT :limit
     """
 )
@@ -178,15 +201,19 @@ _LOCK_OWED_ACCOUNT = text(
     f"""
     SELECT a.id, a.auto_top_up_enabled, a.auto_top_up_threshold_micros, a.auto_top_up_max_per_period
     FROM accounts a
-    WHERE a.id = :account_id AND a.owed_micros > 0 AND a.auto_top_up_enabled
-      AND NOT {LIVE_TOP_UP.format(account=":account_id")}
+    WHERE a.id = :account_id AND {OWED_TOP_UP_DUE}
     FOR UPDATE
     """
 )
 
 
-async def owed_accounts_without_top_up(conn: AsyncConnection, *, limit: int = 500) -> list[str]:
-    """Accounts that owe usage, have auto-top-up on, and have no top-up coming (:data:`LIVE_TOP_UP`).
+async def owed_accounts_without_top_up(
+    conn: AsyncConnection, *, now: datetime, policy: BillingPolicy, limit: int = 500
+) -> list[str]:
+    """Accounts that owe usage and whose top-up can be asked for now (:data:`OWED_TOP_UP_DUE`).
+
+    Only accounts with a slot left this month are returned, so those at
+    their limit never crowd the others out of a pass's ``limit``.
 
     Owed usage is collected by the account's next credit.  With auto-top-up
     on, that credit is a top-up; one that was declined, or that the month's
@@ -194,7 +221,12 @@ async def owed_accounts_without_top_up(conn: AsyncConnection, *, limit: int = 50
     would trigger it have stopped (``has_credits`` is false).  The completer
     asks for it (:func:`request_owed_top_up`).
     """
-    return [r[0] for r in (await conn.execute(_OWED_WITHOUT_TOP_UP, {"limit": limit})).all()]
+    params = {"limit": limit, **_owed_params(now, policy)}
+    return [r[0] for r in (await conn.execute(_OWED_WITHOUT_TOP_UP, params)).all()]
+
+
+def _owed_params(now: datetime, policy: BillingPolicy) -> dict[str, Any]:
+    return {"period": top_up_period(now), "top_ups_per_period": policy.top_ups_per_period}
 
 
 async def request_owed_top_up(
@@ -211,7 +243,8 @@ async def request_owed_top_up(
       The outbox messages written: none when, under the lock, the account no
       longer owes, a top-up is coming after all, or the month's limit is reached.
     """
-    account = (await conn.execute(_LOCK_OWED_ACCOUNT, {"account_id": account_id})).mappings().one_or_none()
+    params = {"account_id": account_id, **_owed_params(now, policy)}
+    account = (await conn.execute(_LOCK_OWED_ACCOUNT, params)).mappings().one_or_none()
     if account is None:
         return []
     _, outbox = await money.trigger_top_up(conn, account, now, policy, waiting=None)

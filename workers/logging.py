@@ -100,7 +100,6 @@ class LineBatchingLogger:
     """
 
     def __init__(self, file: Any) -> None:
-        self._file = file
         self._write = file.write
         self._flush = file.flush
         self._lock = threading.Lock()

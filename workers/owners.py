@@ -111,7 +111,9 @@ class Completer:
                 log.warning("waits_released", account_id=account_id, messages=len(resumed))
         owed_top_ups = 0
         async with translate_errors(), transaction(self.engine) as conn:
-            owing = await deadlines.owed_accounts_without_top_up(conn, limit=self.batch_size)
+            owing = await deadlines.owed_accounts_without_top_up(
+                conn, now=now, policy=self.policy, limit=self.batch_size
+            )
         for account_id in owing:
             async with translate_errors(), transaction(self.engine) as conn:
                 asked = await deadlines.request_owed_top_up(conn, account_id, now=now, policy=self.policy)

@@ -224,9 +224,9 @@ class BatchWorkerThread(WorkerThread):  # type: ignore[misc]
         together = [item for item in started if item[0].message_id not in unfinished]
         self.alone += len(alone)
         try:
-            self._finish(done + self._process(together))
+            self._post_process(done + self._process(together))
             for item in alone:
-                self._finish(self._process([item]))
+                self._post_process(self._process([item]))
         finally:
             for message in messages:
                 message.clear_exception()
@@ -261,9 +261,6 @@ class BatchWorkerThread(WorkerThread):  # type: ignore[misc]
                 except BaseException as exc:  # noqa: BLE001
                     self._failed(message, actor, exc)
         return [message for message, _ in started]
-
-    def _finish(self, messages: list[Any]) -> None:
-        self._post_process(messages)
 
     def _run(self, messages: list[Any]) -> list[Any]:
         loop = get_event_loop_thread()
