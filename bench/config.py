@@ -53,6 +53,7 @@ class BenchConfig:
         database's count is taken from ``accounts``; others get their own database).
       scaling: Worker processes of the scaling runs (empty: skip).
       latency: Measure enqueue-to-commit latency at half the peak.
+      latency_rate: Pace the latency runs at this rate (msg/s) instead; 0: half the peak.
       profile: An extra profiled ``renew`` run (py-spy).
       signing: Sign messages as ``docker-compose.yml`` runs them (BILLING_SIGNING_KEYS).
       setups: The setups of each round (default :data:`SETUPS`, in that order); a
@@ -70,6 +71,7 @@ class BenchConfig:
     scheduler_due: tuple[int, ...] = (10_000, 100_000)
     scaling: tuple[int, ...] = (1, 2, 4)
     latency: bool = True
+    latency_rate: float = 0.0
     profile: bool = False
     quick: bool = False
     signing: bool = True
@@ -117,6 +119,9 @@ def config_from_args(argv: list[str] | None, environ: dict[str, str] | None = No
     parser.add_argument("--scaling", default=None,
                         help="worker processes of the scaling runs, '' to skip (BENCH_SCALING, 1,2,4; quick none)")  # fmt: skip
     parser.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    parser.add_argument("--latency-rate", type=float, default=float(get("BENCH_LATENCY_RATE", "0")),
+                        help="pace the latency runs at this many msg/s instead of half the measured peak, "
+                        "for experiments (BENCH_LATENCY_RATE; the targets are judged at half the peak)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", default=get("BENCH_PROFILE", "0") not in ("0", "false"),
                         help="an extra renew run profiled with py-spy (BENCH_PROFILE=1)")  # fmt: skip
     parser.add_argument("--no-signing", action="store_true", help="unsigned messages (BENCH_SIGNING=0)")
@@ -165,6 +170,7 @@ def config_from_args(argv: list[str] | None, environ: dict[str, str] | None = No
         scheduler_due=_ints(args.scheduler_due),
         scaling=_ints(scaling),
         latency=not args.no_latency,
+        latency_rate=max(0.0, args.latency_rate),
         profile=bool(args.profile),
         quick=quick,
         signing=not args.no_signing and get("BENCH_SIGNING", "1") not in ("0", "false"),

@@ -277,17 +277,20 @@ class Bench:
         assert row is not None
         return int(row["done"]), row["last"]
 
-    async def _completed_at(self, db_url: str, keys: list[str]) -> dict[str, float]:
+    async def _committed_at(self, db_url: str, keys: list[str]) -> tuple[dict[str, float], str]:
+        """Each completed key's commit time (epoch seconds), and which clock gave it (see :meth:`latency`)."""
         conn = await asyncpg.connect(plain_url(db_url), server_settings={"application_name": APP_NAME})
         try:
+            tracked = await conn.fetchval("SHOW track_commit_timestamp") == "on"
+            at = "pg_xact_commit_timestamp(xmin)" if tracked else "completed_at"
             rows = await conn.fetch(
-                "SELECT key, extract(epoch FROM completed_at)::float8 AS at FROM idempotency_keys "
+                f"SELECT key, extract(epoch FROM {at})::float8 AS at FROM idempotency_keys "
                 "WHERE key = ANY($1::text[]) AND status = 'completed'",
                 keys,
             )
         finally:
             await conn.close()
-        return {r["key"]: r["at"] for r in rows}
+        return {r["key"]: r["at"] for r in rows}, "commit timestamp" if tracked else "completed_at"
 
     def wait_drained(self, queues: Sequence[str], timeout_s: float) -> float | None:
         """Poll Redis every 10 ms until ``queues`` hold no message; the time (``time.time()``) or None."""
@@ -488,57 +491,83 @@ class Bench:
 
     # ------------------------------------------------------------------ latency
 
+    #: Seconds of load paced like the measurement, sent first and not measured.
+    LATENCY_WARMUP_S = 2.0
+
     def latency(self, db_url: str, rate: float, setup: str = "project") -> dict[str, Any]:
         """Enqueue-to-commit latency of ``renew`` (``project``) or ``record_usage`` (``usage``: distinct
-        events of the usage workload) paced at ``rate`` messages/s for ``seconds``."""
+        events of the usage workload) paced at ``rate`` messages/s for ``seconds``.
+
+        Warm-up, not measured: a small batch at once (the workers open their
+        connection pools), drained; then :data:`LATENCY_WARMUP_S` of load at
+        ``rate``, followed without a pause by the measured messages.  A key's
+        commit is its row's commit timestamp (``pg_xact_commit_timestamp``)
+        when the server tracks them (the embedded server does), else its
+        ``completed_at`` (the worker's clock inside the transaction, before
+        the commit: it reads low by the commit's own time); ``commit_clock``
+        says which.
+        """
         seconds = max(5.0, self.cfg.seconds)
-        # a warm-up batch first (not measured): the workers open their connection pools
         warmup = min(self.cfg.accounts // 10, 4 * self.cfg.clients)
+        paced_warmup = int(rate * self.LATENCY_WARMUP_S)
         billing: list[BillingMessage]
         if setup == "usage":
             n = max(10, int(rate * seconds))
-            events = list({e.idempotency_key: e for e in self.usage_events(2 * (n + warmup))}.values())
-            warm = [to_dramatiq_message(b) for b in events[n : n + warmup]]
-            billing = list(events[:n])
-            n = len(billing)
+            events = list(
+                {e.idempotency_key: e for e in self.usage_events(2 * (n + warmup + paced_warmup))}.values()
+            )
+            warm = [to_dramatiq_message(b) for b in events[n + paced_warmup : n + paced_warmup + warmup]]
+            billing = list(events[: n + paced_warmup])
         else:
-            n = max(10, min(self.cfg.accounts - warmup, int(rate * seconds)))
-            indices = self.rng.sample(range(self.cfg.accounts), n + warmup)
-            warm = [to_dramatiq_message(b) for b in self.renewals(db_url, indices[n:])]
-            billing = self.renewals(db_url, indices[:n])
+            n = max(10, min(self.cfg.accounts - warmup - paced_warmup, int(rate * seconds)))
+            indices = self.rng.sample(range(self.cfg.accounts), n + paced_warmup + warmup)
+            warm = [to_dramatiq_message(b) for b in self.renewals(db_url, indices[n + paced_warmup :])]
+            billing = self.renewals(db_url, indices[: n + paced_warmup])
+        paced_warmup = min(paced_warmup, len(billing) - 10)
         messages = [to_dramatiq_message(b) for b in billing]
-        keys = [b.idempotency_key for b in billing]
+        keys = [b.idempotency_key for b in billing[paced_warmup:]]
+        n = len(keys)
         broker = self.producer.broker
         assert isinstance(broker, BillingRedisBroker)
         group = self.worker_group("project", db_url, self.cfg.processes, f"latency-{setup}")
-        sent_at: dict[str, float] = {}
-        out: dict[str, Any] = {"target_rate": rate, "messages": n, "warmup": len(warm)}
+        sent: list[float] = []
+        out: dict[str, Any] = {
+            "target_rate": rate,
+            "messages": n,
+            "warmup": len(warm),
+            "paced_warmup": paced_warmup,
+            "paced_warmup_s": paced_warmup / rate,
+        }
         try:
             group.start()
             group.wait_ready(self.redis, self.cfg.processes)
             broker.enqueue_many(warm)
             if self.wait_drained(BILLING_QUEUES, 120) is None:
                 raise RuntimeError("latency run: the warm-up was not processed within 120 s")
-            start = time.time()
-            i = 0
-            while i < n:
-                due = min(n, int((time.time() - start) * rate) + 1)
+            started = time.time()
+            i, total = 0, len(messages)
+            while i < total:
+                due = min(total, int((time.time() - started) * rate) + 1)
                 if due > i:
                     at = time.time()
                     broker.enqueue_many(messages[i:due])
-                    for k in keys[i:due]:
-                        sent_at[k] = at
+                    sent.extend([at] * (due - i))
                     i = due
                 time.sleep(0.002)
+            start = sent[paced_warmup]
             out["achieved_rate"] = n / max(1e-6, time.time() - start)
             if self.wait_drained(BILLING_QUEUES, 120) is None:
                 raise RuntimeError("latency run: not drained within 120 s")
             time.sleep(0.3)
-            committed = asyncio.run(self._completed_at(db_url, keys))
+            committed, out["commit_clock"] = asyncio.run(self._committed_at(db_url, keys))
             out["rss_kib"] = group.peak_rss_kib()
         finally:
             group.stop()
             purge_queues(self.redis, BILLING_QUEUES)
+        sent_at = dict(zip(keys, sent[paced_warmup:], strict=True))
+        with (self.logs / f"latency-{setup}.csv").open("w") as samples:  # the raw samples, for a closer look
+            samples.write("key,enqueued_at,committed_at\n")
+            samples.writelines(f"{k},{sent_at[k]:.6f},{committed.get(k, float('nan')):.6f}\n" for k in keys)
         latencies = [(committed[k] - sent_at[k]) * 1000 for k in keys if k in committed]
         out.update(
             completed=len(latencies),

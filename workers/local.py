@@ -15,23 +15,31 @@ TCP port.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 __all__ = ["embedded_postgres"]
 
 
 @contextmanager
-def embedded_postgres(data_dir: Path | None = None) -> Iterator[str]:
+def embedded_postgres(
+    data_dir: Path | None = None, *, settings: Mapping[str, str] | None = None
+) -> Iterator[str]:
     """Start an embedded PostgreSQL; yield its ``postgresql://`` URL; stop it on exit.
 
     Parameters:
       data_dir: Where to keep the cluster; a temporary directory (deleted on
         exit) when None.
+      settings: Server settings (``{"track_commit_timestamp": "on"}``), written
+        with ``ALTER SYSTEM`` after the first start, then the server is
+        restarted (``pg_ctl restart`` keeps the start's options) so that
+        settings of the ``postmaster`` context apply too.
     """
     with warnings.catch_warnings():
         # it asks platformdirs for a runtime dir at import time, which warns
@@ -44,9 +52,32 @@ def embedded_postgres(data_dir: Path | None = None) -> Iterator[str]:
     path.mkdir(parents=True, exist_ok=True)
     server = ep.get_server(path, cleanup_mode="stop")
     try:
-        uri = server.get_uri()  # postgresql://postgres:@/postgres?host=/path
-        yield uri.replace("postgres:@/", "postgres@/", 1)
+        uri = server.get_uri().replace(
+            "postgres:@/", "postgres@/", 1
+        )  # postgresql://postgres@/postgres?host=/path
+        if settings:
+            _apply_settings(server, uri, settings)
+        yield uri
     finally:
         server.cleanup()
         if temporary:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _apply_settings(server: Any, uri: str, settings: Mapping[str, str]) -> None:
+    """``ALTER SYSTEM SET`` each of ``settings`` on the running embedded server, then restart it."""
+    import asyncpg
+    from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
+
+    async def alter() -> None:
+        conn = await asyncpg.connect(uri)
+        try:
+            for name, value in settings.items():
+                if not name.replace("_", "").isalnum():
+                    raise ValueError(f"not a setting name: {name!r}")
+                await conn.execute(f"ALTER SYSTEM SET {name} = '{value.replace(chr(39), chr(39) * 2)}'")
+        finally:
+            await conn.close()
+
+    asyncio.run(alter())
+    pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
