@@ -305,20 +305,20 @@ class BillingRabbitmqBroker(RabbitmqBroker):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ reads for operators
 
-    def queue_counts(self, queue_name: str) -> tuple[int, int, int, int]:
-        """Ready messages of the queue, its delay queue and its dead-letter queue, and the queue's consumers.
+    def queue_counts(self, queue_name: str) -> tuple[int, int, int]:
+        """Ready messages of the queue, of its delay queue and of its dead-letter queue.
 
         Passive declares (``queue.declare`` with ``passive=True``): they read
         the counts and never create or change a queue.  RabbitMQ reports
         only messages ready for delivery; those a consumer holds unacked
         (in flight, or delayed messages a worker holds until their eta) are
-        not in these counts.  A queue that does not exist counts 0.
+        not in these counts, and a quorum queue's ``declare-ok`` reports no
+        consumers, so none are returned.  A queue that does not exist counts 0.
 
         Raises:
           dramatiq.errors.ConnectionClosed: RabbitMQ could not be reached.
         """
         counts = []
-        consumers = 0
         for declare in (self._declare_queue, self._declare_dq_queue, self._declare_xq_queue):
             try:
                 frame = declare(queue_name, passive=True)
@@ -332,6 +332,4 @@ class BillingRabbitmqBroker(RabbitmqBroker):  # type: ignore[misc]
                 del self.connection
                 raise ConnectionClosed(exc) from None
             counts.append(frame.method.message_count)
-            if declare is self._declare_queue:
-                consumers = frame.method.consumer_count
-        return counts[0], counts[1], counts[2], consumers
+        return counts[0], counts[1], counts[2]

@@ -29,7 +29,7 @@ def queue_overview(broker: Any) -> tuple[list[QueueStats], list[WorkerSeen]]:
     """
     stats = []
     for queue in QUEUES:
-        ready, delayed, dead, _consumers = broker.queue_counts(queue)
+        ready, delayed, dead = broker.queue_counts(queue)
         stats.append(
             QueueStats(
                 queue=queue, ready=ready, delayed=delayed, in_flight=None, dead=dead, oldest_ready_age_s=None
