@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -28,7 +29,7 @@ import pika.exceptions
 import pytest
 from dramatiq.errors import ConnectionClosed
 
-from harness.processes import WorkerProcess, worker_command
+from harness.processes import ROOT, WorkerProcess, worker_command
 from tasks.signing import SIGNATURE_OPTION, SigningKeys, SigningMiddleware
 from workers.broker import make_broker
 from workers.rabbitmq import FETCHED_OPTION, BillingRabbitmqBroker
@@ -385,13 +386,37 @@ def test_a_signed_subscribe_is_applied_exactly_once_and_unsigned_or_undecodable_
     finally:
         connection.close()
 
+    # a usage event from the other-language recipe (examples/publish_amqp.py: pika only), signed
+    signed_env = {
+        "BILLING_BROKER_URL": rabbitmq["url"],
+        "BILLING_SIGNING_KEYS": json.dumps({"kp": PRODUCER_SECRET}),
+    }
+    published = subprocess.run(
+        [
+            sys.executable,
+            "examples/publish_amqp.py",
+            "record_usage",
+            json.dumps({"account_id": "a1", "amount_micros": 1 * USD, "idempotency_key": "evt_1"}),
+        ],
+        cwd=ROOT,
+        env={**os.environ, **signed_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert uuid.UUID(published.stdout.strip())
+
+    def status(key: str) -> list[dict[str, Any]]:
+        return db("SELECT status FROM idempotency_keys WHERE key = $1", key)
+
     _wait(
         lambda: (
-            db("SELECT status FROM idempotency_keys WHERE key = 'signup:a1:pro:1'")
-            == [{"status": "completed"}]
+            status("signup:a1:pro:1") == [{"status": "completed"}]
+            and status("evt_1") == [{"status": "completed"}]
             and len(db("SELECT 1 FROM failed_messages")) == 2
         ),
-        what="the subscribe applied and two failures recorded",
+        what="the subscribe and the usage event applied, two failures recorded",
     )
     time.sleep(1.0)  # the duplicates have been processed too (they are deduped, not queued behind)
     assert db("SELECT result->>'outcome' AS o FROM idempotency_keys WHERE key = 'signup:a1:pro:1'") == [
@@ -400,7 +425,7 @@ def test_a_signed_subscribe_is_applied_exactly_once_and_unsigned_or_undecodable_
     assert db("SELECT amount_micros FROM ledger_entries WHERE kind = 'subscription_charge'") == [
         {"amount_micros": -10 * USD}
     ]
-    assert db("SELECT balance_micros FROM accounts WHERE id = 'a1'") == [{"balance_micros": 40 * USD}]
+    assert db("SELECT balance_micros FROM accounts WHERE id = 'a1'") == [{"balance_micros": 39 * USD}]
     failures = {
         r["actor_name"]: r for r in db("SELECT actor_name, error_type, message_id FROM failed_messages")
     }
