@@ -160,9 +160,12 @@ def producer_broker(redis_url: str) -> BillingRedisBroker:
     keys signs), whatever ``BILLING_SIGNING_KEYS`` this process has.
     """
     from workers.app import build_broker
+    from workers.broker import BillingRedisBroker as RedisBroker
     from workers.settings import Settings
 
-    return build_broker(Settings(redis_url=redis_url, signing_keys=None))
+    broker = build_broker(Settings(redis_url=redis_url, signing_keys=None))
+    assert isinstance(broker, RedisBroker)
+    return broker
 
 
 def truncate_all(url: str) -> None:

@@ -38,7 +38,7 @@ from tasks.messages import MESSAGE_MODELS
 from tasks.signing import SIGNATURE_OPTION
 
 from .billing import BillingService, Delivery
-from .broker import BillingRedisBroker, make_broker
+from .broker import BillingBroker, make_broker
 from .crash import parse_crashpoints
 from .logging import configure_logging
 from .middleware import OutboxSweeper, UnknownActorRecorder
@@ -86,15 +86,18 @@ def build_engine(
 
 def build_broker(
     settings: Settings | None = None, *, url: str | None = None, client: Any = None
-) -> BillingRedisBroker:
-    """The Redis broker on ``BILLING_REDIS_URL``, signing what it enqueues when ``BILLING_SIGNING_KEYS`` is set.
+) -> BillingBroker:
+    """The broker on ``BILLING_BROKER_URL`` (else ``BILLING_REDIS_URL``), signing what it enqueues when ``BILLING_SIGNING_KEYS`` is set.
+
+    ``amqp://``/``amqps://``: RabbitMQ (:class:`workers.rabbitmq.BillingRabbitmqBroker`);
+    ``redis://``/``rediss://``/``unix://``: Redis (:class:`workers.broker.BillingRedisBroker`).
 
     Parameters:
-      url: Overrides ``settings.redis_url``.
+      url: Overrides the settings' broker URL.
       client: A ready ``redis.Redis`` client (tests), instead of a URL.
 
     Raises:
-      ConfigurationError: No Redis URL and no client, or bad signing keys.
+      ConfigurationError: No broker URL and no client, a URL of another scheme, or bad signing keys.
     """
     return make_broker(settings or get_settings(), url=url, client=client)
 
@@ -197,7 +200,7 @@ class WorkerRuntime:
         injected clock.
     """
 
-    def __init__(self, settings: Settings, broker: BillingRedisBroker) -> None:
+    def __init__(self, settings: Settings, broker: BillingBroker) -> None:
         self.settings = settings
         self.broker = broker
         self.service_factory: Callable[[], BillingService] = functools.partial(
@@ -318,7 +321,7 @@ def worker() -> WorkerRuntime:
     if settings.message_signing_keys() is None:
         log.warning(
             "message_signing_disabled",
-            reason="BILLING_SIGNING_KEYS is not set: anyone who can write to Redis can enqueue billing messages",
+            reason="BILLING_SIGNING_KEYS is not set: anyone who can write to the broker can enqueue billing messages",
         )
     if settings.key_delivery_public_key:
         from tasks.key_sealing import parse_public_key
@@ -365,6 +368,6 @@ def worker() -> WorkerRuntime:
     return runtime
 
 
-def worker_broker() -> BillingRedisBroker:
+def worker_broker() -> BillingBroker:
     """The worker process's broker (:func:`worker`), which ``workers.actors`` declares the actors on."""
     return worker().broker

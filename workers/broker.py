@@ -1,4 +1,9 @@
-"""The Dramatiq broker: Redis, default namespace and JSON encoding, AsyncIO for async actors."""
+"""The Dramatiq broker: Redis (default namespace, JSON encoding) or RabbitMQ, AsyncIO for async actors.
+
+:func:`make_broker` picks the broker from the URL: ``redis://`` (or
+``rediss://``, ``unix://``) builds :class:`BillingRedisBroker`, ``amqp://``
+(or ``amqps://``) :class:`workers.rabbitmq.BillingRabbitmqBroker`.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from dramatiq import Message, set_encoder
@@ -25,17 +31,21 @@ from tasks.errors import ConfigurationError
 from tasks.producer import enqueue_many
 from tasks.signing import SigningMiddleware, forwarding
 
-from .settings import Settings
+from .rabbitmq import BillingRabbitmqBroker
+from .settings import RABBITMQ_SCHEMES, REDIS_SCHEMES, Settings
 
 __all__ = [
+    "BillingBroker",
     "BillingRedisBroker",
     "EnvelopeCheckingEncoder",
     "make_broker",
+    "BROKER_URL_ENV",
     "REDIS_URL_ENV",
     "UndecodableHandler",
 ]
 
 REDIS_URL_ENV = "BILLING_REDIS_URL"
+BROKER_URL_ENV = "BILLING_BROKER_URL"
 
 #: ``handler(queue_name, redis_message_id, payload, error)``: records a payload
 #: Dramatiq could not decode; raises if it could not be recorded.
@@ -51,10 +61,21 @@ class EnvelopeCheckingEncoder(JSONEncoder):  # type: ignore[misc]
     consumer).  Here such a payload fails to decode, and the consumer
     records and dead-letters it (see :class:`_BillingConsumer`).
 
+    Parameters:
+      require_redis_id: Refuse an envelope without ``options.redis_message_id``
+        (a string), which Dramatiq's Redis broker writes on every enqueue and
+        :class:`BillingRedisBroker` relies on (acks, forwarding of signatures).
+        True on Redis; False on RabbitMQ, whose messages have no Redis id
+        (its consumer marks what it fetched instead: :data:`workers.rabbitmq.FETCHED_OPTION`).
+
     Raises:
       dramatiq.errors.DecodeError: Not UTF-8 JSON, not an object, a missing
         or unknown field, or a field of the wrong type.
     """
+
+    def __init__(self, *, require_redis_id: bool = True) -> None:
+        super().__init__()
+        self.require_redis_id = require_redis_id
 
     #: field -> (type, required)
     FIELDS: dict[str, tuple[type | tuple[type, ...], bool]] = {
@@ -91,7 +112,7 @@ class EnvelopeCheckingEncoder(JSONEncoder):  # type: ignore[misc]
                     data,
                     None,
                 )
-        if not isinstance(fields["options"].get("redis_message_id"), str):
+        if self.require_redis_id and not isinstance(fields["options"].get("redis_message_id"), str):
             raise DecodeError("envelope options lack the Redis message id", data, None)
         return fields
 
@@ -385,32 +406,62 @@ class BillingRedisBroker(RedisBroker):
         }
 
 
-def make_broker(settings: Settings, *, url: str | None = None, client: Any = None) -> BillingRedisBroker:
-    """Create the broker from settings (``BILLING_REDIS_URL``, the redelivery knobs, ``BILLING_SIGNING_KEYS``).
+#: Either broker :func:`make_broker` builds.
+BillingBroker = BillingRedisBroker | BillingRabbitmqBroker
+
+
+def make_broker(settings: Settings, *, url: str | None = None, client: Any = None) -> BillingBroker:
+    """Create the broker from settings: its URL, the redelivery knobs, ``BILLING_SIGNING_KEYS``.
+
+    The URL (``url``, else ``BILLING_BROKER_URL``, else ``BILLING_REDIS_URL``)
+    chooses the broker: ``redis://``, ``rediss://`` or ``unix://`` Redis
+    (:class:`BillingRedisBroker`), ``amqp://`` or ``amqps://`` RabbitMQ
+    (:class:`workers.rabbitmq.BillingRabbitmqBroker`, quorum queues with
+    ``BILLING_RABBITMQ_DELIVERY_LIMIT``).  Either way the process's
+    encoder becomes :class:`EnvelopeCheckingEncoder` (with the Redis id
+    required on Redis only) and every enqueue is signed when signing keys
+    are set.
 
     Use :func:`workers.app.build_broker`, the composition root, rather than this.
 
     Parameters:
-      url: Overrides ``settings.redis_url``.
-      client: A ready ``redis.Redis`` client (tests), instead of a URL.
+      url: Overrides the settings' broker URL.
+      client: A ready ``redis.Redis`` client (tests), instead of a URL: Redis.
 
     Raises:
-      ConfigurationError: No Redis URL and no client.
+      ConfigurationError: No URL and no client, or a URL of another scheme (one line naming it).
     """
-    url = url or settings.redis_url
+    url = url or settings.message_broker_url()
     if client is None and not url:
         raise ConfigurationError(
-            f"{REDIS_URL_ENV} is not set (redis://host:port/db); `billing demo` starts its own Redis"
+            f"{BROKER_URL_ENV} (or {REDIS_URL_ENV}) is not set (redis://host:port/db or"
+            " amqp://user:pass@host:5672/vhost); `billing demo` starts its own Redis"
         )
-    set_encoder(EnvelopeCheckingEncoder())
-    broker = BillingRedisBroker(
-        url=url,
-        client=client,
-        heartbeat_timeout=settings.heartbeat_timeout_ms,
-        maintenance_chance=settings.maintenance_chance,
-        maintenance_interval_ms=settings.maintenance_interval_ms,
-        dead_message_ttl=settings.dead_message_ttl_ms,
-    )
+    scheme = "redis" if client is not None else urlsplit(url or "").scheme
+    broker: BillingBroker
+    if scheme in RABBITMQ_SCHEMES:
+        assert url is not None
+        set_encoder(EnvelopeCheckingEncoder(require_redis_id=False))
+        broker = BillingRabbitmqBroker(
+            url=url,
+            delivery_limit=settings.rabbitmq_delivery_limit,
+            dead_message_ttl_ms=settings.dead_message_ttl_ms,
+        )
+    elif scheme in REDIS_SCHEMES:
+        set_encoder(EnvelopeCheckingEncoder())
+        broker = BillingRedisBroker(
+            url=url,
+            client=client,
+            heartbeat_timeout=settings.heartbeat_timeout_ms,
+            maintenance_chance=settings.maintenance_chance,
+            maintenance_interval_ms=settings.maintenance_interval_ms,
+            dead_message_ttl=settings.dead_message_ttl_ms,
+        )
+    else:
+        raise ConfigurationError(
+            f"{BROKER_URL_ENV}: unknown scheme {scheme!r}: use redis://, rediss://, unix:// (Redis)"
+            " or amqp://, amqps:// (RabbitMQ)"
+        )
     broker.add_middleware(AsyncIO())
     broker.add_middleware(CurrentMessage())
     keys = settings.message_signing_keys()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tasks.errors import BillingError, BrokerMisconfigured, BrokerUnavailable
 
-__all__ = ["dependency_error", "redis_error", "one_line"]
+__all__ = ["dependency_error", "rabbitmq_error", "redis_error", "one_line"]
 
 
 def one_line(text: str) -> str:
@@ -60,6 +60,30 @@ def redis_error(error: BaseException) -> BillingError | None:
     return None
 
 
+def rabbitmq_error(error: BaseException) -> BillingError | None:
+    """The :mod:`tasks.errors` form of an error from pika or Dramatiq's RabbitMQ broker, or None.
+
+    Returns:
+      :class:`~tasks.errors.BrokerMisconfigured` for refused credentials or
+      a vhost the user may not open; :class:`~tasks.errors.BrokerUnavailable`
+      for a server that is down, unreachable or closed the connection; None
+      for anything else.
+    """
+    import dramatiq.errors
+    import pika.exceptions
+
+    cause = error.message if isinstance(error, dramatiq.errors.ConnectionError) else error
+    if isinstance(
+        cause, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)
+    ):
+        return BrokerMisconfigured(
+            f"RabbitMQ refused the connection: {one_line(str(cause))} (check BILLING_BROKER_URL)"
+        )
+    if isinstance(cause, pika.exceptions.AMQPError):
+        return BrokerUnavailable(f"RabbitMQ is unreachable: {type(cause).__name__}: {one_line(str(cause))}")
+    return None
+
+
 def dependency_error(error: BaseException) -> BillingError | None:
     """``error`` itself when it is a :class:`~tasks.errors.BillingError`; else its translation, or None.
 
@@ -76,4 +100,4 @@ def dependency_error(error: BaseException) -> BillingError | None:
         return error
     from db.engine import database_error  # SQLAlchemy only when something failed
 
-    return database_error(error) or redis_error(error)
+    return database_error(error) or rabbitmq_error(error) or redis_error(error)

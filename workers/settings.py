@@ -22,7 +22,7 @@ from .middleware.shutdown import (
     shutdown_timeout_ms_from_env,
 )
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["RABBITMQ_SCHEMES", "REDIS_SCHEMES", "Settings", "get_settings"]
 
 
 class Settings(BaseSettings):
@@ -41,6 +41,10 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     redis_url: str | None = None
+    #: Chooses the broker: ``amqp://user:pass@host:5672/vhost`` (or ``amqps://``)
+    #: RabbitMQ, ``redis://...`` Redis.  Unset: ``redis_url`` (Redis, the default).
+    #: A Redis URL here also serves as ``redis_url`` when that is unset.
+    broker_url: str | None = None
 
     #: A worker whose heartbeat is older than this is dead and its unacked
     #: messages are requeued (Dramatiq's default is 60 s; 30 s keeps
@@ -59,6 +63,13 @@ class Settings(BaseSettings):
     #: redelivery after a worker crash as a retry, so this is what bounds a
     #: message that kills its worker every time.
     max_deliveries: int = Field(10, ge=1)
+    #: RabbitMQ only: ``x-delivery-limit`` of every queue and delay queue, the
+    #: broker's own bound on poison messages behind ``max_deliveries``: a
+    #: message returned to its queue more often (a worker died holding it, a
+    #: consumer closed before it ran) is dead-lettered to ``.XQ``.  A worker
+    #: stopping returns everything it prefetched, so keep it well above
+    #: ``max_deliveries``.
+    rabbitmq_delivery_limit: int = Field(20, ge=1)
     #: Apply plain renewals with the server-side fast path, grouped: the
     #: renewals that arrive together are claimed in one statement and applied
     #: in one (``renew_fast_batch`` in PostgreSQL, ``workers.group_commit``).  Off: every renewal runs
@@ -237,6 +248,15 @@ class Settings(BaseSettings):
             key_delivery_deadline=timedelta(milliseconds=self.key_delivery_deadline_ms),
         )
 
+    def message_broker_url(self) -> str | None:
+        """The broker's URL: ``BILLING_BROKER_URL``, else ``BILLING_REDIS_URL``; None when neither is set."""
+        return self.broker_url or self.redis_url
+
+    def broker_kind(self) -> str:
+        """``"rabbitmq"`` for an ``amqp://``/``amqps://`` broker URL, else ``"redis"`` (the default)."""
+        url = self.message_broker_url()
+        return "rabbitmq" if url and urlsplit(url).scheme in RABBITMQ_SCHEMES else "redis"
+
     def batch_queue_names(self) -> frozenset[str]:
         """``batch_queues`` as a set of queue names."""
         return frozenset(name.strip() for name in self.batch_queues.split(",") if name.strip())
@@ -277,29 +297,36 @@ class Settings(BaseSettings):
                 raise ValueError(exc.message) from None
         return value or None
 
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url_can_work(cls, value: str | None) -> str | None:
+        if value:
+            scheme = urlsplit(value).scheme
+            if scheme in REDIS_SCHEMES:
+                _check_redis_url(value, "BILLING_BROKER_URL")
+            elif scheme not in RABBITMQ_SCHEMES:
+                raise ValueError(
+                    "BILLING_BROKER_URL must be an amqp:// or amqps:// URL (RabbitMQ) or a redis://,"
+                    f" rediss:// or unix:// URL (Redis) (got scheme {scheme!r})"
+                )
+        return value or None
+
     @field_validator("redis_url")
     @classmethod
     def _redis_url_can_work(cls, value: str | None) -> str | None:
         if value:
-            parts = urlsplit(value)
-            if parts.scheme not in _REDIS_SCHEMES:
-                raise ValueError(
-                    f"BILLING_REDIS_URL must be a redis://, rediss:// or unix:// URL (got scheme {parts.scheme!r})"
-                )
-            if parts.scheme != "unix":
-                try:
-                    port = parts.port
-                except ValueError:
-                    port = -1
-                if port is not None and not 1 <= port <= 65_535:
-                    raise ValueError("BILLING_REDIS_URL: the port must be a number from 1 to 65535")
-                db = parts.path.strip("/")
-                if db and not db.isdigit():
-                    raise ValueError(f"BILLING_REDIS_URL: the database must be a number (got {db!r})")
+            _check_redis_url(value, "BILLING_REDIS_URL")
         return value or None
 
     @model_validator(mode="after")
     def _combinations_can_work(self) -> Self:
+        if self.broker_url and self.broker_kind() == "redis":
+            if self.redis_url is None:
+                self.redis_url = self.broker_url
+            elif self.redis_url != self.broker_url:
+                raise ValueError(
+                    "BILLING_BROKER_URL and BILLING_REDIS_URL name two different Redis URLs: set one"
+                )
         if self.min_backoff_ms > self.max_backoff_ms:
             raise ValueError(
                 f"BILLING_MIN_BACKOFF_MS ({self.min_backoff_ms}) is above BILLING_MAX_BACKOFF_MS"
@@ -387,7 +414,26 @@ class _ProcessSettings:
         self._read = {}
 
 
-_REDIS_SCHEMES = {"redis", "rediss", "unix"}
+def _check_redis_url(value: str, env: str) -> None:
+    """Raise ValueError (one line naming ``env``) for a Redis URL that cannot work."""
+    parts = urlsplit(value)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError(f"{env} must be a redis://, rediss:// or unix:// URL (got scheme {parts.scheme!r})")
+    if parts.scheme != "unix":
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65_535:
+            raise ValueError(f"{env}: the port must be a number from 1 to 65535")
+        db = parts.path.strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"{env}: the database must be a number (got {db!r})")
+
+
+#: URL schemes of a Redis broker, and of a RabbitMQ one (``BILLING_BROKER_URL``).
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+RABBITMQ_SCHEMES = frozenset({"amqp", "amqps"})
 
 #: The prefix of every setting's environment variable.
 ENV_PREFIX = "BILLING_"

@@ -146,12 +146,14 @@ def run_db(fn: Callable[[Any], Any]) -> Any:
 
 
 def run_services(fn: Callable[[Any, Any], Any], *, needs_redis: bool = False) -> Any:
-    """Run ``await fn(engine, broker)`` on the configured database and Redis; return its result.
+    """Run ``await fn(engine, broker)`` on the configured database and broker; return its result.
 
-    ``broker`` is None when ``BILLING_REDIS_URL`` is unset and ``needs_redis`` is false.
+    ``broker`` (Redis or RabbitMQ, :func:`workers.app.build_broker`) is None
+    when no broker URL is set (``BILLING_BROKER_URL``, ``BILLING_REDIS_URL``)
+    and ``needs_redis`` is false.
 
     Raises:
-      ConfigurationError: ``BILLING_DATABASE_URL`` unset, or ``BILLING_REDIS_URL`` unset and needed.
+      ConfigurationError: ``BILLING_DATABASE_URL`` unset, or no broker URL and one is needed.
     """
     from ..app import build_broker, build_engine
     from ..settings import get_settings
@@ -159,9 +161,9 @@ def run_services(fn: Callable[[Any, Any], Any], *, needs_redis: bool = False) ->
     settings = get_settings()
     if not settings.database_url:
         raise ConfigurationError("BILLING_DATABASE_URL is not set")
-    if needs_redis and not settings.redis_url:
-        raise ConfigurationError("BILLING_REDIS_URL is not set")
-    broker = build_broker(settings) if settings.redis_url else None
+    if needs_redis and not settings.message_broker_url():
+        raise ConfigurationError("BILLING_BROKER_URL (or BILLING_REDIS_URL) is not set")
+    broker = build_broker(settings) if settings.message_broker_url() else None
 
     async def go() -> Any:
         engine = build_engine(settings, pool_size=2)

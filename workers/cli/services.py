@@ -88,8 +88,10 @@ def worker(
     settings = get_settings()
     if shutdown_timeout_ms is None:
         shutdown_timeout_ms = settings.worker_shutdown_timeout_ms
-    if not settings.redis_url:
-        raise ConfigurationError("BILLING_REDIS_URL is not set; `billing demo` starts its own Redis")
+    if not settings.message_broker_url():
+        raise ConfigurationError(
+            "BILLING_BROKER_URL (or BILLING_REDIS_URL) is not set; `billing demo` starts its own Redis"
+        )
     if not settings.database_url:
         raise ConfigurationError("BILLING_DATABASE_URL is not set; `billing demo` starts its own PostgreSQL")
     argv = [

@@ -80,12 +80,16 @@ def ops_app() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def queues(as_json: bool) -> None:
     """Per queue: ready, delayed, in flight, dead-lettered, age of the oldest ready; workers seen."""
+    from ..rabbitmq import BillingRabbitmqBroker
     from ..settings import get_settings
+    from . import rabbitmq_layout
     from .redis_layout import queue_overview
 
     settings = get_settings()
 
     async def go(engine: Any, broker: Any) -> Any:
+        if isinstance(broker, BillingRabbitmqBroker):
+            return await asyncio.to_thread(rabbitmq_layout.queue_overview, broker)
         return await asyncio.to_thread(
             queue_overview, broker.client, heartbeat_timeout_ms=settings.heartbeat_timeout_ms
         )
@@ -309,8 +313,14 @@ def resolve_cmd(message_id: str, note: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def purge_dead_cmd(older_than: str, yes: bool, dry_run: bool, as_json: bool) -> None:
     """Delete dead-lettered messages older than a duration from Redis (PostgreSQL keeps their record)."""
+    from ..settings import get_settings
     from .actions import operator_name, purge_dead
 
+    if get_settings().broker_kind() == "rabbitmq":
+        raise click.UsageError(
+            "purge-dead reads Redis; on RabbitMQ dead-lettered messages expire from each queue's .XQ"
+            " after BILLING_DEAD_MESSAGE_TTL_MS (x-message-ttl), or purge the .XQ queue with rabbitmqctl"
+        )
     age = parse_duration(older_than)
     if not yes and not dry_run:
         click.confirm(f"Delete dead-lettered messages older than {older_than} from Redis?", abort=True)

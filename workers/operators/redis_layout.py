@@ -57,7 +57,8 @@ class QueueStats:
     Attributes:
       ready: Messages waiting to be fetched.
       delayed: Messages waiting for their eta (retries with backoff).
-      in_flight: Messages fetched by a worker and not acknowledged yet.
+      in_flight: Messages fetched by a worker and not acknowledged yet (None:
+        the broker does not say, RabbitMQ over AMQP).
       dead: Dead-lettered messages still in Redis (kept ``dead_message_ttl``).
       oldest_ready_age_s: Age in seconds of the oldest ready message (None: empty).
     """
@@ -65,7 +66,7 @@ class QueueStats:
     queue: str
     ready: int
     delayed: int
-    in_flight: int
+    in_flight: int | None
     dead: int
     oldest_ready_age_s: float | None
 

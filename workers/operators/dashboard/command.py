@@ -43,8 +43,8 @@ def dashboard_command(host: str, port: int, dev: bool) -> None:
         )
     if not settings.database_url:
         raise ConfigurationError("BILLING_DATABASE_URL is not set")
-    if not settings.redis_url:
-        raise ConfigurationError("BILLING_REDIS_URL is not set")
+    if not settings.message_broker_url():
+        raise ConfigurationError("BILLING_BROKER_URL (or BILLING_REDIS_URL) is not set")
 
     import uvicorn
 

@@ -28,8 +28,9 @@ from db.operators import NOT_RETRYABLE, FailureFilter
 from db.queries import account_snapshot
 from tasks.errors import AlreadyReplayed, BrokerMisconfigured, BrokerUnavailable, MessageValidationError
 from workers.dependencies import dependency_error
-from workers.operators import actions
+from workers.operators import actions, rabbitmq_layout
 from workers.operators.redis_layout import queue_overview
+from workers.rabbitmq import BillingRabbitmqBroker
 
 from .web import (
     ACTORS,
@@ -123,11 +124,15 @@ async def queues_page(request: Request, operator: str) -> Response:
     """
     async with engine_of(request).connect() as conn:
         recorded = await sql.failure_counts(conn)
-    client = getattr(broker_of(request), "client", None)
+    broker = broker_of(request)
+    client = getattr(broker, "client", None)
     try:
-        stats, workers = await asyncio.to_thread(
-            queue_overview, client, heartbeat_timeout_ms=request.app.state.settings.heartbeat_timeout_ms
-        )
+        if isinstance(broker, BillingRabbitmqBroker):
+            stats, workers = await asyncio.to_thread(rabbitmq_layout.queue_overview, broker)
+        else:
+            stats, workers = await asyncio.to_thread(
+                queue_overview, client, heartbeat_timeout_ms=request.app.state.settings.heartbeat_timeout_ms
+            )
     except Exception as exc:
         error = dependency_error(exc)
         if not isinstance(error, (BrokerUnavailable, BrokerMisconfigured)):
