@@ -41,6 +41,51 @@ BEGIN
 END
 $$;
 
+CREATE FUNCTION public.billing_apply_usage_v2(p_account_ids text[], p_keys text[], p_amounts bigint[], p_meters text[], p_quantities bigint[], p_occurred_at timestamp with time zone[], p_now timestamp with time zone) RETURNS TABLE(o_key text, o_account_id text, o_result jsonb)
+    LANGUAGE sql
+    AS $$
+    WITH ev AS (
+        SELECT u.k, u.a, u.amount, u.meter, u.quantity, u.occurred_at, u.n
+        FROM unnest(p_keys, p_account_ids, p_amounts, p_meters, p_quantities, p_occurred_at) WITH ORDINALITY
+             AS u(k, a, amount, meter, quantity, occurred_at, n)
+    ), per_account AS (
+        SELECT ev.a, sum(ev.amount)::bigint AS total, (array_agg(ev.k ORDER BY ev.n))[1] AS first_key
+        FROM ev GROUP BY ev.a
+    ), debit AS (
+        -- a scalar subquery: one probe of the primary key per account, whatever the planner
+        -- estimates (a missing account fails the ledger entry's and the event's foreign keys)
+        SELECT p.a, p.total, p.first_key,
+               LEAST((SELECT acc.balance_micros FROM accounts AS acc WHERE acc.id = p.a), p.total) AS charged
+        FROM per_account AS p
+    ), entry AS (
+        INSERT INTO ledger_entries (account_id, amount_micros, kind, idempotency_key, created_at)
+        SELECT d.a, -d.charged, 'usage_charge', 'usage:' || d.first_key, p_now FROM debit AS d WHERE d.charged > 0
+        RETURNING id, account_id
+    ), balance AS (
+        UPDATE accounts AS acc SET balance_micros = acc.balance_micros - d.charged,
+               owed_micros = acc.owed_micros + (d.total - d.charged), updated_at = p_now
+        FROM debit AS d WHERE acc.id = d.a AND acc.id = ANY (p_account_ids)
+        RETURNING acc.id, acc.balance_micros
+    ), split AS (
+        SELECT ev.k, ev.a, ev.amount, ev.meter, ev.quantity, ev.occurred_at, ev.n,
+               GREATEST(0, LEAST(ev.amount, d.charged
+                   - ((sum(ev.amount) OVER (PARTITION BY ev.a ORDER BY ev.n))::bigint - ev.amount))) AS charged
+        FROM ev JOIN debit AS d ON d.a = ev.a
+    ), stored AS (
+        INSERT INTO usage_events (idempotency_key, account_id, meter, quantity, amount_micros, charged_micros,
+                                  owed_micros, ledger_entry_id, occurred_at, recorded_at)
+        SELECT s.k, s.a, s.meter, s.quantity, s.amount, s.charged, s.amount - s.charged,
+               CASE WHEN s.charged > 0 THEN e.id END, s.occurred_at, p_now
+        FROM split AS s LEFT JOIN entry AS e ON e.account_id = s.a
+    )
+    SELECT s.k, s.a, jsonb_build_object(
+               'outcome', 'usage_recorded', 'account_id', s.a, 'amount_micros', s.amount,
+               'charged_micros', s.charged, 'owed_micros', s.amount - s.charged, 'balance_micros', b.balance_micros,
+               'ledger_entry_id', CASE WHEN s.charged > 0 THEN e.id END)
+    FROM split AS s JOIN balance AS b ON b.id = s.a LEFT JOIN entry AS e ON e.account_id = s.a
+    ORDER BY s.n
+$$;
+
 CREATE FUNCTION public.billing_has_credits_v1() RETURNS trigger
     LANGUAGE plpgsql
     AS $$
@@ -138,6 +183,86 @@ BEGIN
         END;
         RETURN QUERY SELECT e.key, e.value FROM jsonb_each(v_out) AS e;
     END LOOP;
+END
+$$;
+
+CREATE FUNCTION public.billing_record_usage_batch_v3(p_keys text[], p_account_ids text[], p_amounts bigint[], p_meters text[], p_quantities bigint[], p_occurred_at timestamp with time zone[], p_now timestamp with time zone) RETURNS TABLE(o_key text, o_r jsonb)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    v_out jsonb;
+    v_accounts_found jsonb;
+    v_keys text[];
+    v_accounts text[];
+    v_amounts bigint[];
+    v_meters text[];
+    v_quantities bigint[];
+    v_occurred timestamptz[];
+    v_results jsonb;
+BEGIN
+    -- every lookup by primary key (= ANY, or one probe per event: OFFSET 0 keeps the
+    -- subquery from becoming a join): a plan cached for the function's life must
+    -- never scan idempotency_keys or accounts
+    PERFORM 1 FROM idempotency_keys AS k WHERE k.key = ANY (p_keys) ORDER BY k.key FOR UPDATE;
+    SELECT COALESCE(jsonb_object_agg(u.k, CASE
+               WHEN i.status IS NULL THEN jsonb_build_object('fast', 'fallback', 'why', 'unclaimed')
+               ELSE jsonb_build_object('fast', 'duplicate', 'result', i.result) END), '{}'::jsonb)
+        INTO v_out
+        FROM unnest(p_keys) AS u(k)
+        LEFT JOIN LATERAL (SELECT k.status, k.result FROM idempotency_keys AS k WHERE k.key = u.k OFFSET 0) AS i
+             ON true
+        WHERE i.status IS NULL OR i.status = 'completed';
+    SELECT array_agg(u.k ORDER BY u.a, u.k), array_agg(u.a ORDER BY u.a, u.k), array_agg(u.amount ORDER BY u.a, u.k),
+           array_agg(u.meter ORDER BY u.a, u.k), array_agg(u.quantity ORDER BY u.a, u.k),
+           array_agg(u.occurred_at ORDER BY u.a, u.k)
+        INTO v_keys, v_accounts, v_amounts, v_meters, v_quantities, v_occurred
+        FROM unnest(p_keys, p_account_ids, p_amounts, p_meters, p_quantities, p_occurred_at)
+             AS u(k, a, amount, meter, quantity, occurred_at)
+        WHERE NOT v_out ? u.k;
+    IF v_keys IS NULL THEN
+        RETURN QUERY SELECT e.key, e.value FROM jsonb_each(v_out) AS e;
+        RETURN;
+    END IF;
+    BEGIN
+        SELECT COALESCE(jsonb_object_agg(acc.id, jsonb_build_object(
+                   'id', acc.id, 'auto_top_up_enabled', acc.auto_top_up_enabled,
+                   'auto_top_up_threshold_micros', acc.auto_top_up_threshold_micros,
+                   'auto_top_up_max_per_period', acc.auto_top_up_max_per_period)), '{}'::jsonb)
+            INTO v_accounts_found
+            FROM (SELECT a.id, a.auto_top_up_enabled, a.auto_top_up_threshold_micros, a.auto_top_up_max_per_period
+                  FROM accounts AS a WHERE a.id = ANY (v_accounts) ORDER BY a.id FOR UPDATE) AS acc;
+        SELECT v_out || COALESCE(jsonb_object_agg(u.k, jsonb_build_object('fast', 'fallback', 'why', 'unknown_account')),
+                                 '{}'::jsonb)
+            INTO v_out
+            FROM unnest(v_keys, v_accounts) AS u(k, a) WHERE NOT v_accounts_found ? u.a;
+        SELECT array_agg(u.k ORDER BY u.n), array_agg(u.a ORDER BY u.n), array_agg(u.amount ORDER BY u.n),
+               array_agg(u.meter ORDER BY u.n), array_agg(u.quantity ORDER BY u.n),
+               array_agg(u.occurred_at ORDER BY u.n)
+            INTO v_keys, v_accounts, v_amounts, v_meters, v_quantities, v_occurred
+            FROM unnest(v_keys, v_accounts, v_amounts, v_meters, v_quantities, v_occurred) WITH ORDINALITY
+                 AS u(k, a, amount, meter, quantity, occurred_at, n)
+            WHERE v_accounts_found ? u.a;
+        IF v_keys IS NOT NULL THEN
+            SELECT jsonb_object_agg(a.o_key, a.o_result) INTO v_results
+                FROM billing_apply_usage_v2(v_accounts, v_keys, v_amounts, v_meters, v_quantities, v_occurred,
+                                            p_now) AS a;
+            UPDATE idempotency_keys AS k SET status = 'completed', result = v_results -> k.key,
+                   last_error = NULL, updated_at = p_now,
+                   account_id = COALESCE(k.account_id, v_results -> k.key ->> 'account_id'), completed_at = p_now
+                WHERE k.key = ANY (v_keys);
+            SELECT v_out || jsonb_object_agg(u.k, jsonb_build_object(
+                       'fast', 'applied', 'result', v_results -> u.k, 'account', v_accounts_found -> u.a))
+                INTO v_out
+                FROM unnest(v_keys, v_accounts) AS u(k, a);
+        END IF;
+    EXCEPTION WHEN OTHERS THEN
+        -- rolled back (subtransaction); the Python path runs these events one by one
+        SELECT v_out || jsonb_object_agg(u.k, jsonb_build_object('fast', 'fallback', 'why', 'error',
+                                                                 'sqlstate', SQLSTATE, 'error', SQLERRM))
+            INTO v_out
+            FROM unnest(v_keys) AS u(k);
+    END;
+    RETURN QUERY SELECT e.key, e.value FROM jsonb_each(v_out) AS e;
 END
 $$;
 

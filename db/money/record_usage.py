@@ -1,6 +1,6 @@
 """``record_usage``: metered usage debited from the prepaid balance, exactly once per event key.
 
-The rule is one server-side function, ``billing_apply_usage_v1``
+The rule is one server-side function, ``billing_apply_usage_v2``
 (``db/sql/functions/``): the balance covers what it can as a
 ``usage_charge`` ledger entry, the rest is owed (``accounts.owed_micros``)
 and collected first by the account's next credit
@@ -9,9 +9,10 @@ and collected first by the account's next credit
 * :func:`apply_record_usage`, one event in the caller's transaction (the
   Python path of :mod:`workers.transactions`);
 * :func:`record_usage_batch`, the events of many accounts that arrived
-  together, one subtransaction per account (``billing_record_usage_batch_v2``):
-  the group commit of hot accounts, one account lock, one ledger entry and
-  one balance update for all of an account's events.
+  together, in a fixed number of statements whatever the number of accounts
+  (``billing_record_usage_batch_v3``): the group commit of hot accounts, one
+  account lock, one ledger entry and one balance update for all of an
+  account's events.
 
 Either way a debit that leaves the balance under the account's auto-top-up
 threshold asks for a top-up (:func:`db.money.funds.after_charge`) in the
@@ -64,13 +65,8 @@ async def apply_record_usage(
       UnknownAccount: Permanent error.
     """
     account = await lock_account(conn, message.account_id)
-    columns = _columns([message])
-    del columns["account_ids"]
-    row = (
-        (await conn.execute(_APPLY_USAGE, {"account_id": account["id"], **columns, "now": now}))
-        .mappings()
-        .one()
-    )
+    columns = {**_columns([message]), "account_ids": [account["id"]]}
+    row = (await conn.execute(_APPLY_USAGE, {**columns, "now": now})).mappings().one()
     result = dict(row["result"])
     outbox = await after_charge(conn, account, int(result["balance_micros"]), now, policy)
     return Effect(result.pop("outcome"), result, outbox=outbox)
@@ -79,7 +75,7 @@ async def apply_record_usage(
 async def record_usage_batch(
     conn: AsyncConnection, messages: list[RecordUsageMessage], now: datetime, policy: BillingPolicy
 ) -> tuple[dict[str, dict[str, Any]], list[OutboxMessage]]:
-    """Apply usage events of any accounts in one statement, grouped by account (``billing_record_usage_batch_v2``).
+    """Apply usage events of any accounts in one statement, grouped by account (``billing_record_usage_batch_v3``).
 
     Run it in a transaction the caller commits: the top-ups the debits ask
     for (:func:`db.money.funds.after_charge`, once per account) are written in

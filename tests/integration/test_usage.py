@@ -405,6 +405,55 @@ def test_a_bad_event_in_a_batch_loses_and_doubles_none_of_the_others(setup, serv
     ]
 
 
+def test_an_error_applying_a_batch_sends_each_event_alone_so_only_the_failing_one_fails(setup, services, db):
+    """The batch applies all its accounts in one subtransaction; an error there must not cost the others.
+
+    A trigger stands for an error in one event (a constraint, a deadlock):
+    it fails the insert of event "boom"'s row.  The batch's subtransaction
+    rolls back and its events take the Python path one by one: the four
+    others are applied once each, "boom" fails by itself, and nothing of it
+    is written.
+    """
+    setup(accounts=[{"account_id": a, "balance_micros": 10 * USD} for a in ("a1", "a2")])
+    db(
+        "CREATE FUNCTION test_fail_boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.idempotency_key = 'boom' THEN RAISE EXCEPTION 'boom refused'; END IF; RETURN NEW; END $$"
+    )
+    db(
+        "CREATE TRIGGER test_fail_boom BEFORE INSERT ON usage_events FOR EACH ROW EXECUTE FUNCTION test_fail_boom()"
+    )
+    events = [("a1", "g1"), ("a2", "g2"), ("a1", "boom"), ("a2", "g3"), ("a1", "g4")]
+
+    async def run() -> tuple[list[Any], dict[str, int]]:
+        service = _service(services)
+        try:
+            results = await asyncio.gather(
+                *(service.handle("record_usage", _usage(a, USD, k), Delivery(k)) for a, k in events),
+                return_exceptions=True,
+            )
+            return list(results), dict(service.group_commits["record_usage"].fallbacks)
+        finally:
+            await service.engine.dispose()
+
+    try:
+        results, fallbacks = asyncio.run(run())
+    finally:
+        db("DROP TRIGGER test_fail_boom ON usage_events")
+        db("DROP FUNCTION test_fail_boom()")
+    outcomes = {
+        k: r if isinstance(r, BaseException) else r["outcome"]
+        for (_, k), r in zip(events, results, strict=True)
+    }
+    assert isinstance(outcomes.pop("boom"), Exception)
+    assert outcomes == dict.fromkeys(("g1", "g2", "g3", "g4"), "usage_recorded")
+    assert fallbacks.get("error", 0) >= 1  # the batch met the error and handed its events to the Python path
+    assert db("SELECT idempotency_key FROM usage_events ORDER BY 1") == [
+        {"idempotency_key": k} for k in ("g1", "g2", "g3", "g4")
+    ]
+    assert _account(db, "a1")["balance_micros"] == 8 * USD
+    assert _account(db, "a2")["balance_micros"] == 8 * USD
+
+
 @pytest.mark.parametrize("step", ["fast_after_claim", "fast_before_commit", "fast_after_apply"])
 def test_a_crash_between_claim_and_commit_or_after_it_applies_each_event_once_on_redelivery(
     setup, services, db, audit, step

@@ -1,3 +1,5 @@
+-- Superseded by billing_apply_usage_v2 (migration 0014): kept, expand-only, while workers of the
+-- previous release may still call it; a later migration drops it.
 -- The usage rule, the one implementation both usage paths run
 -- (db.money.record_usage.apply_record_usage, one event, and
 -- billing_record_usage_batch_v1, the events of one account that arrived

@@ -1,3 +1,5 @@
+-- Superseded by billing_record_usage_batch_v3 (migration 0014): kept, expand-only, while workers of
+-- the previous release may still call it; a later migration drops it.
 -- The usage fast path: the usage events that arrived together, in one round
 -- trip, grouped by account.  First every key of the batch is locked, in key
 -- order: the order in which a claim statement (claim_keys) locks them, so a
