@@ -20,7 +20,10 @@ A run, on one machine, everything measured at the same worker concurrency
    * ``noop``: the broker's ceiling, a no-op actor (:mod:`bench.noop`);
    * ``naive``: a plain Dramatiq + asyncpg renewal actor (:mod:`bench.naive`);
    * ``project``: ``renew`` messages through ``billing worker``;
-   * ``mixed``: all four kinds through ``billing worker``.
+   * ``mixed``: all four kinds through ``billing worker``;
+   * ``naive_mixed``: the same mix through plain Dramatiq + asyncpg actors
+     (:mod:`bench.naive_mixed`), unsigned;
+   * ``naive_usage`` and ``usage``: usage events, naive and through ``billing worker``.
 
    Message setups enqueue their messages up front (pipelined) to workers
    that are up and idle, and are timed from the first enqueue to the last
@@ -67,7 +70,7 @@ from rich.console import Console
 from harness.figures import describe_machine
 from harness.services import interrupt_on_sigterm
 
-from . import NAIVE_QUEUE, NAIVE_USAGE_QUEUE, NOOP_QUEUE
+from . import NAIVE_MIXED_QUEUE, NAIVE_QUEUE, NAIVE_USAGE_QUEUE, NOOP_QUEUE
 from .config import (
     ARTIFACTS,
     BILLING_QUEUES,
@@ -110,7 +113,7 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> int:
             )
             console.print(f"Redis {services.redis_version}: {services.redis_label}")
             if not services.own_redis and pending_messages(
-                bench.redis, [*BILLING_QUEUES, NOOP_QUEUE, NAIVE_QUEUE, NAIVE_USAGE_QUEUE]
+                bench.redis, [*BILLING_QUEUES, NOOP_QUEUE, NAIVE_QUEUE, NAIVE_USAGE_QUEUE, NAIVE_MIXED_QUEUE]
             ):
                 raise RuntimeError("the configured Redis holds billing messages: use an empty Redis database")
             committed_script = SCRIPT_PATH.read_text() if SCRIPT_PATH.exists() else ""
