@@ -10,6 +10,8 @@ holds the figures of the last full run.  Modules:
 * :mod:`bench.measure`: each setup measured once, the latency run, the scheduler, the profile;
 * :mod:`bench.renewal_script`: the pgbench script of one renewal, generated
   from ``db/money.py`` (committed as ``bench/renewal.sql``);
+* :mod:`bench.mixed_script`: the pgbench scripts of the mixed workload's four
+  kinds, generated from ``db/sql/`` (committed in ``bench/mixed_limit/``);
 * :mod:`bench.data`: the accounts, plans and subscriptions, in bulk SQL;
 * :mod:`bench.noop`, :mod:`bench.naive`, :mod:`bench.naive_usage`,
   :mod:`bench.naive_mixed`: the broker's ceiling and the naive baselines

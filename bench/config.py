@@ -19,7 +19,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "bench"
 APP_NAME = "billing-bench"
 
 #: The setups of a round, in order of the docs (limit, broker ceiling, naive baseline, the project).
-SETUPS = ("limit", "noop", "naive", "project", "mixed", "naive_mixed", "naive_usage", "usage")
+SETUPS = ("limit", "noop", "naive", "project", "mixed", "naive_mixed", "mixed_limit", "naive_usage", "usage")
 #: First batch of each message setup (later rounds size it from the rate measured).
 FIRST_BATCH = {
     "noop": 20_000,

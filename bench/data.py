@@ -43,6 +43,7 @@ __all__ = [
     "mix_plan",
     "naive_mix_plan",
     "create_bench_data",
+    "add_plan",
     "account_id",
     "subscription_id",
 ]
@@ -168,6 +169,15 @@ _TABLES: list[tuple[str, str, tuple[str, ...]]] = [
         ("n", "at", "anchor"),
     ),
 ]
+
+
+async def add_plan(url: str, plan_id: str) -> None:
+    """Add a plan priced as the bench's others (:data:`PRICE_MICROS` a day) to the bench database at ``url``."""
+    conn = await asyncpg.connect(plain_url(url), server_settings={"application_name": "billing-bench-load"})
+    try:
+        await conn.execute(_PLANS, PRICE_MICROS, [plan_id])
+    finally:
+        await conn.close()
 
 
 async def create_bench_data(url: str, accounts: int, *, rounds: int, due_at: datetime) -> dict[str, float]:

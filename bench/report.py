@@ -34,6 +34,7 @@ SETUP_LABELS = {
     "naive_usage": "5. naive usage: Dramatiq + asyncpg, FOR UPDATE per event",
     "usage": "6. this project: usage (Zipf-hot accounts)",
     "naive_mixed": "7. naive mixed: Dramatiq + asyncpg, the 4 kinds",
+    "mixed_limit": "8. mixed limit: pgbench, the 4 kinds' money-path SQL",
 }
 #: The targets the figures are held to (benchmark figures, not timed tests).
 TARGETS = {
@@ -60,6 +61,7 @@ class Figures:
     usage_ceiling_ratio: Summary
     usage_naive_ratio: Summary
     mixed_naive_ratio: Summary
+    mixed_limit_ratio: Summary
     rounds: int
     targets: list[tuple[str, str, str, bool | None]]
     worker_rss_mb: float | None
@@ -99,9 +101,9 @@ def figures(result: dict[str, Any]) -> Figures:
     usage = _by_round(ms, "usage", rounds)
     usage_ceiling_ratio = summarize(ratios(usage, _by_round(ms, "noop", rounds)))
     usage_naive_ratio = summarize(ratios(usage, _by_round(ms, "naive_usage", rounds)))
-    mixed_naive_ratio = summarize(
-        ratios(_by_round(ms, "mixed", rounds), _by_round(ms, "naive_mixed", rounds))
-    )
+    mixed = _by_round(ms, "mixed", rounds)
+    mixed_naive_ratio = summarize(ratios(mixed, _by_round(ms, "naive_mixed", rounds)))
+    mixed_limit_ratio = summarize(ratios(mixed, _by_round(ms, "mixed_limit", rounds)))  # no target
 
     all_measurements = result.get("measurements", [])
     rss = [
@@ -207,6 +209,7 @@ def figures(result: dict[str, Any]) -> Figures:
         usage_ceiling_ratio,
         usage_naive_ratio,
         mixed_naive_ratio,
+        mixed_limit_ratio,
         rounds,
         targets,
         worker_rss_mb,
@@ -246,6 +249,9 @@ def print_report(result: dict[str, Any], console: Console) -> None:
     )
     table.add_row(
         "ratio 4m/7 (mixed / naive mixed)", f.mixed_naive_ratio.text("{:.2f}"), str(f.mixed_naive_ratio.n), ""
+    )
+    table.add_row(
+        "ratio 4m/8 (mixed / mixed limit)", f.mixed_limit_ratio.text("{:.2f}"), str(f.mixed_limit_ratio.n), ""
     )
     console.print(table)
 
@@ -424,6 +430,8 @@ def markdown(result: dict[str, Any], chart_name: str = "benchmarks.png") -> str:
         f"| {f.usage_naive_ratio.n} | | | | |",
         f"| **ratio 4m/7** (mixed / naive mixed) | **{f.mixed_naive_ratio.text('{:.2f}')}** "
         f"| {f.mixed_naive_ratio.n} | | | | |",
+        f"| **ratio 4m/8** (mixed / mixed limit, no target) | **{f.mixed_limit_ratio.text('{:.2f}')}** "
+        f"| {f.mixed_limit_ratio.n} | | | | |",
         "",
         f"![throughput per setup]({chart_name})",
         "",
@@ -486,6 +494,12 @@ def _where_time_goes(result: dict[str, Any], f: Figures) -> list[str]:
                 f"- Per mixed message: the project's workers {mixed_ms[0]:.2f} ms of CPU and PostgreSQL "
                 f"{mixed_ms[1]:.2f} ms; the naive mixed peer's workers {naive_mixed_ms[0]:.2f} ms and PostgreSQL "
                 f"{naive_mixed_ms[1]:.2f} ms."
+            )
+        ml, mlc = f.throughput["mixed_limit"], f.cores.get("mixed_limit")
+        if mlc and ml.n and ml.median:
+            lines.append(
+                f"- Per pgbench mixed-limit message, PostgreSQL spent {1000 * mlc.get('postgres', 0) / ml.median:.2f} "
+                f"ms of CPU and pgbench's client {1000 * mlc.get('pgbench', 0) / ml.median:.2f} ms."
             )
         limit = f.throughput["limit"]
         lc = f.cores.get("limit")
@@ -563,6 +577,15 @@ def _method(cfg: dict[str, Any]) -> list[str]:
         "top-up calls the fake provider inline, inside the transaction (the charge is a `fake_provider_charges` "
         "row), so it has no recovery points, charge lease or reconciliation; it leaves out the sealed key "
         "delivery, the top-up limits and the funds waits (the module's docstring lists what else).",
+        "- **Mixed limit (8)**: pgbench as for (1), with four scripts of weight 1 (`-f <kind>.sql@1`: each "
+        "transaction draws one, a quarter each on average), [bench/mixed_limit/](../bench/mixed_limit/): the "
+        "statements `billing worker` runs for one message of each kind, generated from the named blocks of "
+        "`db/sql/` (`python -m bench.mixed_script`): the renewal of (1); a subscribe (claim, then lock the key "
+        "and the account, the plan, the live-subscription check, the subscription, the ledger entry, the API "
+        "key, the key's recipient, the entitlement, the key's outcome); an auto_top_up in its three phases "
+        "(the attempt; the charge lease and the fake provider's charge; the credit, the attempt's answer, the "
+        "waits); a revoke_key (the owner, the account's lock, the managed keys). Subscribes take a plan made "
+        "for the measurement. No target: it shows how close the mixed workload gets to its SQL.",
         "- After every setup that writes, `db.audit.run_audit` with the quiescent checks must pass; a failure "
         "fails the setup and the run (exit status 1).",
         "- Latency: renew messages (then distinct usage events) enqueued at a steady pace of half the "
@@ -603,6 +626,7 @@ def chart(result: dict[str, Any], path: Path) -> Path:
         "project": "#55a868",
         "mixed": "#8fd19e",
         "naive_mixed": "#e8a87c",
+        "mixed_limit": "#8da0cb",
         "naive_usage": "#c44e52",
         "usage": "#2d7d46",
     }

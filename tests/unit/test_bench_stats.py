@@ -110,6 +110,7 @@ def _result() -> dict[str, Any]:
             _measurement("project", r, project, rss_kib=[100_000, 110_000]),
             _measurement("mixed", r, project * 0.8),
             _measurement("naive_mixed", r, {1: 200.0, 2: 200.0, 3: 100.0}[r]),
+            _measurement("mixed_limit", r, 1000.0),
         ]
     ms += [
         _measurement("project", 0, 300.0, tag="scaling-p1"),
@@ -186,6 +187,12 @@ def test_mixed_over_the_naive_mixed_peer_is_paired_by_round() -> None:
     verdicts = {name.split(" (")[0]: (wanted, ok) for name, wanted, _, ok in f.targets}
     assert verdicts["mixed throughput / naive mixed peer"] == (">= 2", True)
     assert "| **ratio 4m/7** (mixed / naive mixed) | **2.40 (2.00-3.20)** | 3 |" in markdown(result)
+    # mixed over its pgbench limit: reported, with no target
+    assert (f.mixed_limit_ratio.median, f.mixed_limit_ratio.n) == (0.4, 3)
+    assert "| **ratio 4m/8** (mixed / mixed limit, no target) | **0.40 (0.32-0.48)** | 3 |" in markdown(
+        result
+    )
+    assert not [name for name, *_ in f.targets if "mixed limit" in name]
     # a round whose peer failed pairs with nothing; the others still count
     for m in result["measurements"]:
         if m["setup"] == "naive_mixed" and m["round"] == 3:
