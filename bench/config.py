@@ -19,13 +19,14 @@ ARTIFACTS = ROOT / "test-artifacts" / "bench"
 APP_NAME = "billing-bench"
 
 #: The setups of a round, in order of the docs (limit, broker ceiling, naive baseline, the project).
-SETUPS = ("limit", "noop", "naive", "project", "mixed", "naive_usage", "usage")
+SETUPS = ("limit", "noop", "naive", "project", "mixed", "naive_mixed", "mixed_limit", "naive_usage", "usage")
 #: First batch of each message setup (later rounds size it from the rate measured).
 FIRST_BATCH = {
     "noop": 20_000,
     "naive": 2_000,
     "project": 2_000,
     "mixed": 2_000,
+    "naive_mixed": 2_000,
     "naive_usage": 2_000,
     "usage": 5_000,
 }

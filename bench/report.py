@@ -30,9 +30,11 @@ SETUP_LABELS = {
     "noop": "2. broker ceiling: no-op actor",
     "naive": "3. naive: Dramatiq + asyncpg",
     "project": "4. this project: renew",
-    "mixed": "4. this project: mixed (4 kinds)",
+    "mixed": "4m. this project: mixed (4 kinds)",
     "naive_usage": "5. naive usage: Dramatiq + asyncpg, FOR UPDATE per event",
     "usage": "6. this project: usage (Zipf-hot accounts)",
+    "naive_mixed": "7. naive mixed: Dramatiq + asyncpg, the 4 kinds",
+    "mixed_limit": "8. mixed limit: pgbench, the 4 kinds' money-path SQL",
 }
 #: The targets the figures are held to (benchmark figures, not timed tests).
 TARGETS = {
@@ -44,6 +46,7 @@ TARGETS = {
     "usage_ceiling_ratio": 0.6,
     "usage_naive_ratio": 3.0,
     "usage_p99_ms": 100.0,
+    "mixed_naive_ratio": 2.0,
 }
 
 
@@ -57,6 +60,8 @@ class Figures:
     naive_ratio: Summary
     usage_ceiling_ratio: Summary
     usage_naive_ratio: Summary
+    mixed_naive_ratio: Summary
+    mixed_limit_ratio: Summary
     rounds: int
     targets: list[tuple[str, str, str, bool | None]]
     worker_rss_mb: float | None
@@ -96,6 +101,9 @@ def figures(result: dict[str, Any]) -> Figures:
     usage = _by_round(ms, "usage", rounds)
     usage_ceiling_ratio = summarize(ratios(usage, _by_round(ms, "noop", rounds)))
     usage_naive_ratio = summarize(ratios(usage, _by_round(ms, "naive_usage", rounds)))
+    mixed = _by_round(ms, "mixed", rounds)
+    mixed_naive_ratio = summarize(ratios(mixed, _by_round(ms, "naive_mixed", rounds)))
+    mixed_limit_ratio = summarize(ratios(mixed, _by_round(ms, "mixed_limit", rounds)))  # no target
 
     all_measurements = result.get("measurements", [])
     rss = [
@@ -144,6 +152,11 @@ def figures(result: dict[str, Any]) -> Figures:
     targets.append(
         ("usage events / naive usage peer (6/5)", f">= {TARGETS['usage_naive_ratio']:g}",
          usage_naive_ratio.text("{:.2f}"), met(un, un is not None and un >= TARGETS["usage_naive_ratio"]))
+    )  # fmt: skip
+    mn = mixed_naive_ratio.median if mixed_naive_ratio.n else None
+    targets.append(
+        ("mixed throughput / naive mixed peer (4m/7)", f">= {TARGETS['mixed_naive_ratio']:g}",
+         mixed_naive_ratio.text("{:.2f}"), met(mn, mn is not None and mn >= TARGETS["mixed_naive_ratio"]))
     )  # fmt: skip
     lat = result.get("latency")
     # a run paced by --latency-rate is not at half the peak: no verdict
@@ -195,6 +208,8 @@ def figures(result: dict[str, Any]) -> Figures:
         naive_ratio,
         usage_ceiling_ratio,
         usage_naive_ratio,
+        mixed_naive_ratio,
+        mixed_limit_ratio,
         rounds,
         targets,
         worker_rss_mb,
@@ -231,6 +246,12 @@ def print_report(result: dict[str, Any], console: Console) -> None:
     )
     table.add_row(
         "ratio 6/5 (usage / naive usage)", f.usage_naive_ratio.text("{:.2f}"), str(f.usage_naive_ratio.n), ""
+    )
+    table.add_row(
+        "ratio 4m/7 (mixed / naive mixed)", f.mixed_naive_ratio.text("{:.2f}"), str(f.mixed_naive_ratio.n), ""
+    )
+    table.add_row(
+        "ratio 4m/8 (mixed / mixed limit)", f.mixed_limit_ratio.text("{:.2f}"), str(f.mixed_limit_ratio.n), ""
     )
     console.print(table)
 
@@ -407,6 +428,10 @@ def markdown(result: dict[str, Any], chart_name: str = "benchmarks.png") -> str:
         f"| {f.usage_ceiling_ratio.n} | | | | |",
         f"| **ratio 6/5** (usage / naive usage) | **{f.usage_naive_ratio.text('{:.2f}')}** "
         f"| {f.usage_naive_ratio.n} | | | | |",
+        f"| **ratio 4m/7** (mixed / naive mixed) | **{f.mixed_naive_ratio.text('{:.2f}')}** "
+        f"| {f.mixed_naive_ratio.n} | | | | |",
+        f"| **ratio 4m/8** (mixed / mixed limit, no target) | **{f.mixed_limit_ratio.text('{:.2f}')}** "
+        f"| {f.mixed_limit_ratio.n} | | | | |",
         "",
         f"![throughput per setup]({chart_name})",
         "",
@@ -443,7 +468,7 @@ def _where_time_goes(result: dict[str, Any], f: Figures) -> list[str]:
     project = f.throughput["project"]
     c = f.cores.get("project")
     per_message: dict[str, tuple[float, float]] = {}
-    for setup in ("noop", "naive", "project"):
+    for setup in ("noop", "naive", "project", "mixed", "naive_mixed"):
         sc, st = f.cores.get(setup), f.throughput.get(setup)
         if sc and st is not None and st.n and st.median:
             per_message[setup] = (
@@ -462,6 +487,19 @@ def _where_time_goes(result: dict[str, Any], f: Figures) -> list[str]:
             lines.append(
                 f"- For comparison, per message: stock Dramatiq with a no-op actor {noop_ms:.2f} ms of worker CPU; "
                 f"the naive worker {naive_ms[0]:.2f} ms of worker CPU and {naive_ms[1]:.2f} ms of PostgreSQL."
+            )
+        if "mixed" in per_message and "naive_mixed" in per_message:
+            mixed_ms, naive_mixed_ms = per_message["mixed"], per_message["naive_mixed"]
+            lines.append(
+                f"- Per mixed message: the project's workers {mixed_ms[0]:.2f} ms of CPU and PostgreSQL "
+                f"{mixed_ms[1]:.2f} ms; the naive mixed peer's workers {naive_mixed_ms[0]:.2f} ms and PostgreSQL "
+                f"{naive_mixed_ms[1]:.2f} ms."
+            )
+        ml, mlc = f.throughput["mixed_limit"], f.cores.get("mixed_limit")
+        if mlc and ml.n and ml.median:
+            lines.append(
+                f"- Per pgbench mixed-limit message, PostgreSQL spent {1000 * mlc.get('postgres', 0) / ml.median:.2f} "
+                f"ms of CPU and pgbench's client {1000 * mlc.get('pgbench', 0) / ml.median:.2f} ms."
             )
         limit = f.throughput["limit"]
         lc = f.cores.get("limit")
@@ -530,6 +568,24 @@ def _method(cfg: dict[str, Any]) -> list[str]:
         "`Producer.record_usage_many` uses); the time runs to the last distinct key's `completed_at`, the rate "
         "counts every message (repeats included). The naive usage peer (5) gets the same workload unsigned: "
         "stock Dramatiq and asyncpg, one transaction per event with `SELECT ... FOR UPDATE` on the account.",
+        "- **Naive mixed (7)**: the mixed workload's messages, the same mix (a quarter each of subscribe, renew, "
+        "auto_top_up and revoke_key on distinct accounts, the same plans' prices and top-up amount; its "
+        "subscribes take a plan of their own per round), unsigned, to a stock Dramatiq worker with the AsyncIO "
+        "middleware and an asyncpg pool (`bench/naive_mixed.py`, four actors on one queue): one transaction per "
+        "message, statement by statement (the idempotency key first, `ON CONFLICT DO NOTHING`; then the effect; "
+        "then the outcome), writing the rows the money path writes. Its renew is the naive renewal of (3); its "
+        "top-up calls the fake provider inline, inside the transaction (the charge is a `fake_provider_charges` "
+        "row), so it has no recovery points, charge lease or reconciliation; it leaves out the sealed key "
+        "delivery, the top-up limits and the funds waits (the module's docstring lists what else).",
+        "- **Mixed limit (8)**: pgbench as for (1), with four scripts of weight 1 (`-f <kind>.sql@1`: each "
+        "transaction draws one, a quarter each on average), [bench/mixed_limit/](../bench/mixed_limit/): the "
+        "statements `billing worker` runs for one message of each kind, generated from the named blocks of "
+        "`db/sql/` (`python -m bench.mixed_script`): the renewal of (1); a subscribe (claim, then lock the key "
+        "and the account, the plan, the live-subscription check, the subscription, the ledger entry, the API "
+        "key, the key's recipient, the entitlement, the key's outcome); an auto_top_up in its three phases "
+        "(the attempt; the charge lease and the fake provider's charge; the credit, the attempt's answer, the "
+        "waits); a revoke_key (the owner, the account's lock, the managed keys). Subscribes take a plan made "
+        "for the measurement. No target: it shows how close the mixed workload gets to its SQL.",
         "- After every setup that writes, `db.audit.run_audit` with the quiescent checks must pass; a failure "
         "fails the setup and the run (exit status 1).",
         "- Latency: renew messages (then distinct usage events) enqueued at a steady pace of half the "
@@ -569,6 +625,8 @@ def chart(result: dict[str, Any], path: Path) -> Path:
         "naive": "#dd8452",
         "project": "#55a868",
         "mixed": "#8fd19e",
+        "naive_mixed": "#e8a87c",
+        "mixed_limit": "#8da0cb",
         "naive_usage": "#c44e52",
         "usage": "#2d7d46",
     }
@@ -585,7 +643,8 @@ def chart(result: dict[str, Any], path: Path) -> Path:
     cfg = result["config"]
     left.set_title(
         f"{cfg['processes']} processes x {cfg['threads']} threads, {f.rounds} round(s); "
-        f"4/1 = {f.limit_ratio.text('{:.2f}')}, 4/3 = {f.naive_ratio.text('{:.2f}')}",
+        f"4/1 = {f.limit_ratio.text('{:.2f}')}, 4/3 = {f.naive_ratio.text('{:.2f}')}, "
+        f"4m/7 = {f.mixed_naive_ratio.text('{:.2f}')}",
         fontsize=10,
     )
     labels: list[str] = []

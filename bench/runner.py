@@ -20,7 +20,12 @@ A run, on one machine, everything measured at the same worker concurrency
    * ``noop``: the broker's ceiling, a no-op actor (:mod:`bench.noop`);
    * ``naive``: a plain Dramatiq + asyncpg renewal actor (:mod:`bench.naive`);
    * ``project``: ``renew`` messages through ``billing worker``;
-   * ``mixed``: all four kinds through ``billing worker``.
+   * ``mixed``: all four kinds through ``billing worker``;
+   * ``naive_mixed``: the same mix through plain Dramatiq + asyncpg actors
+     (:mod:`bench.naive_mixed`), unsigned;
+   * ``mixed_limit``: pgbench running the four kinds' money-path statements
+     (``bench/mixed_limit/``, :mod:`bench.mixed_script`), a quarter each;
+   * ``naive_usage`` and ``usage``: usage events, naive and through ``billing worker``.
 
    Message setups enqueue their messages up front (pipelined) to workers
    that are up and idle, and are timed from the first enqueue to the last
@@ -67,7 +72,7 @@ from rich.console import Console
 from harness.figures import describe_machine
 from harness.services import interrupt_on_sigterm
 
-from . import NAIVE_QUEUE, NAIVE_USAGE_QUEUE, NOOP_QUEUE
+from . import NAIVE_MIXED_QUEUE, NAIVE_QUEUE, NAIVE_USAGE_QUEUE, NOOP_QUEUE
 from .config import (
     ARTIFACTS,
     BILLING_QUEUES,
@@ -80,6 +85,7 @@ from .config import (
 )
 from .data import create_bench_data
 from .measure import Bench, Measurement
+from .mixed_script import SCRIPT_DIR as MIXED_SCRIPT_DIR
 from .renewal_script import SCRIPT_PATH
 from .services import Services, bench_database, bench_services, cpu_cores, cpu_snapshot, pending_messages
 
@@ -110,9 +116,20 @@ def run_bench(cfg: BenchConfig, console: Console | None = None) -> int:
             )
             console.print(f"Redis {services.redis_version}: {services.redis_label}")
             if not services.own_redis and pending_messages(
-                bench.redis, [*BILLING_QUEUES, NOOP_QUEUE, NAIVE_QUEUE, NAIVE_USAGE_QUEUE]
+                bench.redis, [*BILLING_QUEUES, NOOP_QUEUE, NAIVE_QUEUE, NAIVE_USAGE_QUEUE, NAIVE_MIXED_QUEUE]
             ):
                 raise RuntimeError("the configured Redis holds billing messages: use an empty Redis database")
+            stale_mixed = [
+                path.name
+                for path in bench.mixed_scripts
+                if not (MIXED_SCRIPT_DIR / path.name).exists()
+                or (MIXED_SCRIPT_DIR / path.name).read_text() != path.read_text()
+            ]
+            if stale_mixed:
+                console.print(
+                    f"[yellow]bench/mixed_limit/ is stale ({', '.join(stale_mixed)}; db/sql changed): the run uses "
+                    "the regenerated scripts; `python -m bench.mixed_script --write` updates the files[/yellow]"
+                )
             committed_script = SCRIPT_PATH.read_text() if SCRIPT_PATH.exists() else ""
             if committed_script != bench.script.read_text():
                 console.print(
@@ -173,6 +190,10 @@ def _run(bench: Bench, cfg: BenchConfig, console: Console) -> dict[str, Any]:
                     console.print(
                         f"  {setup:8s} {m.rate:10,.0f} /s  ({m.messages:,} in {m.seconds:.1f} s; "
                         f"cores: {_cores_text(m.cpu)}; audit {m.audit})"
+                    )
+                if m.extra.get("outcomes"):
+                    console.print(
+                        "           " + ", ".join(f"{k} {v:,}" for k, v in m.extra["outcomes"].items())
                     )
 
         project_rate = _median([m.rate for m in bench.measurements if m.setup == "project" and m.ok])

@@ -109,6 +109,8 @@ def _result() -> dict[str, Any]:
             _measurement("naive", r, naive),
             _measurement("project", r, project, rss_kib=[100_000, 110_000]),
             _measurement("mixed", r, project * 0.8),
+            _measurement("naive_mixed", r, {1: 200.0, 2: 200.0, 3: 100.0}[r]),
+            _measurement("mixed_limit", r, 1000.0),
         ]
     ms += [
         _measurement("project", 0, 300.0, tag="scaling-p1"),
@@ -165,6 +167,48 @@ def test_figures_and_targets_say_met_and_not_met() -> None:
     assert verdicts["scheduler"] is True
     assert verdicts["worker peak RSS per process, under load"] is True  # 123 MB
     assert f.scaling == [(1, 300.0), (4, None)]
+
+
+def test_mixed_over_the_naive_mixed_peer_is_paired_by_round() -> None:
+    result = _result()
+    f = figures(result)
+    # mixed 400, 480, 320 over the peer's 200, 200, 100 in the same rounds
+    assert (
+        f.mixed_naive_ratio.median,
+        f.mixed_naive_ratio.low,
+        f.mixed_naive_ratio.high,
+        f.mixed_naive_ratio.n,
+    ) == (
+        2.4,
+        2.0,
+        3.2,
+        3,
+    )
+    verdicts = {name.split(" (")[0]: (wanted, ok) for name, wanted, _, ok in f.targets}
+    assert verdicts["mixed throughput / naive mixed peer"] == (">= 2", True)
+    assert "| **ratio 4m/7** (mixed / naive mixed) | **2.40 (2.00-3.20)** | 3 |" in markdown(result)
+    # mixed over its pgbench limit: reported, with no target
+    assert (f.mixed_limit_ratio.median, f.mixed_limit_ratio.n) == (0.4, 3)
+    assert "| **ratio 4m/8** (mixed / mixed limit, no target) | **0.40 (0.32-0.48)** | 3 |" in markdown(
+        result
+    )
+    assert not [name for name, *_ in f.targets if "mixed limit" in name]
+    # a round whose peer failed pairs with nothing; the others still count
+    for m in result["measurements"]:
+        if m["setup"] == "naive_mixed" and m["round"] == 3:
+            m.update(rate=None, ok=False)
+    f = figures(result)
+    assert (f.mixed_naive_ratio.median, f.mixed_naive_ratio.n) == (2.2, 2)
+    assert {name.split(" (")[0]: ok for name, _, _, ok in f.targets}[
+        "mixed throughput / naive mixed peer"
+    ] is True
+    # without the peer, no verdict
+    result["measurements"] = [m for m in result["measurements"] if m["setup"] != "naive_mixed"]
+    f = figures(result)
+    assert f.mixed_naive_ratio.n == 0
+    assert {name.split(" (")[0]: ok for name, _, _, ok in f.targets}[
+        "mixed throughput / naive mixed peer"
+    ] is None
 
 
 def test_markdown_marks_embedded_and_not_met() -> None:
