@@ -103,18 +103,11 @@ _Item = tuple[BillingMessage, str, str, "asyncio.Future[Any]"]
 class GroupCommit:
     """Claims, then applies, the messages of one kind that arrive together, in a fixed number of statements.
 
-    A batch's claim and its apply are two stages, each taken by one batch at
-    a time (``max_in_flight``): while a batch is applied, the next one's
-    claim runs, so a batch waits for the one before it only for its apply,
-    not for its claim too.  Applies run in the order of their claims.  A
-    claim and an apply that share a key (a repeated event) lock their keys
-    in key order, so they cannot wait on each other in a cycle.
-
     Parameters:
       service: The service (engine, clock, policy, max deliveries, crash points).
       path: The kind's :class:`FastPath`.
       max_batch: Most messages per batch.
-      max_in_flight: Batches of this kind in each stage (claim, apply) at once.
+      max_in_flight: Batches of this kind at PostgreSQL at once.
     """
 
     def __init__(
@@ -125,8 +118,7 @@ class GroupCommit:
         self.max_batch = max(1, max_batch)
         self.max_in_flight = max(1, max_in_flight)
         self._waiting: list[_Item] = []
-        self._in_flight = 0  # batches in the claim stage
-        self._apply_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._in_flight = 0
         self._start_scheduled = False
         #: Batches run, the largest one, and messages applied by the fast path (for tests and profiles).
         self.batches = 0
@@ -159,7 +151,7 @@ class GroupCommit:
         self._start_batches()
 
     def _start_batches(self) -> None:
-        """Send what is waiting, in batches, while fewer than ``max_in_flight`` batches are claiming."""
+        """Send what is waiting, in batches, while fewer than ``max_in_flight`` batches are at PostgreSQL."""
         while self._waiting and self._in_flight < self.max_in_flight:
             batch: list[_Item] = []
             later: list[_Item] = []
@@ -177,17 +169,8 @@ class GroupCommit:
             asyncio.ensure_future(self._send(batch))
 
     async def _send(self, batch: list[_Item]) -> None:
-        claiming = [True]
-
-        def claimed() -> None:
-            # the claim stage is free (the claim is done, or failed): the next batch may claim
-            if claiming[0]:
-                claiming[0] = False
-                self._in_flight -= 1
-                self._start_batches()
-
         try:
-            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch], claimed)
+            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch])
         except BaseException as exc:  # noqa: BLE001 - each message of the batch gets the batch's error
             for *_, future in batch:
                 if not future.done():
@@ -199,14 +182,8 @@ class GroupCommit:
                 if not future.done():
                     future.set_result(outcomes[message.idempotency_key])
         finally:
-            claimed()
-
-    def _applying(self) -> asyncio.Semaphore:
-        """The apply stage's slots (FIFO, so applies run in claim order), one set per event loop."""
-        loop = asyncio.get_running_loop()
-        if self._apply_slots is None or self._apply_slots[0] is not loop:
-            self._apply_slots = (loop, asyncio.Semaphore(self.max_in_flight))
-        return self._apply_slots[1]
+            self._in_flight -= 1
+            self._start_batches()
 
     def _claim(self, message: BillingMessage, fingerprint: str, message_id: str) -> money.KeyClaim:
         request = (
@@ -224,7 +201,7 @@ class GroupCommit:
         )
 
     async def _run(
-        self, batch: list[tuple[BillingMessage, str, str]], claimed: Callable[[], None]
+        self, batch: list[tuple[BillingMessage, str, str]]
     ) -> dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]]:
         service = self.service
         async with translate_errors(), service.autocommit.connect() as conn:
@@ -242,9 +219,7 @@ class GroupCommit:
             ]
             for m, _, _ in batch:  # claimed (committed), nothing applied
                 service.crash("fast_after_claim", m.idempotency_key)
-            claimed()
-            async with self._applying():
-                applied = await self.path.apply(service, conn, to_apply) if to_apply else {}
+            applied = await self.path.apply(service, conn, to_apply) if to_apply else {}
         for m, _, _ in batch:  # applied (committed), no delivery told
             service.crash("fast_after_apply", m.idempotency_key)
         outcomes: dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]] = {}
