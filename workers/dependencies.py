@@ -52,7 +52,7 @@ def redis_error(error: BaseException) -> BillingError | None:
         )
     if isinstance(error, redis.exceptions.RedisError):
         return BrokerUnavailable(f"Redis failed: {type(error).__name__}: {one_line(str(error))}")
-    if isinstance(error, dramatiq.errors.ConnectionError):
+    if isinstance(error, dramatiq.errors.BrokerConnectionError):
         return BrokerUnavailable(f"Redis is unreachable: {one_line(str(error))}")
     if isinstance(error, (ValueError, TypeError)) and _raised_inside(error, "redis"):
         # redis.from_url: an unknown scheme, a database that is not a number...
@@ -72,7 +72,7 @@ def rabbitmq_error(error: BaseException) -> BillingError | None:
     import dramatiq.errors
     import pika.exceptions
 
-    cause = error.message if isinstance(error, dramatiq.errors.ConnectionError) else error
+    cause = error.message if isinstance(error, dramatiq.errors.BrokerConnectionError) else error
     if isinstance(
         cause, (pika.exceptions.ProbableAuthenticationError, pika.exceptions.ProbableAccessDeniedError)
     ):
