@@ -45,7 +45,11 @@ from .outbox import relay_committed
 if TYPE_CHECKING:
     from .billing import BillingService
 
-__all__ = ["GroupCommit", "FastPath", "FAST_PATHS"]
+__all__ = ["CLAIM_COMMITTED", "GroupCommit", "FastPath", "FAST_PATHS"]
+
+#: Attribute set (True) on a batch's error when it came after the batch's claim committed: each of
+#: its deliveries was counted, and the service takes a handled one back out of the count.
+CLAIM_COMMITTED = "billing_claim_committed"
 
 log = structlog.get_logger("billing")
 
@@ -169,9 +173,12 @@ class GroupCommit:
             asyncio.ensure_future(self._send(batch))
 
     async def _send(self, batch: list[_Item]) -> None:
+        claimed = [False]
         try:
-            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch])
+            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch], claimed)
         except BaseException as exc:  # noqa: BLE001 - each message of the batch gets the batch's error
+            if claimed[0] and isinstance(exc, Exception):
+                setattr(exc, CLAIM_COMMITTED, True)
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -201,7 +208,7 @@ class GroupCommit:
         )
 
     async def _run(
-        self, batch: list[tuple[BillingMessage, str, str]]
+        self, batch: list[tuple[BillingMessage, str, str]], claimed: list[bool]
     ) -> dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]]:
         service = self.service
         async with translate_errors(), service.autocommit.connect() as conn:
@@ -217,6 +224,7 @@ class GroupCommit:
                 and c.status not in ("completed", "waiting_for_funds")
                 and c.attempts <= service.max_deliveries
             ]
+            claimed[0] = True  # from here on, each delivery is counted
             for m, _, _ in batch:  # claimed (committed), nothing applied
                 service.crash("fast_after_claim", m.idempotency_key)
             applied = await self.path.apply(service, conn, to_apply) if to_apply else {}
