@@ -104,14 +104,37 @@ FAST_PATHS: dict[str, FastPath] = {
 _Item = tuple[BillingMessage, str, str, "asyncio.Future[Any]"]
 
 
+class _Stage:
+    """Where one batch is: its claim committed yet (``committed``), and the claim stage freed once."""
+
+    def __init__(self, group: GroupCommit) -> None:
+        self.group = group
+        self.committed = False
+        self._claiming = True
+
+    def claim_done(self) -> None:
+        """The claim is done (or failed): the next batch may claim."""
+        if self._claiming:
+            self._claiming = False
+            self.group._in_flight -= 1
+            self.group._start_batches()
+
+
 class GroupCommit:
     """Claims, then applies, the messages of one kind that arrive together, in a fixed number of statements.
+
+    A batch's claim and its apply are two stages, each taken by one batch at
+    a time (``max_in_flight``): while a batch is applied, the next one's
+    claim runs, so a batch waits for the one before it only for its apply,
+    not for its claim too.  Applies run in the order of their claims.  A
+    claim and an apply that share a key (a repeated event) lock their keys
+    in key order, so they cannot wait on each other in a cycle.
 
     Parameters:
       service: The service (engine, clock, policy, max deliveries, crash points).
       path: The kind's :class:`FastPath`.
       max_batch: Most messages per batch.
-      max_in_flight: Batches of this kind at PostgreSQL at once.
+      max_in_flight: Batches of this kind in each stage (claim, apply) at once.
     """
 
     def __init__(
@@ -122,7 +145,8 @@ class GroupCommit:
         self.max_batch = max(1, max_batch)
         self.max_in_flight = max(1, max_in_flight)
         self._waiting: list[_Item] = []
-        self._in_flight = 0
+        self._in_flight = 0  # batches in the claim stage
+        self._apply_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._start_scheduled = False
         #: Batches run, the largest one, and messages applied by the fast path (for tests and profiles).
         self.batches = 0
@@ -155,7 +179,7 @@ class GroupCommit:
         self._start_batches()
 
     def _start_batches(self) -> None:
-        """Send what is waiting, in batches, while fewer than ``max_in_flight`` batches are at PostgreSQL."""
+        """Send what is waiting, in batches, while fewer than ``max_in_flight`` batches are claiming."""
         while self._waiting and self._in_flight < self.max_in_flight:
             batch: list[_Item] = []
             later: list[_Item] = []
@@ -173,11 +197,11 @@ class GroupCommit:
             asyncio.ensure_future(self._send(batch))
 
     async def _send(self, batch: list[_Item]) -> None:
-        claimed = [False]
+        stage = _Stage(self)
         try:
-            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch], claimed)
+            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch], stage)
         except BaseException as exc:  # noqa: BLE001 - each message of the batch gets the batch's error
-            if claimed[0] and isinstance(exc, Exception):
+            if stage.committed and isinstance(exc, Exception):
                 setattr(exc, CLAIM_COMMITTED, True)
             for *_, future in batch:
                 if not future.done():
@@ -189,8 +213,14 @@ class GroupCommit:
                 if not future.done():
                     future.set_result(outcomes[message.idempotency_key])
         finally:
-            self._in_flight -= 1
-            self._start_batches()
+            stage.claim_done()
+
+    def _applying(self) -> asyncio.Semaphore:
+        """The apply stage's slots (FIFO, so applies run in claim order), one set per event loop."""
+        loop = asyncio.get_running_loop()
+        if self._apply_slots is None or self._apply_slots[0] is not loop:
+            self._apply_slots = (loop, asyncio.Semaphore(self.max_in_flight))
+        return self._apply_slots[1]
 
     def _claim(self, message: BillingMessage, fingerprint: str, message_id: str) -> money.KeyClaim:
         request = (
@@ -208,7 +238,7 @@ class GroupCommit:
         )
 
     async def _run(
-        self, batch: list[tuple[BillingMessage, str, str]], claimed: list[bool]
+        self, batch: list[tuple[BillingMessage, str, str]], stage: _Stage
     ) -> dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]]:
         service = self.service
         async with translate_errors(), service.autocommit.connect() as conn:
@@ -224,10 +254,12 @@ class GroupCommit:
                 and c.status not in ("completed", "waiting_for_funds")
                 and c.attempts <= service.max_deliveries
             ]
-            claimed[0] = True  # from here on, each delivery is counted
+            stage.committed = True  # from here on, each delivery is counted
             for m, _, _ in batch:  # claimed (committed), nothing applied
                 service.crash("fast_after_claim", m.idempotency_key)
-            applied = await self.path.apply(service, conn, to_apply) if to_apply else {}
+            stage.claim_done()
+            async with self._applying():
+                applied = await self.path.apply(service, conn, to_apply) if to_apply else {}
         for m, _, _ in batch:  # applied (committed), no delivery told
             service.crash("fast_after_apply", m.idempotency_key)
         outcomes: dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]] = {}
