@@ -105,17 +105,17 @@ _Item = tuple[BillingMessage, str, str, "asyncio.Future[Any]"]
 
 
 class _Stage:
-    """Where one batch is: its claim committed yet (``committed``), and the claim stage freed once."""
+    """How far one batch got: its claim committed yet (``committed``); the batch slot freed once."""
 
     def __init__(self, group: GroupCommit) -> None:
         self.group = group
         self.committed = False
-        self._claiming = True
+        self._running = True
 
-    def claim_done(self) -> None:
-        """The claim is done (or failed): the next batch may claim."""
-        if self._claiming:
-            self._claiming = False
+    def done(self) -> None:
+        """The batch is done (or failed): the next one may start."""
+        if self._running:
+            self._running = False
             self.group._in_flight -= 1
             self.group._start_batches()
 
@@ -123,18 +123,11 @@ class _Stage:
 class GroupCommit:
     """Claims, then applies, the messages of one kind that arrive together, in a fixed number of statements.
 
-    A batch's claim and its apply are two stages, each taken by one batch at
-    a time (``max_in_flight``): while a batch is applied, the next one's
-    claim runs, so a batch waits for the one before it only for its apply,
-    not for its claim too.  Applies run in the order of their claims.  A
-    claim and an apply that share a key (a repeated event) lock their keys
-    in key order, so they cannot wait on each other in a cycle.
-
     Parameters:
       service: The service (engine, clock, policy, max deliveries, crash points).
       path: The kind's :class:`FastPath`.
       max_batch: Most messages per batch.
-      max_in_flight: Batches of this kind in each stage (claim, apply) at once.
+      max_in_flight: Batches of this kind at PostgreSQL at once.
     """
 
     def __init__(
@@ -145,8 +138,7 @@ class GroupCommit:
         self.max_batch = max(1, max_batch)
         self.max_in_flight = max(1, max_in_flight)
         self._waiting: list[_Item] = []
-        self._in_flight = 0  # batches in the claim stage
-        self._apply_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self._in_flight = 0
         self._start_scheduled = False
         #: Batches run, the largest one, and messages applied by the fast path (for tests and profiles).
         self.batches = 0
@@ -179,7 +171,7 @@ class GroupCommit:
         self._start_batches()
 
     def _start_batches(self) -> None:
-        """Send what is waiting, in batches, while fewer than ``max_in_flight`` batches are claiming."""
+        """Send what is waiting, in batches, while fewer than ``max_in_flight`` batches are at PostgreSQL."""
         while self._waiting and self._in_flight < self.max_in_flight:
             batch: list[_Item] = []
             later: list[_Item] = []
@@ -213,14 +205,7 @@ class GroupCommit:
                 if not future.done():
                     future.set_result(outcomes[message.idempotency_key])
         finally:
-            stage.claim_done()
-
-    def _applying(self) -> asyncio.Semaphore:
-        """The apply stage's slots (FIFO, so applies run in claim order), one set per event loop."""
-        loop = asyncio.get_running_loop()
-        if self._apply_slots is None or self._apply_slots[0] is not loop:
-            self._apply_slots = (loop, asyncio.Semaphore(self.max_in_flight))
-        return self._apply_slots[1]
+            stage.done()
 
     def _claim(self, message: BillingMessage, fingerprint: str, message_id: str) -> money.KeyClaim:
         request = (
@@ -257,9 +242,7 @@ class GroupCommit:
             stage.committed = True  # from here on, each delivery is counted
             for m, _, _ in batch:  # claimed (committed), nothing applied
                 service.crash("fast_after_claim", m.idempotency_key)
-            stage.claim_done()
-            async with self._applying():
-                applied = await self.path.apply(service, conn, to_apply) if to_apply else {}
+            applied = await self.path.apply(service, conn, to_apply) if to_apply else {}
         for m, _, _ in batch:  # applied (committed), no delivery told
             service.crash("fast_after_apply", m.idempotency_key)
         outcomes: dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]] = {}

@@ -89,8 +89,7 @@ class Settings(BaseSettings):
     #: a renewal batch and a usage batch, which holds two, need their own)
     #: unless it is set.
     db_pool_size: int = Field(10, ge=1, le=500)
-    #: Group commits of one kind per worker process in each stage (claim,
-    #: apply) at once: with 1, one batch claims while the one before is applied.
+    #: Group commits of one worker process at PostgreSQL at once.
     max_batches_in_flight: int = Field(1, ge=1, le=64)
     #: Queues whose messages are processed in batches on the event loop, by
     #: batch threads instead of the worker's threads (comma-separated; empty:
