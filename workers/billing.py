@@ -69,7 +69,7 @@ from tasks.signing import SigningKeys
 from . import metrics, outbox
 from .clock import Clock, SystemClock
 from .crash import FAST_PATH_CRASHPOINTS, crashpoint
-from .group_commit import CLAIM_COMMITTED, FAST_PATHS, GroupCommit
+from .group_commit import FAST_PATHS, GroupCommit
 from .logging import mark_logged
 from .providers.base import PaymentProvider
 from .transactions import TRANSACTION_SCRIPTS
@@ -173,10 +173,8 @@ class BillingService:
             idempotency_key=message.idempotency_key, account_id=getattr(message, "account_id", None)
         )
         fingerprint = message.fingerprint()
-        claimed = False
         try:
             claim, applied = await self.claim(message, fingerprint, delivery, fast=self.route(message))
-            claimed = True
             result = self.settled(message, claim)
             if result is None and applied is not None:
                 result = self._applied_on_fast_path(message, applied)
@@ -199,8 +197,7 @@ class BillingService:
             )
             raise
         except Exception as exc:
-            claimed = claimed or getattr(exc, CLAIM_COMMITTED, False)
-            await self._transient(message, fingerprint, kwargs, delivery, exc, claimed=claimed)
+            await self._transient(message, fingerprint, kwargs, delivery, exc)
             raise
         if result.get("duplicate"):  # a stored outcome, or completed by a concurrent delivery
             metrics.duplicate_suppressed(actor_name)
@@ -376,22 +373,9 @@ class BillingService:
             crashpoint(self.crashpoints, name, key, exit_process=self.exit_on_crash)
 
     async def _transient(
-        self,
-        message: BillingMessage,
-        fingerprint: str,
-        kwargs: Any,
-        delivery: Delivery,
-        exc: Exception,
-        *,
-        claimed: bool = False,
+        self, message: BillingMessage, fingerprint: str, kwargs: Any, delivery: Delivery, exc: Exception
     ) -> None:
-        """A transient error: logged for a retry, or recorded as ``retries_exhausted`` at the last one.
-
-        With ``claimed`` (this delivery's claim committed), a delivery going
-        to a retry is taken back out of the key's delivery count
-        (:func:`db.money.uncount_delivery`), best effort: that count bounds
-        deliveries that kill their worker, not handled errors.
-        """
+        """A transient error: logged for a retry, or recorded as ``retries_exhausted`` at the last one."""
         if delivery.retries >= delivery.max_retries:
             try:
                 await self.record_failure(
@@ -409,12 +393,6 @@ class BillingService:
                 # completer re-sends or ends it (db.deadlines) once it runs out
                 pass
             return
-        if claimed:
-            try:
-                async with translate_errors(), self.autocommit.connect() as conn:
-                    await money.uncount_delivery(conn, message.idempotency_key, fingerprint)
-            except BillingError:
-                pass  # PostgreSQL still down: the delivery stays counted (the bound errs on the safe side)
         # one line; a traceback only for an exception we did not classify
         log.warning(
             "transient_error",

@@ -45,11 +45,7 @@ from .outbox import relay_committed
 if TYPE_CHECKING:
     from .billing import BillingService
 
-__all__ = ["CLAIM_COMMITTED", "GroupCommit", "FastPath", "FAST_PATHS"]
-
-#: Attribute set (True) on a batch's error when it came after the batch's claim committed: each of
-#: its deliveries was counted, and the service takes a handled one back out of the count.
-CLAIM_COMMITTED = "billing_claim_committed"
+__all__ = ["GroupCommit", "FastPath", "FAST_PATHS"]
 
 log = structlog.get_logger("billing")
 
@@ -102,22 +98,6 @@ FAST_PATHS: dict[str, FastPath] = {
 }
 
 _Item = tuple[BillingMessage, str, str, "asyncio.Future[Any]"]
-
-
-class _Stage:
-    """How far one batch got: its claim committed yet (``committed``); the batch slot freed once."""
-
-    def __init__(self, group: GroupCommit) -> None:
-        self.group = group
-        self.committed = False
-        self._running = True
-
-    def done(self) -> None:
-        """The batch is done (or failed): the next one may start."""
-        if self._running:
-            self._running = False
-            self.group._in_flight -= 1
-            self.group._start_batches()
 
 
 class GroupCommit:
@@ -189,12 +169,9 @@ class GroupCommit:
             asyncio.ensure_future(self._send(batch))
 
     async def _send(self, batch: list[_Item]) -> None:
-        stage = _Stage(self)
         try:
-            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch], stage)
+            outcomes = await self._run([(m, f, i) for m, f, i, _ in batch])
         except BaseException as exc:  # noqa: BLE001 - each message of the batch gets the batch's error
-            if stage.committed and isinstance(exc, Exception):
-                setattr(exc, CLAIM_COMMITTED, True)
             for *_, future in batch:
                 if not future.done():
                     future.set_exception(exc)
@@ -205,7 +182,8 @@ class GroupCommit:
                 if not future.done():
                     future.set_result(outcomes[message.idempotency_key])
         finally:
-            stage.done()
+            self._in_flight -= 1
+            self._start_batches()
 
     def _claim(self, message: BillingMessage, fingerprint: str, message_id: str) -> money.KeyClaim:
         request = (
@@ -223,7 +201,7 @@ class GroupCommit:
         )
 
     async def _run(
-        self, batch: list[tuple[BillingMessage, str, str]], stage: _Stage
+        self, batch: list[tuple[BillingMessage, str, str]]
     ) -> dict[str, tuple[money.ClaimedKey, dict[str, Any] | None]]:
         service = self.service
         async with translate_errors(), service.autocommit.connect() as conn:
@@ -239,7 +217,6 @@ class GroupCommit:
                 and c.status not in ("completed", "waiting_for_funds")
                 and c.attempts <= service.max_deliveries
             ]
-            stage.committed = True  # from here on, each delivery is counted
             for m, _, _ in batch:  # claimed (committed), nothing applied
                 service.crash("fast_after_claim", m.idempotency_key)
             applied = await self.path.apply(service, conn, to_apply) if to_apply else {}

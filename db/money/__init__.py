@@ -46,7 +46,6 @@ from .keys import (
     fail_key,
     lock_key,
     record_effect,
-    uncount_delivery,
     unfinished_keys,
 )
 from .ledger import _LOCK_ACCOUNT, _SUBSCRIPTION_ACCOUNT
@@ -86,7 +85,6 @@ __all__ = [
     "KeyClaim",
     "renew_fast_batch",
     "lock_key",
-    "uncount_delivery",
     "unfinished_keys",
     "record_effect",
     "fail_key",

@@ -23,16 +23,7 @@ from ..sql import one, statement
 from .outbox import insert_outbox
 from .policy import ClaimedKey, Effect
 
-__all__ = [
-    "KeyClaim",
-    "claim_key",
-    "claim_keys",
-    "fail_key",
-    "lock_key",
-    "record_effect",
-    "uncount_delivery",
-    "unfinished_keys",
-]
+__all__ = ["KeyClaim", "claim_key", "claim_keys", "fail_key", "lock_key", "record_effect", "unfinished_keys"]
 
 _CLAIM_KEYS = statement("claim_keys", json_columns=("result",))
 _LOCK_KEY = statement("lock_key", json_columns=("result",))
@@ -40,7 +31,6 @@ _COMPLETE_KEY = statement("complete_key", json_params=("result",))
 _FORGET_KEY = statement("forget_key")
 _FAIL_KEY = statement("fail_key")
 _UNFINISHED_KEYS = statement("unfinished_keys")
-_UNCOUNT_DELIVERY = statement("uncount_delivery")
 
 
 @dataclass(frozen=True)
@@ -169,20 +159,6 @@ async def fail_key(conn: AsyncConnection, key: str, fingerprint: str, status: st
     await conn.execute(
         _FAIL_KEY, {"key": key, "fingerprint": fingerprint, "status": status, "error": error[:2000]}
     )
-
-
-async def uncount_delivery(conn: AsyncConnection, key: str, fingerprint: str) -> None:
-    """Take back one delivery of ``key`` from its count: it ended in a handled transient error.
-
-    The count (``attempts``, bounded by ``BILLING_MAX_DELIVERIES``) is there
-    for deliveries that kill their worker and so never record an end.  One
-    that failed transiently, was logged and goes to a retry ended under the
-    worker's control; counted, a key sent many times over while PostgreSQL
-    dropped connections reached the bound and its later copies were
-    dead-lettered.  Only for a delivery whose claim is known to have
-    committed; a key no longer ``processing`` is left as it is.
-    """
-    await conn.execute(_UNCOUNT_DELIVERY, {"key": key, "fingerprint": fingerprint})
 
 
 async def unfinished_keys(conn: AsyncConnection, keys: list[str]) -> set[str]:

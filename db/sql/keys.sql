@@ -30,14 +30,6 @@ ON CONFLICT (key) DO UPDATE SET
     updated_at = now()
 RETURNING k.key, k.status, k.fingerprint, k.result, k.attempts;
 
--- name: uncount_delivery
--- A delivery whose claim committed and which then ended in a handled
--- transient error (logged, retried with backoff) did not kill its worker:
--- it is taken back out of the count that bounds poison messages
--- (BILLING_MAX_DELIVERIES), which is for deliveries that never come back.
-UPDATE idempotency_keys SET attempts = attempts - 1
-WHERE key = :key AND fingerprint = :fingerprint AND status = 'processing' AND attempts > 0;
-
 -- name: lock_key
 SELECT status, result FROM idempotency_keys WHERE key = :key FOR UPDATE;
 

@@ -45,10 +45,8 @@ class Recorder:
         self.unfinished_keys: set[str] = set()  # what ``unfinished`` reports
         self.in_flight = 0
         self.order: list[tuple[str, int]] = []  # (key, deliveries running beside it, itself included)
-        self.looked_up: list[str] = []  # the keys ``unfinished`` was asked about
 
     async def unfinished(self, messages: list[dramatiq.Message[Any]]) -> set[str]:
-        self.looked_up += [m.kwargs["key"] for m in messages]
         return {m.message_id for m in messages if m.kwargs["key"] in self.unfinished_keys}
 
     async def deliver(self, message: dramatiq.Message[Any]) -> None:
@@ -194,9 +192,7 @@ def test_messages_an_earlier_delivery_did_not_finish_run_alone_after_their_batch
     actor = broker.get_actor("batched")
     keys = [f"k{i}" for i in range(20)]
     recorder.unfinished_keys = {"k4", "k11"}
-    # as Redis hands back a dead worker's messages: after its heartbeat timeout (5 s here)
-    enqueued_ms = int(time.time() * 1000) - 6_000
-    broker.enqueue_many([actor.message(key=k).copy(message_timestamp=enqueued_ms) for k in keys])
+    broker.enqueue_many([actor.message(key=k) for k in keys])
     w = inprocess_worker(broker, threads=1)
     w.start()
     try:
@@ -207,31 +203,6 @@ def test_messages_an_earlier_delivery_did_not_finish_run_alone_after_their_batch
     assert set(ran) == set(keys) and len(recorder.order) == 20
     assert ran["k4"] == ran["k11"] == 1  # each alone, no other message running beside it
     assert sum(t.alone for t in batches.batch_threads) == 2
-
-
-def test_only_messages_that_can_be_redeliveries_are_looked_up(batch_broker):
-    """Redis hands a dead worker's messages back after its heartbeat timeout: younger ones are not looked up.
-
-    Half the heartbeat timeout (5 s) is the line: messages enqueued just
-    now, or 2 s ago, cannot have been started by a worker that has died
-    since; those of 6 s ago, and one stamped 10 s in the future (a producer
-    whose clock is ahead), are looked up.
-    """
-    broker, recorder, batches = batch_broker
-    actor = broker.get_actor("batched")
-    now_ms = int(time.time() * 1000)
-    stamps = {"new": now_ms, "2s": now_ms - 2_000, "6s": now_ms - 6_000, "ahead": now_ms + 10_000}
-    recorder.unfinished_keys = {"new", "6s"}
-    broker.enqueue_many([actor.message(key=k).copy(message_timestamp=t) for k, t in stamps.items()])
-    w = inprocess_worker(broker, threads=1)
-    w.start()
-    try:
-        _wait(lambda: _redis_state(broker.client, QUEUE)["bodies"] == 0)
-    finally:
-        w.stop()
-    assert sorted(recorder.looked_up) == ["6s", "ahead"]
-    assert sum(t.alone for t in batches.batch_threads) == 1  # "6s"; "new" was not looked up
-    assert dict(recorder.calls) == dict.fromkeys(stamps, 1)
 
 
 def test_a_stopped_worker_gives_back_the_messages_it_fetched_and_did_not_start(batch_broker):

@@ -219,9 +219,7 @@ class BatchWorkerThread(WorkerThread):  # type: ignore[misc]
             except BaseException as exc:  # noqa: BLE001 - as Dramatiq's worker thread: the message's outcome
                 self._failed(message, None, exc)
                 done.append(message)
-        unfinished = self._unfinished(
-            [message for message, _ in started if self._may_be_redelivered(message)]
-        )
+        unfinished = self._unfinished([message for message, _ in started])
         alone = [item for item in started if item[0].message_id in unfinished]
         together = [item for item in started if item[0].message_id not in unfinished]
         self.alone += len(alone)
@@ -232,32 +230,6 @@ class BatchWorkerThread(WorkerThread):  # type: ignore[misc]
         finally:
             for message in messages:
                 message.clear_exception()
-
-    def _may_be_redelivered(self, message: Any) -> bool:
-        """Whether ``message`` can be a delivery again of one a worker started and did not finish.
-
-        Only those are looked up (``unfinished``, a round trip to PostgreSQL
-        per batch otherwise).  On RabbitMQ, a message handed back after its
-        consumer's connection dropped carries AMQP's ``redelivered`` flag.
-        On Redis, Dramatiq hands a dead worker's messages back only once its
-        heartbeat is older than the broker's ``heartbeat_timeout``, so a
-        message enqueued less than half that long ago (by its
-        ``message_timestamp``, the producer's clock) cannot be one; a
-        producer clock ahead by more than that, or a message from the
-        future, is looked up.  A retry keeps its first enqueue's timestamp.
-        A fresh re-send of an unfinished key (the scheduler's, the
-        completer's) is not looked up: if it kills its batch, the others
-        come back as redeliveries and run apart from it.  Any other broker:
-        always looked up.
-        """
-        redelivered = getattr(message, "redelivered", None)
-        if isinstance(redelivered, bool):
-            return redelivered
-        heartbeat_ms = getattr(self.broker, "heartbeat_timeout", None)
-        if not isinstance(heartbeat_ms, int):
-            return True
-        age_ms = time.time() * 1000 - message.message_timestamp
-        return not 0 <= age_ms < heartbeat_ms / 2
 
     def _unfinished(self, messages: list[Any]) -> set[str]:
         if self.unfinished is None or not messages:
