@@ -10,8 +10,9 @@ there, the statements are not copied: each is the named block of
 ``workers.providers.fake._CHARGE``), with each ``:name`` parameter replaced
 by a pgbench variable or an SQL expression (:data:`SCRIPTS`), so the
 scripts follow ``db/sql/`` by construction.  ``bench/mixed_limit/`` holds
-the committed output; ``tests/unit/test_bench_mixed_script.py`` fails when
-it is stale (``python -m bench.mixed_script --write`` regenerates it).
+the committed output of the three kinds of its own (the renewal's is
+``bench/renewal.sql``, not a second copy); ``tests/unit/test_bench_mixed_script.py``
+fails when it is stale (``python -m bench.mixed_script --write`` regenerates it).
 
 Per kind (the bench's case: balances far above every price and threshold,
 no funds waits, no public key for sealed key delivery):
@@ -59,11 +60,13 @@ from . import renewal_script
 from .data import TOP_UP_AMOUNT_MICROS
 from .renewal_script import substitute
 
-__all__ = ["KINDS", "SCRIPTS", "SCRIPT_DIR", "generate", "generate_all", "write"]
+__all__ = ["COMMITTED_KINDS", "KINDS", "SCRIPTS", "SCRIPT_DIR", "generate", "generate_all", "write"]
 
 SCRIPT_DIR = Path(__file__).resolve().parent / "mixed_limit"
 #: The kinds, in the order of the mixed workload.
 KINDS = ("subscribe", "renew", "auto_top_up", "revoke_key")
+#: The kinds committed in :data:`SCRIPT_DIR`: the renewal's script is committed as ``bench/renewal.sql``.
+COMMITTED_KINDS = tuple(k for k in KINDS if k != "renew")
 
 _KEY = renewal_script._KEY
 _ID = "CAST(:run AS text) || ':' || CAST(:client_id AS text) || ':' || CAST(:seq AS text)"
@@ -317,16 +320,16 @@ def generate(kind: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def generate_all() -> dict[str, str]:
-    """Each kind's script, by file name (``<kind>.sql``)."""
-    return {f"{kind}.sql": generate(kind) for kind in KINDS}
+def generate_all(kinds: tuple[str, ...] = KINDS) -> dict[str, str]:
+    """Each of ``kinds``' scripts, by file name (``<kind>.sql``)."""
+    return {f"{kind}.sql": generate(kind) for kind in kinds}
 
 
-def write(directory: Path) -> list[Path]:
-    """Write the four scripts into ``directory`` (created); returns their paths in :data:`KINDS` order."""
+def write(directory: Path, kinds: tuple[str, ...] = KINDS) -> list[Path]:
+    """Write the scripts of ``kinds`` into ``directory`` (created); returns their paths in that order."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, text in generate_all().items():
+    for name, text in generate_all(kinds).items():
         path = directory / name
         path.write_text(text)
         paths.append(path)
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help=f"write {SCRIPT_DIR.name}/<kind>.sql")
     args = parser.parse_args(argv)
     if args.write:
-        for path in write(SCRIPT_DIR):
+        for path in write(SCRIPT_DIR, COMMITTED_KINDS):
             print(f"wrote {path}")
     else:
         for name, text in generate_all().items():
